@@ -1,0 +1,198 @@
+/// @file node.hpp
+/// The evmesh node: an embedded XPUB/XSUB proxy with discovery and one-hop mesh forwarding,
+/// plus the publisher and subscription handles that embedding code uses.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <evmesh/error.hpp>
+#include <evmesh/event.hpp>
+#include <evmesh/options.hpp>
+#include <evmesh/topic.hpp>
+
+namespace evmesh {
+
+namespace detail {
+struct shared_context;
+struct node_impl;
+struct subscription_impl;
+struct publisher_impl;
+}  // namespace detail
+
+/// A peer as seen by this node's discovery.
+struct peer_info {
+    enum class link_state { connecting, connected, gone };
+    std::string id;             ///< node id (UUID text)
+    std::string name;
+    std::string endpoint;       ///< the peer's mesh endpoint (tcp://host:port)
+    std::string beacon_address; ///< where its beacons come from (host:port)
+    std::uint64_t incarnation = 0;
+    link_state state = link_state::connecting;
+    std::chrono::system_clock::time_point last_seen;
+};
+
+/// Name of a link state ("connecting", "connected", "gone").
+const char* to_string(peer_info::link_state s) noexcept;
+
+/// Counters of one node. All monotonic except the gauges marked so.
+struct node_counters {
+    std::uint64_t local_in_events = 0, local_in_bytes = 0;    ///< from embedded publishers
+    std::uint64_t client_in_events = 0, client_in_bytes = 0;  ///< from ipc/tcp client publishers
+    std::uint64_t client_rejected = 0;   ///< malformed client events (not forwarded)
+    std::uint64_t client_completed = 0;  ///< minimal client events completed by the node
+    std::uint64_t mesh_in_events = 0, mesh_in_bytes = 0;      ///< from peers
+    std::uint64_t local_out_events = 0;  ///< handed to the local XPUB
+    std::uint64_t mesh_out_events = 0;   ///< handed to the mesh XPUB
+    std::uint64_t local_out_blocked = 0; ///< times the local XPUB refused (block policy)
+    std::uint64_t beacons_sent = 0, beacons_received = 0, beacons_rejected = 0;
+    std::uint64_t beacons_foreign = 0;   ///< valid beacons of another mesh name (ignored)
+    std::uint64_t peers_joined = 0, peers_left = 0, peers_expired = 0, peers_link_lost = 0;
+    std::uint64_t subscriptions_local = 0;  ///< gauge: distinct topic prefixes subscribed locally
+    std::uint64_t subscriptions_mesh = 0;   ///< gauge: distinct prefixes subscribed by peers
+    std::uint64_t peers = 0;                ///< gauge: peers currently known
+};
+
+/// Per-subscription counters (what reached this subscriber, what it detected as lost).
+struct subscription_counters {
+    std::uint64_t received = 0;      ///< events delivered to user code
+    std::uint64_t filtered = 0;      ///< events that passed the ZeroMQ prefix but not the pattern
+    std::uint64_t gaps = 0;          ///< events missing according to sequence numbers
+    std::uint64_t out_of_order = 0;  ///< sequence went backwards (restart or reorder)
+    std::uint64_t decode_errors = 0; ///< malformed events (dropped)
+    std::uint64_t callback_errors = 0;  ///< exceptions thrown by the callback (caught)
+};
+
+/// Publisher behaviour when the node does not take events fast enough.
+struct publisher_options {
+    std::string name;  ///< appended to the node name to form `source`; default "pub-<n>"
+    overflow_policy policy = overflow_policy::block;
+    std::chrono::milliseconds block_timeout{-1};  ///< block policy: -1 = wait forever
+    int hwm = 10000;
+    std::string content_type = "application/octet-stream";  ///< default content type
+};
+
+/// Publishes events into a node. Not thread-safe: use one publisher per thread (it owns a
+/// socket). Movable. Outliving its node is safe: publishing then has no effect.
+class publisher {
+public:
+    publisher(publisher&&) noexcept;
+    publisher& operator=(publisher&&) noexcept;
+    ~publisher();
+
+    /// Publishes `payload` on `topic`; fills id (UUIDv7), source, time and sequence.
+    /// Errors: bad_topic, would_block (drop policy or block timeout; the event is counted as
+    /// dropped), stopped.
+    [[nodiscard]] result<void> publish(std::string_view topic,
+                                       std::string_view payload,
+                                       const std::vector<header>& headers = {},
+                                       std::string_view content_type = {});
+
+    /// Publishes a complete event as given (id/source/time/seq filled only where unset).
+    [[nodiscard]] result<void> publish(event& ev);
+
+    const std::string& source() const noexcept;
+    std::uint64_t published() const noexcept;
+    std::uint64_t dropped() const noexcept;
+
+private:
+    friend class node;
+    explicit publisher(std::unique_ptr<detail::publisher_impl> impl);
+    std::unique_ptr<detail::publisher_impl> impl_;
+};
+
+/// Called for every matching event on the subscription's dispatcher thread (never the node's
+/// I/O thread). The view is valid only during the call. Must not throw (exceptions are caught
+/// and counted).
+using event_callback = std::function<void(const event_view&)>;
+
+/// Options of a subscription.
+struct subscription_options {
+    int hwm = 10000;  ///< events queued for this subscriber before the node's policy applies
+};
+
+/// A subscription to one pattern. Pull mode (`receive`) is not thread-safe: use it from one
+/// thread. Callback mode runs its own dispatcher thread; destroying the subscription
+/// unsubscribes and joins it. `counters()` is safe from any thread.
+class subscription {
+public:
+    subscription(subscription&&) noexcept;
+    subscription& operator=(subscription&&) noexcept;
+    ~subscription();
+
+    /// Pull mode: waits up to `timeout` for the next matching event; the view stays valid until
+    /// the next call. Empty optional on timeout or when the subscription is in callback mode.
+    std::optional<event_view> receive_view(std::chrono::milliseconds timeout);
+
+    /// Pull mode, owning copy.
+    std::optional<event> receive(std::chrono::milliseconds timeout);
+
+    /// Stops delivery (unsubscribes at the node) and joins the dispatcher thread.
+    void close();
+
+    const topic_pattern& pattern() const noexcept;
+    subscription_counters counters() const noexcept;
+
+private:
+    friend class node;
+    explicit subscription(std::unique_ptr<detail::subscription_impl> impl);
+    std::unique_ptr<detail::subscription_impl> impl_;
+};
+
+/// One evmesh node. `create` starts its I/O thread; the destructor stops it.
+/// Thread-safety: all member functions are safe to call from any thread.
+class node {
+public:
+    /// Binds all endpoints and starts the I/O thread and discovery.
+    /// Errors: bad_option, bad_endpoint (names the endpoint in the log), io_error.
+    [[nodiscard]] static result<std::unique_ptr<node>> create(node_options options);
+
+    ~node();
+    node(const node&) = delete;
+    node& operator=(const node&) = delete;
+
+    /// Creates a publisher connected to this node over inproc.
+    [[nodiscard]] result<publisher> make_publisher(publisher_options options = {});
+
+    /// Pull-mode subscription. Errors: bad_pattern, stopped.
+    [[nodiscard]] result<subscription> subscribe(std::string_view pattern,
+                                                 subscription_options options = {});
+
+    /// Callback-mode subscription with its own dispatcher thread.
+    [[nodiscard]] result<subscription> subscribe(std::string_view pattern,
+                                                 event_callback callback,
+                                                 subscription_options options = {});
+
+    /// Stops discovery (sends goodbye), drains within `linger`, closes sockets, joins the I/O
+    /// thread and removes ipc files it created. Idempotent.
+    void stop();
+
+    bool running() const noexcept;
+    const std::string& name() const noexcept;
+    const std::string& id() const noexcept;          ///< UUID text
+    std::uint64_t incarnation() const noexcept;       ///< start time in ns (changes on restart)
+    const std::string& local_in_endpoint() const noexcept;   ///< inproc, for publishers
+    const std::string& local_out_endpoint() const noexcept;  ///< inproc, for subscribers
+    const std::string& mesh_endpoint() const noexcept;       ///< tcp, "" when mesh disabled
+    const std::vector<std::string>& pub_endpoints() const noexcept;  ///< as bound (ports resolved)
+    const std::vector<std::string>& sub_endpoints() const noexcept;
+
+    /// Current peers (a snapshot taken by the I/O thread).
+    std::vector<peer_info> peers() const;
+
+    /// Current counters (a snapshot taken by the I/O thread).
+    node_counters counters() const;
+
+private:
+    explicit node(std::unique_ptr<detail::node_impl> impl);
+    std::unique_ptr<detail::node_impl> impl_;
+};
+
+}  // namespace evmesh

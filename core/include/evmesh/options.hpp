@@ -1,0 +1,61 @@
+/// @file options.hpp
+/// Configuration of a node. Plain values; every field has a safe default.
+/// Thread-safety: value types.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace evmesh {
+
+/// What a socket does when a receiver cannot keep up (its high-water mark is reached).
+enum class overflow_policy {
+    drop,   ///< drop for the slow receiver only; receivers count the gap from sequence numbers
+    block,  ///< hold the event (backpressure to the publisher); nothing is dropped
+};
+
+/// Where discovery beacons go.
+enum class discovery_scope {
+    host,  ///< this host only: broadcast to 127.255.255.255, accept loopback senders only
+    lan,   ///< broadcast on `broadcast_address` (a LAN or namespace subnet); opt-in
+};
+
+/// UDP beacon discovery.
+struct discovery_options {
+    bool enabled = true;
+    discovery_scope scope = discovery_scope::host;
+    std::uint16_t port = 19470;                         ///< UDP port shared by the mesh
+    std::chrono::milliseconds interval{200};            ///< beacon period
+    std::uint32_t missed_beacons = 5;                   ///< silent intervals before expiry
+    std::string broadcast_address = "127.255.255.255";  ///< used with scope lan
+    std::string interface_address;  ///< lan: local address to bind sends to (empty = any)
+    std::vector<std::string> seeds;  ///< "host:port" beacon addresses contacted by unicast
+    bool broadcast = true;           ///< false: seeds and gossip only (no broadcast)
+};
+
+/// Node configuration.
+struct node_options {
+    std::string name;                  ///< human name; default "<hostname>-<pid>"
+    std::string mesh = "evmesh";       ///< nodes only join peers of the same mesh name
+    /// Extra endpoints where client publishers connect (ipc:// or tcp://). Input arriving here
+    /// is validated and completed (see PROTOCOL.md); the inproc endpoint is always bound.
+    std::vector<std::string> pub_endpoints;
+    /// Extra endpoints where client subscribers connect.
+    std::vector<std::string> sub_endpoints;
+    int hwm = 10000;                   ///< per-connection high-water mark, in events
+    overflow_policy slow_subscriber = overflow_policy::drop;  ///< local subscribers
+    bool mesh_enabled = true;          ///< bind a mesh endpoint and connect to peers
+    std::string mesh_bind_address = "127.0.0.1";  ///< address the mesh XPUB binds to
+    std::uint16_t mesh_port = 0;       ///< 0 = any free port
+    std::string mesh_advertise_address;  ///< address peers should connect to (empty = sender)
+    std::chrono::milliseconds heartbeat_interval{250};  ///< ZMTP heartbeat on mesh links
+    std::chrono::milliseconds heartbeat_timeout{1000};  ///< link declared dead after this
+    std::chrono::milliseconds linger{500};              ///< bounded drain at stop
+    std::uint32_t max_event_bytes = 1U << 20;           ///< larger client events are rejected
+    std::uint32_t batch = 256;         ///< messages moved per socket per poll wake-up
+    discovery_options discovery;
+};
+
+}  // namespace evmesh

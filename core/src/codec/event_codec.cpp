@@ -1,0 +1,257 @@
+#include <msgpack.hpp>
+
+#include <evmesh/codec.hpp>
+
+#include "codec/envelope.hpp"
+#include "codec/msgpack_reader.hpp"
+#include "codec/utf8.hpp"
+
+namespace evmesh {
+namespace codec {
+
+// msgpack-cxx packer target that appends to a reused std::string (no allocation once warm).
+struct string_writer {
+    std::string& out;
+
+    void write(const char* data, std::size_t n) { out.append(data, n); }
+};
+
+inline void pack_str(msgpack::packer<string_writer>& pk, std::string_view s) {
+    pk.pack_str(static_cast<std::uint32_t>(s.size()));
+    pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
+}
+
+constexpr std::uint32_t envelope_elements = 8;
+constexpr int max_skip_depth = 16;
+
+}  // namespace codec
+
+namespace {
+using codec::envelope_elements;
+using codec::max_skip_depth;
+using codec::pack_str;
+using codec::string_writer;
+
+result<event_view> decode(std::string_view topic_frame,
+                          std::string_view body,
+                          missing_fields* missing,
+                          const decode_limits& limits) {
+    using codec::msgpack_reader;
+    if (body.size() > limits.max_event_bytes) {
+        return fail(errc::too_large);
+    }
+    if (!valid_topic(topic_frame, limits.max_topic_bytes)) {
+        return fail(errc::bad_topic);
+    }
+    event_view v;
+    v.topic = topic_frame;
+    msgpack_reader r(body);
+    std::uint32_t n = 0;
+    if (auto e = r.read_array_header(n); e != errc::ok) {
+        return fail(e == errc::wrong_type ? errc::not_an_event : e);
+    }
+    if (n < envelope_elements) {
+        return fail(errc::not_an_event);
+    }
+    std::uint64_t version = 0;
+    if (auto e = r.read_uint(version); e != errc::ok) {
+        return fail(e == errc::wrong_type ? errc::not_an_event : e);
+    }
+    if (version != wire_version) {
+        return fail(errc::unsupported_version);
+    }
+    auto nil_allowed = [&](bool& flag) {
+        if (missing != nullptr && r.next_is_nil()) {
+            flag = true;
+            (void)r.read_nil();
+            return true;
+        }
+        return false;
+    };
+    missing_fields dummy;
+    missing_fields& m = missing != nullptr ? *missing : dummy;
+
+    // [1] id: bin 16
+    if (!nil_allowed(m.id)) {
+        std::string_view id;
+        if (auto e = r.read_bin(id, 16); e != errc::ok) {
+            return fail(e == errc::too_large ? errc::bad_id : e);
+        }
+        if (id.size() != 16) {
+            return fail(errc::bad_id);
+        }
+        std::memcpy(v.id.data(), id.data(), 16);
+    }
+    // [2] source: str
+    if (!nil_allowed(m.source)) {
+        if (auto e = r.read_str(v.source, limits.max_string_bytes); e != errc::ok) {
+            return fail(e);
+        }
+        if (!codec::valid_utf8(v.source)) {
+            return fail(errc::wrong_type);
+        }
+    }
+    // [3] time: int
+    if (!nil_allowed(m.time)) {
+        if (auto e = r.read_int(v.time_ns); e != errc::ok) {
+            return fail(e);
+        }
+    }
+    // [4] seq: uint
+    if (!nil_allowed(m.seq)) {
+        if (auto e = r.read_uint(v.seq); e != errc::ok) {
+            return fail(e);
+        }
+    }
+    // [5] content type: str or nil (nil = application/octet-stream)
+    if (r.next_is_nil()) {
+        (void)r.read_nil();
+    } else {
+        if (auto e = r.read_str(v.content_type, limits.max_string_bytes); e != errc::ok) {
+            return fail(e);
+        }
+        if (!codec::valid_utf8(v.content_type)) {
+            return fail(errc::wrong_type);
+        }
+    }
+    // [6] headers: map str -> str, or nil
+    if (r.next_is_nil()) {
+        (void)r.read_nil();
+    } else {
+        const char* start = r.position();
+        std::uint32_t count = 0;
+        if (auto e = r.read_map_header(count); e != errc::ok) {
+            return fail(e);
+        }
+        if (count > limits.max_headers) {
+            return fail(errc::too_large);
+        }
+        const char* first = r.position();
+        for (std::uint32_t i = 0; i < 2 * count; ++i) {
+            std::string_view s;
+            if (auto e = r.read_str(s, limits.max_string_bytes); e != errc::ok) {
+                return fail(e);
+            }
+            if (!codec::valid_utf8(s)) {
+                return fail(errc::wrong_type);
+            }
+        }
+        (void)start;
+        v.headers_raw = std::string_view(first, static_cast<std::size_t>(r.position() - first));
+        v.header_count = count;
+    }
+    // [7] payload: bin (str accepted for clients whose msgpack library writes str), or nil
+    if (r.next_is_nil()) {
+        (void)r.read_nil();
+    } else if (auto e = r.read_bin(v.payload, limits.max_event_bytes); e == errc::wrong_type) {
+        if (auto e2 = r.read_str(v.payload, limits.max_event_bytes); e2 != errc::ok) {
+            return fail(e2);
+        }
+    } else if (e != errc::ok) {
+        return fail(e);
+    }
+    // [8..] elements of later minor revisions: skipped
+    for (std::uint32_t i = envelope_elements; i < n; ++i) {
+        if (auto e = r.skip(max_skip_depth); e != errc::ok) {
+            return fail(e);
+        }
+    }
+    if (!r.at_end()) {
+        return fail(errc::trailing_bytes);
+    }
+    return v;
+}
+
+}  // namespace
+
+void encode_event_body(const event_id& id,
+                       std::string_view source,
+                       std::int64_t time_ns,
+                       std::uint64_t seq,
+                       std::string_view content_type,
+                       const std::vector<header>& headers,
+                       std::string_view payload,
+                       std::string& out) {
+    string_writer w{out};
+    msgpack::packer<string_writer> pk(w);
+    pk.pack_array(envelope_elements);
+    pk.pack_uint8(wire_version);
+    pk.pack_bin(16);
+    pk.pack_bin_body(reinterpret_cast<const char*>(id.data()), 16);
+    pack_str(pk, source);
+    pk.pack_int64(time_ns);
+    pk.pack_uint64(seq);
+    pack_str(pk, content_type);
+    pk.pack_map(static_cast<std::uint32_t>(headers.size()));
+    for (const auto& [k, val] : headers) {
+        pack_str(pk, k);
+        pack_str(pk, val);
+    }
+    pk.pack_bin(static_cast<std::uint32_t>(payload.size()));
+    pk.pack_bin_body(payload.data(), static_cast<std::uint32_t>(payload.size()));
+}
+
+void encode_event_body(const event& ev, std::string& out) {
+    encode_event_body(
+        ev.id, ev.source, ev.time_ns, ev.seq, ev.content_type, ev.headers, ev.payload, out);
+}
+
+result<event_view> decode_event(std::string_view topic_frame,
+                                std::string_view body,
+                                const decode_limits& limits) {
+    return decode(topic_frame, body, nullptr, limits);
+}
+
+result<event_view> decode_event_lenient(std::string_view topic_frame,
+                                        std::string_view body,
+                                        missing_fields& missing,
+                                        const decode_limits& limits) {
+    missing = {};
+    return decode(topic_frame, body, &missing, limits);
+}
+
+bool valid_topic(std::string_view topic, std::size_t max_bytes) noexcept {
+    if (topic.empty() || topic.size() > max_bytes) {
+        return false;
+    }
+    bool segment_empty = true;
+    for (char ch : topic) {
+        const auto c = static_cast<unsigned char>(ch);
+        if (c == '.') {
+            if (segment_empty) {
+                return false;
+            }
+            segment_empty = true;
+            continue;
+        }
+        if (c <= 0x20 || c == 0x7f || c == '*' || c == '>') {
+            return false;
+        }
+        segment_empty = false;
+    }
+    return !segment_empty && codec::valid_utf8(topic);
+}
+
+}  // namespace evmesh
+
+namespace evmesh::codec {
+
+void encode_completed(const event_view& v, std::string& out) {
+    string_writer w{out};
+    msgpack::packer<string_writer> pk(w);
+    pk.pack_array(envelope_elements);
+    pk.pack_uint8(wire_version);
+    pk.pack_bin(16);
+    pk.pack_bin_body(reinterpret_cast<const char*>(v.id.data()), 16);
+    pack_str(pk, v.source);
+    pk.pack_int64(v.time_ns);
+    pk.pack_uint64(v.seq);
+    pack_str(pk, v.content_type.empty() ? std::string_view("application/octet-stream")
+                                        : v.content_type);
+    pk.pack_map(v.header_count);
+    out.append(v.headers_raw);
+    pk.pack_bin(static_cast<std::uint32_t>(v.payload.size()));
+    pk.pack_bin_body(v.payload.data(), static_cast<std::uint32_t>(v.payload.size()));
+}
+
+}  // namespace evmesh::codec

@@ -1,0 +1,37 @@
+// Discovery beacon: one UDP datagram, "EVMB" + msgpack array (docs/PROTOCOL.md, "Beacons").
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <evmesh/error.hpp>
+#include <evmesh/event.hpp>
+
+namespace evmesh::discovery {
+
+inline constexpr std::string_view beacon_magic = "EVMB";
+inline constexpr std::uint8_t beacon_version = 1;
+inline constexpr std::size_t max_beacon_bytes = 1400;  // fits one Ethernet frame
+inline constexpr std::size_t max_gossip = 16;
+
+enum class beacon_kind : std::uint8_t { hello = 1, goodbye = 2 };
+
+struct beacon {
+    beacon_kind kind = beacon_kind::hello;
+    std::string mesh;
+    event_id node_id{};
+    std::string name;
+    std::uint64_t incarnation = 0;
+    std::string mesh_host;        // empty: use the datagram's source address
+    std::uint16_t mesh_port = 0;  // 0: node has no mesh endpoint
+    std::vector<std::string> gossip;  // "host:port" beacon addresses of known peers
+};
+
+std::string encode_beacon(const beacon& b);
+
+// Errors: bad_beacon (wrong magic, size, shape or type), unsupported_version.
+[[nodiscard]] result<beacon> decode_beacon(std::string_view bytes);
+
+}  // namespace evmesh::discovery

@@ -1,0 +1,504 @@
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <unordered_map>
+
+#include <spdlog/spdlog.h>
+
+#include <evmesh/codec.hpp>
+#include <evmesh/node.hpp>
+
+#include "reactor/node_impl.hpp"
+
+namespace evmesh {
+namespace detail {
+namespace {
+
+struct string_hash {
+    using is_transparent = void;
+
+    std::size_t operator()(std::string_view s) const noexcept {
+        return std::hash<std::string_view>{}(s);
+    }
+};
+
+// Single-writer counter readable from any thread: a relaxed load+store, no locked RMW.
+struct counter {
+    std::atomic<std::uint64_t> v{0};
+
+    void add(std::uint64_t n = 1) noexcept {
+        v.store(v.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    }
+
+    std::uint64_t get() const noexcept { return v.load(std::memory_order_relaxed); }
+};
+
+}  // namespace
+
+struct publisher_impl {
+    std::shared_ptr<shared_context> ctx;
+    void* sock = nullptr;
+    std::string source;
+    publisher_options opt;
+    std::unordered_map<std::string, std::uint64_t, string_hash, std::equal_to<>> seq;
+    std::string body;
+    counter published, dropped;
+    std::uint32_t since_drain = 0;
+
+    ~publisher_impl() {
+        if (sock != nullptr) {
+            int linger = 200;
+            zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof(linger));
+            zmq_close(sock);
+        }
+    }
+
+    std::uint64_t next_seq(std::string_view topic) {
+        auto it = seq.find(topic);
+        if (it == seq.end()) {
+            it = seq.emplace(std::string(topic), 0).first;
+        }
+        return ++it->second;
+    }
+
+    // The XPUB queues the node's (rare) subscription messages; read them so they never pile up.
+    void drain_subscriptions() {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        while (zmq_msg_recv(&m, sock, ZMQ_DONTWAIT) >= 0) {
+        }
+        zmq_msg_close(&m);
+    }
+
+    result<void> send(std::string_view topic) {
+        if (++since_drain >= 1024) {
+            since_drain = 0;
+            drain_subscriptions();
+        }
+        const int flags = opt.policy == overflow_policy::drop ? ZMQ_DONTWAIT : 0;
+        if (zmq_send(sock, topic.data(), topic.size(), flags | ZMQ_SNDMORE) < 0) {
+            dropped.add();
+            return fail(zmq_errno() == ETERM ? errc::stopped : errc::would_block);
+        }
+        zmq_send(sock, body.data(), body.size(), 0);
+        published.add();
+        return {};
+    }
+};
+
+struct subscription_impl {
+    std::shared_ptr<shared_context> ctx;
+    void* sock = nullptr;
+    topic_pattern pattern;
+    event_callback callback;
+    std::thread thread;
+    int stop_fd = -1;
+    zmq_msg_t topic{}, body{};
+    std::unordered_map<std::string, std::uint64_t, string_hash, std::equal_to<>> last_seq;
+    std::string key;
+    counter received, filtered, gaps, out_of_order, decode_errors, callback_errors;
+
+    subscription_impl() {
+        zmq_msg_init(&topic);
+        zmq_msg_init(&body);
+    }
+
+    ~subscription_impl() { close(); }
+
+    void close() {
+        if (thread.joinable()) {
+            const std::uint64_t one = 1;
+            (void)!write(stop_fd, &one, sizeof(one));
+            thread.join();
+        }
+        if (stop_fd >= 0) {
+            ::close(stop_fd);
+            stop_fd = -1;
+        }
+        if (sock != nullptr) {
+            int linger = 0;
+            zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof(linger));
+            zmq_close(sock);
+            sock = nullptr;
+        }
+        zmq_msg_close(&topic);
+        zmq_msg_close(&body);
+        zmq_msg_init(&topic);
+        zmq_msg_init(&body);
+    }
+
+    void track_sequence(const event_view& v) {
+        if (v.seq == 0) {
+            return;
+        }
+        key.assign(v.source);
+        key.push_back('\0');
+        key.append(v.topic);
+        auto it = last_seq.find(std::string_view(key));
+        if (it == last_seq.end()) {
+            if (last_seq.size() >= 100000) {
+                last_seq.clear();  // bound memory
+            }
+            last_seq.emplace(key, v.seq);
+            return;
+        }
+        if (v.seq > it->second + 1) {
+            gaps.add(v.seq - it->second - 1);
+        } else if (v.seq <= it->second) {
+            out_of_order.add();
+        }
+        it->second = v.seq;
+    }
+
+    // Receives one message already waiting (or waits up to timeout_ms). Returns a view when it
+    // is a matching, valid event.
+    std::optional<event_view> next(int timeout_ms) {
+        zmq_pollitem_t item{sock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&item, 1, timeout_ms) <= 0) {
+            return std::nullopt;
+        }
+        return take();
+    }
+
+    std::optional<event_view> take() {
+        if (zmq_msg_recv(&topic, sock, ZMQ_DONTWAIT) < 0) {
+            return std::nullopt;
+        }
+        int more = 0;
+        size_t len = sizeof(more);
+        zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len);
+        if (more == 0) {
+            decode_errors.add();
+            return std::nullopt;
+        }
+        zmq_msg_recv(&body, sock, 0);
+        zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len);
+        if (more != 0) {
+            while (more != 0) {
+                zmq_msg_recv(&body, sock, 0);
+                zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len);
+            }
+            decode_errors.add();
+            return std::nullopt;
+        }
+        const std::string_view t(static_cast<const char*>(zmq_msg_data(&topic)),
+                                 zmq_msg_size(&topic));
+        if (!pattern.prefix_only() && !pattern.matches(t)) {
+            filtered.add();
+            return std::nullopt;
+        }
+        auto v = decode_event(
+            t, std::string_view(static_cast<const char*>(zmq_msg_data(&body)), zmq_msg_size(&body)));
+        if (!v) {
+            decode_errors.add();
+            return std::nullopt;
+        }
+        track_sequence(*v);
+        received.add();
+        return *v;
+    }
+
+    void dispatch_loop() {
+        std::array<zmq_pollitem_t, 2> items{zmq_pollitem_t{sock, 0, ZMQ_POLLIN, 0},
+                                            zmq_pollitem_t{nullptr, stop_fd, ZMQ_POLLIN, 0}};
+        while (true) {
+            if (zmq_poll(items.data(), 2, -1) < 0) {
+                if (zmq_errno() == EINTR) {
+                    continue;
+                }
+                return;
+            }
+            if ((items[1].revents & ZMQ_POLLIN) != 0) {
+                return;
+            }
+            // drain what is queued, in a bounded batch per wake-up
+            for (int i = 0; i < 256; ++i) {
+                int events = 0;
+                size_t len = sizeof(events);
+                zmq_getsockopt(sock, ZMQ_EVENTS, &events, &len);
+                if ((events & ZMQ_POLLIN) == 0) {
+                    break;
+                }
+                if (auto v = take()) {
+                    try {
+                        callback(*v);
+                    } catch (const std::exception& e) {
+                        callback_errors.add();
+                        spdlog::warn("evmesh: subscription callback threw: {}", e.what());
+                    } catch (...) {
+                        callback_errors.add();
+                    }
+                }
+            }
+        }
+    }
+};
+
+}  // namespace detail
+
+const char* to_string(peer_info::link_state s) noexcept {
+    switch (s) {
+        case peer_info::link_state::connecting: return "connecting";
+        case peer_info::link_state::connected: return "connected";
+        case peer_info::link_state::gone: return "gone";
+    }
+    return "unknown";
+}
+
+// ---- publisher ----
+
+publisher::publisher(std::unique_ptr<detail::publisher_impl> impl) : impl_(std::move(impl)) {}
+publisher::publisher(publisher&&) noexcept = default;
+publisher& publisher::operator=(publisher&&) noexcept = default;
+publisher::~publisher() = default;
+
+result<void> publisher::publish(std::string_view topic,
+                                std::string_view payload,
+                                const std::vector<header>& headers,
+                                std::string_view content_type) {
+    auto& p = *impl_;
+    if (!valid_topic(topic)) {
+        return fail(errc::bad_topic);
+    }
+    p.body.clear();
+    encode_event_body(new_event_id(), p.source, now_ns(), p.next_seq(topic),
+                      content_type.empty() ? std::string_view(p.opt.content_type) : content_type,
+                      headers, payload, p.body);
+    return p.send(topic);
+}
+
+result<void> publisher::publish(event& ev) {
+    auto& p = *impl_;
+    if (!valid_topic(ev.topic)) {
+        return fail(errc::bad_topic);
+    }
+    if (ev.id == event_id{}) {
+        ev.id = new_event_id();
+    }
+    if (ev.source.empty()) {
+        ev.source = p.source;
+    }
+    if (ev.time_ns == 0) {
+        ev.time_ns = now_ns();
+    }
+    if (ev.seq == 0) {
+        ev.seq = p.next_seq(ev.topic);
+    }
+    if (ev.content_type.empty()) {
+        ev.content_type = p.opt.content_type;
+    }
+    p.body.clear();
+    encode_event_body(ev, p.body);
+    return p.send(ev.topic);
+}
+
+const std::string& publisher::source() const noexcept {
+    return impl_->source;
+}
+
+std::uint64_t publisher::published() const noexcept {
+    return impl_->published.get();
+}
+
+std::uint64_t publisher::dropped() const noexcept {
+    return impl_->dropped.get();
+}
+
+// ---- subscription ----
+
+subscription::subscription(std::unique_ptr<detail::subscription_impl> impl)
+    : impl_(std::move(impl)) {}
+subscription::subscription(subscription&&) noexcept = default;
+subscription& subscription::operator=(subscription&&) noexcept = default;
+subscription::~subscription() = default;
+
+std::optional<event_view> subscription::receive_view(std::chrono::milliseconds timeout) {
+    if (!impl_ || impl_->callback || impl_->sock == nullptr) {
+        return std::nullopt;
+    }
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (true) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            deadline - std::chrono::steady_clock::now());
+        const int ms = timeout.count() < 0 ? -1 : static_cast<int>(std::max<std::int64_t>(0, left.count()));
+        if (auto v = impl_->next(ms)) {
+            return v;
+        }
+        if (timeout.count() >= 0 && std::chrono::steady_clock::now() >= deadline) {
+            return std::nullopt;
+        }
+    }
+}
+
+std::optional<event> subscription::receive(std::chrono::milliseconds timeout) {
+    if (auto v = receive_view(timeout)) {
+        return v->to_event();
+    }
+    return std::nullopt;
+}
+
+void subscription::close() {
+    if (impl_) {
+        impl_->close();
+    }
+}
+
+const topic_pattern& subscription::pattern() const noexcept {
+    return impl_->pattern;
+}
+
+subscription_counters subscription::counters() const noexcept {
+    const auto& s = *impl_;
+    return {s.received.get(), s.filtered.get(), s.gaps.get(),
+            s.out_of_order.get(), s.decode_errors.get(), s.callback_errors.get()};
+}
+
+// ---- node ----
+
+node::node(std::unique_ptr<detail::node_impl> impl) : impl_(std::move(impl)) {}
+
+node::~node() {
+    stop();
+}
+
+result<std::unique_ptr<node>> node::create(node_options options) {
+    auto impl = detail::node_impl::create(std::move(options));
+    if (!impl) {
+        return tl::unexpected(impl.error());
+    }
+    return std::unique_ptr<node>(new node(std::move(*impl)));
+}
+
+result<publisher> node::make_publisher(publisher_options options) {
+    if (!impl_->running) {
+        return fail(errc::stopped);
+    }
+    auto p = std::make_unique<detail::publisher_impl>();
+    p->ctx = impl_->ctx;
+    p->opt = options;
+    p->source = impl_->name + "/"
+                + (options.name.empty() ? "pub-" + std::to_string(++impl_->publisher_seq)
+                                        : options.name);
+    p->sock = zmq_socket(p->ctx->ctx, ZMQ_XPUB);
+    const int one = 1;
+    zmq_setsockopt(p->sock, ZMQ_XPUB_NODROP, &one, sizeof(one));
+    zmq_setsockopt(p->sock, ZMQ_SNDHWM, &options.hwm, sizeof(options.hwm));
+    if (options.policy == overflow_policy::block && options.block_timeout.count() >= 0) {
+        const int t = static_cast<int>(options.block_timeout.count());
+        zmq_setsockopt(p->sock, ZMQ_SNDTIMEO, &t, sizeof(t));
+    }
+    if (zmq_connect(p->sock, impl_->local_in_ep.c_str()) != 0) {
+        return fail(errc::bad_endpoint);
+    }
+    return publisher(std::move(p));
+}
+
+namespace {
+result<std::unique_ptr<detail::subscription_impl>> make_sub(detail::node_impl& n,
+                                                            std::string_view pattern,
+                                                            const subscription_options& o) {
+    auto pat = topic_pattern::parse(pattern);
+    if (!pat) {
+        return tl::unexpected(pat.error());
+    }
+    if (!n.running) {
+        return fail(errc::stopped);
+    }
+    auto s = std::make_unique<detail::subscription_impl>();
+    s->ctx = n.ctx;
+    s->pattern = std::move(*pat);
+    s->sock = zmq_socket(s->ctx->ctx, ZMQ_SUB);
+    zmq_setsockopt(s->sock, ZMQ_RCVHWM, &o.hwm, sizeof(o.hwm));
+    const auto& prefix = s->pattern.zmq_prefix();
+    zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, prefix.data(), prefix.size());
+    if (zmq_connect(s->sock, n.local_out_ep.c_str()) != 0) {
+        return fail(errc::bad_endpoint);
+    }
+    return s;
+}
+}  // namespace
+
+result<subscription> node::subscribe(std::string_view pattern, subscription_options options) {
+    auto s = make_sub(*impl_, pattern, options);
+    if (!s) {
+        return tl::unexpected(s.error());
+    }
+    return subscription(std::move(*s));
+}
+
+result<subscription> node::subscribe(std::string_view pattern,
+                                     event_callback callback,
+                                     subscription_options options) {
+    if (!callback) {
+        return fail(errc::bad_option);
+    }
+    auto s = make_sub(*impl_, pattern, options);
+    if (!s) {
+        return tl::unexpected(s.error());
+    }
+    auto& impl = **s;
+    impl.callback = std::move(callback);
+    impl.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    impl.thread = std::thread([p = &impl] { p->dispatch_loop(); });
+    return subscription(std::move(*s));
+}
+
+void node::stop() {
+    impl_->stop();
+}
+
+bool node::running() const noexcept {
+    return impl_->running;
+}
+
+const std::string& node::name() const noexcept {
+    return impl_->name;
+}
+
+const std::string& node::id() const noexcept {
+    return impl_->id_text;
+}
+
+std::uint64_t node::incarnation() const noexcept {
+    return impl_->incarnation;
+}
+
+const std::string& node::local_in_endpoint() const noexcept {
+    return impl_->local_in_ep;
+}
+
+const std::string& node::local_out_endpoint() const noexcept {
+    return impl_->local_out_ep;
+}
+
+const std::string& node::mesh_endpoint() const noexcept {
+    return impl_->mesh_ep;
+}
+
+const std::vector<std::string>& node::pub_endpoints() const noexcept {
+    return impl_->pub_eps;
+}
+
+const std::vector<std::string>& node::sub_endpoints() const noexcept {
+    return impl_->sub_eps;
+}
+
+std::vector<peer_info> node::peers() const {
+    std::vector<peer_info> out;
+    if (!impl_->call([&] { out = impl_->snapshot_peers(); })) {
+        return impl_->final_peers;
+    }
+    return out;
+}
+
+node_counters node::counters() const {
+    node_counters out;
+    if (!impl_->call([&] { out = impl_->c; })) {
+        return impl_->final_counters;  // written before `running` turned false
+    }
+    return out;
+}
+
+}  // namespace evmesh

@@ -1,0 +1,136 @@
+// The node's reactor: one thread owns every socket of a node (see docs/ARCHITECTURE.md).
+#pragma once
+
+#include <zmq.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <evmesh/node.hpp>
+
+namespace evmesh::detail {
+
+// A ZeroMQ context shared by a node and every publisher/subscription made from it, so a handle
+// that outlives its node never blocks context termination.
+struct shared_context {
+    void* ctx;
+
+    shared_context() : ctx(zmq_ctx_new()) {}
+
+    ~shared_context() { zmq_ctx_term(ctx); }
+
+    shared_context(const shared_context&) = delete;
+    shared_context& operator=(const shared_context&) = delete;
+};
+
+// Logs at most once per second, counting what it suppressed.
+class log_limiter {
+public:
+    bool allow(std::uint64_t& suppressed_out) noexcept {
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last_ >= std::chrono::seconds(1)) {
+            last_ = now;
+            suppressed_out = suppressed_;
+            suppressed_ = 0;
+            return true;
+        }
+        ++suppressed_;
+        return false;
+    }
+
+private:
+    std::chrono::steady_clock::time_point last_{};
+    std::uint64_t suppressed_ = 0;
+};
+
+struct peer_entry {
+    peer_info info;
+    std::chrono::steady_clock::time_point last_seen_steady;
+};
+
+struct node_impl {
+    static result<std::unique_ptr<node_impl>> create(node_options options);
+    ~node_impl();
+
+    // Runs `fn` on the reactor thread and waits for it. Returns false when the node is stopped.
+    bool call(const std::function<void()>& fn);
+    void stop();
+
+    node_options opt;
+    std::shared_ptr<shared_context> ctx;
+    std::string name;
+    event_id id{};
+    std::string id_text;
+    std::uint64_t incarnation = 0;
+    std::string local_in_ep, local_out_ep, mesh_ep;
+    std::vector<std::string> pub_eps, sub_eps;
+    std::atomic<bool> running{false};
+    std::atomic<std::uint64_t> publisher_seq{0};
+
+    // snapshots kept after stop
+    node_counters final_counters;
+    std::vector<peer_info> final_peers;
+
+    // reactor-owned state (touch only from the reactor thread, or before start / after join)
+    node_counters c;
+    std::vector<peer_info> snapshot_peers() const;
+
+private:
+    node_impl() = default;
+    result<void> open_sockets();
+    result<void> open_discovery();
+    void close_all();
+    void run();
+    void run_commands();
+    void forward_local();
+    void forward_client();
+    void forward_mesh_in();
+    bool deliver(bool to_mesh);
+    bool flush_pending();
+    void on_subscriptions(void* from, bool from_local);
+    void on_datagrams(int fd);
+    void on_monitor();
+    void send_beacon(bool goodbye);
+    void send_beacon_to(const std::string& bytes, const void* addr, unsigned addrlen);
+    void expire_peers();
+    void remove_peer(const std::string& key, const char* why);
+    void drain_on_stop();
+
+    std::thread thread_;
+    std::mutex mu_;
+    std::vector<std::function<void()>> commands_;  // guarded by mu_
+    int wake_fd_ = -1;
+    bool stop_ = false;
+
+    void* local_in_ = nullptr;   // XSUB: embedded publishers (inproc, trusted)
+    void* client_in_ = nullptr;  // XSUB: client publishers (ipc/tcp, validated)
+    void* local_out_ = nullptr;  // XPUB: local subscribers
+    void* mesh_out_ = nullptr;   // XPUB: peers' mesh_in connect here
+    void* mesh_in_ = nullptr;    // XSUB: connects to every peer's mesh_out
+    void* monitor_ = nullptr;    // PAIR: mesh_in socket events
+    int udp_bcast_ = -1;         // bound to the shared beacon port
+    int udp_uni_ = -1;           // this node's own beacon socket (sends, unicast replies)
+    std::string uni_address_;    // "ip:port" of udp_uni_
+
+    zmq_msg_t topic_{}, body_{}, mesh_topic_{}, mesh_body_{}, sub_{};
+    bool pending_ = false;  // topic_/body_ wait for local_out (block policy)
+
+    std::unordered_map<std::string, int> local_subs_, mesh_subs_;
+    std::unordered_map<std::string, peer_entry> peers_;  // key: 16-byte node id
+    std::vector<std::string> unicast_targets_;          // seeds + gossip ("ip:port")
+    std::unordered_map<std::string, std::uint64_t> client_seq_;
+    std::string scratch_;
+    log_limiter reject_log_, beacon_log_;
+    std::chrono::steady_clock::time_point next_beacon_{}, next_expiry_{};
+    int burst_left_ = 3;
+};
+
+}  // namespace evmesh::detail
