@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include <evmesh/error.hpp>
@@ -183,6 +184,9 @@ public:
     const std::string& mesh_endpoint() const noexcept;       ///< tcp, "" when mesh disabled
     const std::vector<std::string>& pub_endpoints() const noexcept;  ///< as bound (ports resolved)
     const std::vector<std::string>& sub_endpoints() const noexcept;
+
+    /// Id of the node's I/O thread (callbacks never run on it).
+    std::thread::id io_thread_id() const noexcept;
 
     /// Current peers (a snapshot taken by the I/O thread).
     std::vector<peer_info> peers() const;

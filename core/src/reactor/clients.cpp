@@ -485,6 +485,10 @@ const std::vector<std::string>& node::sub_endpoints() const noexcept {
     return impl_->sub_eps;
 }
 
+std::thread::id node::io_thread_id() const noexcept {
+    return impl_->io_thread;
+}
+
 std::vector<peer_info> node::peers() const {
     std::vector<peer_info> out;
     if (!impl_->call([&] { out = impl_->snapshot_peers(); })) {

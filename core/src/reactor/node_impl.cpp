@@ -130,6 +130,7 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
     }
     n->running = true;
     n->thread_ = std::thread([p = n.get()] { p->run(); });
+    n->io_thread = n->thread_.get_id();
     spdlog::info("evmesh node '{}' ({}) started in mesh '{}', mesh endpoint {}", n->name,
                  n->id_text, n->opt.mesh, n->mesh_ep.empty() ? "(none)" : n->mesh_ep);
     return n;
@@ -280,6 +281,29 @@ void node_impl::stop() {
         thread_.join();
     }
     close_all();
+    remove_ipc_files();
+}
+
+void node_impl::remove_ipc_files() {
+    // libzmq unlinks an ipc listener's file asynchronously (or not at all while the context
+    // lives); give it a moment, then remove what is left so a restart can bind again.
+    std::vector<std::string> paths;
+    for (const auto* eps : {&pub_eps, &sub_eps}) {
+        for (const auto& ep : *eps) {
+            if (ep.rfind("ipc://", 0) == 0 && ep.size() > 6 && ep[6] != '@') {
+                paths.push_back(ep.substr(6));
+            }
+        }
+    }
+    const auto deadline = clock::now() + std::chrono::milliseconds(100);
+    for (const auto& p : paths) {
+        while (access(p.c_str(), F_OK) == 0 && clock::now() < deadline) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        }
+        ::unlink(p.c_str());
+    }
+    pub_eps.clear();
+    sub_eps.clear();
 }
 
 void node_impl::close_all() {

@@ -73,6 +73,7 @@ struct node_impl {
     std::string local_in_ep, local_out_ep, mesh_ep;
     std::vector<std::string> pub_eps, sub_eps;
     std::atomic<bool> running{false};
+    std::thread::id io_thread;
     std::atomic<std::uint64_t> publisher_seq{0};
 
     // snapshots kept after stop
@@ -88,6 +89,7 @@ private:
     result<void> open_sockets();
     result<void> open_discovery();
     void close_all();
+    void remove_ipc_files();
     void run();
     void run_commands();
     void forward_local();
