@@ -21,6 +21,9 @@ std::string to_string(const event_id& id);
 /// Generates a new UUIDv7. Thread-safe (thread-local generator state).
 event_id new_event_id() noexcept;
 
+/// Generates a UUIDv7 for the given time (ns since the Unix epoch).
+event_id new_event_id(std::int64_t time_ns) noexcept;
+
 /// Nanoseconds since the Unix epoch, from the system clock.
 std::int64_t now_ns() noexcept;
 

@@ -52,7 +52,7 @@ struct node_counters {
     std::uint64_t mesh_in_events = 0, mesh_in_bytes = 0;      ///< from peers
     std::uint64_t local_out_events = 0;  ///< handed to the local XPUB
     std::uint64_t mesh_out_events = 0;   ///< handed to the mesh XPUB
-    std::uint64_t local_out_blocked = 0; ///< times the local XPUB refused (block policy)
+    std::uint64_t local_out_blocked = 0; ///< times a full receiver held an event (block policy)
     std::uint64_t beacons_sent = 0, beacons_received = 0, beacons_rejected = 0;
     std::uint64_t beacons_foreign = 0;   ///< valid beacons of another mesh name (ignored)
     std::uint64_t peers_joined = 0, peers_left = 0, peers_expired = 0, peers_link_lost = 0;

@@ -45,7 +45,9 @@ struct node_options {
     /// Extra endpoints where client subscribers connect.
     std::vector<std::string> sub_endpoints;
     int hwm = 10000;                   ///< per-connection high-water mark, in events
-    overflow_policy slow_subscriber = overflow_policy::drop;  ///< local subscribers
+    /// Local subscribers and peers that cannot keep up: drop for them (they count the gap) or
+    /// block (hold events, push back to publishers; one slow receiver slows the node).
+    overflow_policy slow_subscriber = overflow_policy::drop;
     bool mesh_enabled = true;          ///< bind a mesh endpoint and connect to peers
     std::string mesh_bind_address = "127.0.0.1";  ///< address the mesh XPUB binds to
     std::uint16_t mesh_port = 0;       ///< 0 = any free port

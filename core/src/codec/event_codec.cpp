@@ -60,19 +60,28 @@ result<event_view> decode(std::string_view topic_frame,
     if (version != wire_version) {
         return fail(errc::unsupported_version);
     }
+    // nil in id/source/time/seq: completed by the node (lenient) or refused (strict)
+    bool strict_nil = false;
     auto nil_allowed = [&](bool& flag) {
-        if (missing != nullptr && r.next_is_nil()) {
-            flag = true;
-            (void)r.read_nil();
-            return true;
+        if (!r.next_is_nil()) {
+            return false;
         }
-        return false;
+        if (missing == nullptr) {
+            strict_nil = true;
+            return false;
+        }
+        flag = true;
+        (void)r.read_nil();
+        return true;
     };
     missing_fields dummy;
     missing_fields& m = missing != nullptr ? *missing : dummy;
 
     // [1] id: bin 16
     if (!nil_allowed(m.id)) {
+        if (strict_nil) {
+            return fail(errc::missing_field);
+        }
         std::string_view id;
         if (auto e = r.read_bin(id, 16); e != errc::ok) {
             return fail(e == errc::too_large ? errc::bad_id : e);
@@ -84,6 +93,9 @@ result<event_view> decode(std::string_view topic_frame,
     }
     // [2] source: str
     if (!nil_allowed(m.source)) {
+        if (strict_nil) {
+            return fail(errc::missing_field);
+        }
         if (auto e = r.read_str(v.source, limits.max_string_bytes); e != errc::ok) {
             return fail(e);
         }
@@ -93,12 +105,18 @@ result<event_view> decode(std::string_view topic_frame,
     }
     // [3] time: int
     if (!nil_allowed(m.time)) {
+        if (strict_nil) {
+            return fail(errc::missing_field);
+        }
         if (auto e = r.read_int(v.time_ns); e != errc::ok) {
             return fail(e);
         }
     }
     // [4] seq: uint
     if (!nil_allowed(m.seq)) {
+        if (strict_nil) {
+            return fail(errc::missing_field);
+        }
         if (auto e = r.read_uint(v.seq); e != errc::ok) {
             return fail(e);
         }

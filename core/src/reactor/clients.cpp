@@ -55,11 +55,19 @@ struct publisher_impl {
         }
     }
 
+    std::uint64_t* last_slot = nullptr;  // publishers tend to repeat a topic: skip the hash
+    std::string last_topic;
+
     std::uint64_t next_seq(std::string_view topic) {
+        if (last_slot != nullptr && topic == last_topic) {
+            return ++*last_slot;
+        }
         auto it = seq.find(topic);
         if (it == seq.end()) {
             it = seq.emplace(std::string(topic), 0).first;
         }
+        last_topic.assign(topic);
+        last_slot = &it->second;  // node-based map: stable until erased (never erased)
         return ++it->second;
     }
 
@@ -129,32 +137,50 @@ struct subscription_impl {
         zmq_msg_init(&body);
     }
 
+    std::uint64_t* last_slot = nullptr;  // the previous event's stream, to skip the hash
+    std::string last_key;
+
     void track_sequence(const event_view& v) {
         if (v.seq == 0) {
             return;
         }
-        key.assign(v.source);
-        key.push_back('\0');
-        key.append(v.topic);
-        auto it = last_seq.find(std::string_view(key));
-        if (it == last_seq.end()) {
-            if (last_seq.size() >= 100000) {
-                last_seq.clear();  // bound memory
+        std::uint64_t* slot = nullptr;
+        if (last_slot != nullptr && last_key.size() == v.source.size() + 1 + v.topic.size()
+            && std::string_view(last_key).substr(0, v.source.size()) == v.source
+            && std::string_view(last_key).substr(v.source.size() + 1) == v.topic) {
+            slot = last_slot;
+        } else {
+            key.assign(v.source);
+            key.push_back('\0');
+            key.append(v.topic);
+            auto it = last_seq.find(std::string_view(key));
+            if (it == last_seq.end()) {
+                if (last_seq.size() >= 100000) {
+                    last_seq.clear();  // bound memory; streams restart tracking
+                }
+                last_seq.emplace(key, v.seq);
+                last_slot = nullptr;
+                return;
             }
-            last_seq.emplace(key, v.seq);
-            return;
+            slot = &it->second;
+            last_slot = slot;
+            last_key = key;
         }
-        if (v.seq > it->second + 1) {
-            gaps.add(v.seq - it->second - 1);
-        } else if (v.seq <= it->second) {
+        if (v.seq > *slot + 1) {
+            gaps.add(v.seq - *slot - 1);
+        } else if (v.seq <= *slot) {
             out_of_order.add();
         }
-        it->second = v.seq;
+        *slot = v.seq;
     }
 
     // Receives one message already waiting (or waits up to timeout_ms). Returns a view when it
     // is a matching, valid event.
     std::optional<event_view> next(int timeout_ms) {
+        // take what is queued without a poll syscall; poll only when the queue is empty
+        if (auto v = take(); v || last_take_received_) {
+            return v;
+        }
         zmq_pollitem_t item{sock, 0, ZMQ_POLLIN, 0};
         if (zmq_poll(&item, 1, timeout_ms) <= 0) {
             return std::nullopt;
@@ -162,23 +188,22 @@ struct subscription_impl {
         return take();
     }
 
+    bool last_take_received_ = false;  // take() consumed a message (even if not delivered)
+
     std::optional<event_view> take() {
+        last_take_received_ = false;
         if (zmq_msg_recv(&topic, sock, ZMQ_DONTWAIT) < 0) {
             return std::nullopt;
         }
-        int more = 0;
-        size_t len = sizeof(more);
-        zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len);
-        if (more == 0) {
+        last_take_received_ = true;
+        if (!zmq_msg_more(&topic)) {
             decode_errors.add();
             return std::nullopt;
         }
         zmq_msg_recv(&body, sock, 0);
-        zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len);
-        if (more != 0) {
-            while (more != 0) {
+        if (zmq_msg_more(&body)) {
+            while (zmq_msg_more(&body)) {
                 zmq_msg_recv(&body, sock, 0);
-                zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len);
             }
             decode_errors.add();
             return std::nullopt;
@@ -215,13 +240,11 @@ struct subscription_impl {
             }
             // drain what is queued, in a bounded batch per wake-up
             for (int i = 0; i < 256; ++i) {
-                int events = 0;
-                size_t len = sizeof(events);
-                zmq_getsockopt(sock, ZMQ_EVENTS, &events, &len);
-                if ((events & ZMQ_POLLIN) == 0) {
+                auto v = take();
+                if (!last_take_received_) {
                     break;
                 }
-                if (auto v = take()) {
+                if (v) {
                     try {
                         callback(*v);
                     } catch (const std::exception& e) {
@@ -263,7 +286,8 @@ result<void> publisher::publish(std::string_view topic,
         return fail(errc::bad_topic);
     }
     p.body.clear();
-    encode_event_body(new_event_id(), p.source, now_ns(), p.next_seq(topic),
+    const auto t = now_ns();
+    encode_event_body(new_event_id(t), p.source, t, p.next_seq(topic),
                       content_type.empty() ? std::string_view(p.opt.content_type) : content_type,
                       headers, payload, p.body);
     return p.send(topic);

@@ -187,6 +187,8 @@ result<void> node_impl::open_sockets() {
         const int hb_timeout = static_cast<int>(opt.heartbeat_timeout.count());
         mesh_out_ = zmq_socket(ctx->ctx, ZMQ_XPUB);
         set_int(mesh_out_, ZMQ_SNDHWM, hwm);
+        set_int(mesh_out_, ZMQ_XPUB_NODROP,
+                opt.slow_subscriber == overflow_policy::block ? 1 : 0);
         set_int(mesh_out_, ZMQ_HEARTBEAT_IVL, hb);
         set_int(mesh_out_, ZMQ_HEARTBEAT_TIMEOUT, hb_timeout);
         set_int(mesh_out_, ZMQ_HEARTBEAT_TTL, hb_timeout);
@@ -524,35 +526,42 @@ void node_impl::drain_on_stop() {
 }
 
 bool node_impl::flush_pending() {
-    if (zmq_msg_send(&topic_, local_out_, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
-        return false;
+    if (pending_mesh_) {
+        if (zmq_msg_send(&mesh_topic_, mesh_out_, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
+            return false;
+        }
+        zmq_msg_send(&mesh_body_, mesh_out_, 0);
+        ++c.mesh_out_events;
+        pending_mesh_ = false;
     }
-    zmq_msg_send(&body_, local_out_, 0);
-    ++c.local_out_events;
+    if (pending_local_) {
+        if (zmq_msg_send(&topic_, local_out_, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
+            return false;
+        }
+        zmq_msg_send(&body_, local_out_, 0);
+        ++c.local_out_events;
+        pending_local_ = false;
+    }
     pending_ = false;
     return true;
 }
 
 bool node_impl::deliver(bool to_mesh) {
-    if (to_mesh && !mesh_subs_.empty()) {
+    // Under the drop policy both XPUBs are lossy and these sends never fail. Under the block
+    // policy (ZMQ_XPUB_NODROP) a full receiver refuses the event: keep it and stop reading inputs
+    // until it is taken, which pushes back to the publishers.
+    pending_mesh_ = to_mesh && !mesh_subs_.empty();
+    pending_local_ = !local_subs_.empty();
+    if (pending_mesh_) {
         zmq_msg_copy(&mesh_topic_, &topic_);
         zmq_msg_copy(&mesh_body_, &body_);
-        zmq_msg_send(&mesh_topic_, mesh_out_, ZMQ_SNDMORE);
-        zmq_msg_send(&mesh_body_, mesh_out_, 0);
-        ++c.mesh_out_events;
     }
-    if (local_subs_.empty()) {
+    if (flush_pending()) {
         return true;
     }
-    if (zmq_msg_send(&topic_, local_out_, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
-        // block policy: hold the event and stop reading inputs until the subscriber catches up
-        pending_ = true;
-        ++c.local_out_blocked;
-        return false;
-    }
-    zmq_msg_send(&body_, local_out_, 0);
-    ++c.local_out_events;
-    return true;
+    pending_ = true;
+    ++c.local_out_blocked;
+    return false;
 }
 
 void node_impl::forward_local() {
@@ -560,11 +569,11 @@ void node_impl::forward_local() {
         if (zmq_msg_recv(&topic_, local_in_, ZMQ_DONTWAIT) < 0) {
             return;
         }
-        if (!more(local_in_)) {
+        if (!zmq_msg_more(&topic_)) {
             continue;  // not an event (embedded publishers always send two frames)
         }
         zmq_msg_recv(&body_, local_in_, 0);
-        if (more(local_in_)) {
+        if (zmq_msg_more(&body_)) {
             drain_frames(local_in_, sub_);
             continue;
         }
@@ -586,11 +595,11 @@ void node_impl::forward_client() {
         const char* why = nullptr;
         missing_fields missing;
         result<event_view> v = fail(errc::not_an_event);
-        if (!more(client_in_)) {
+        if (!zmq_msg_more(&topic_)) {
             why = "one frame (expected [topic][body])";
         } else {
             zmq_msg_recv(&body_, client_in_, 0);
-            if (more(client_in_)) {
+            if (zmq_msg_more(&body_)) {
                 drain_frames(client_in_, sub_);
                 why = "more than two frames";
             } else {
@@ -650,11 +659,11 @@ void node_impl::forward_mesh_in() {
         if (zmq_msg_recv(&topic_, mesh_in_, ZMQ_DONTWAIT) < 0) {
             return;
         }
-        if (!more(mesh_in_)) {
+        if (!zmq_msg_more(&topic_)) {
             continue;
         }
         zmq_msg_recv(&body_, mesh_in_, 0);
-        if (more(mesh_in_)) {
+        if (zmq_msg_more(&body_)) {
             drain_frames(mesh_in_, sub_);
             continue;
         }

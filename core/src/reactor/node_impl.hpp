@@ -123,7 +123,9 @@ private:
     std::string uni_address_;    // "ip:port" of udp_uni_
 
     zmq_msg_t topic_{}, body_{}, mesh_topic_{}, mesh_body_{}, sub_{};
-    bool pending_ = false;  // topic_/body_ wait for local_out (block policy)
+    bool pending_ = false;        // an event waits for a full receiver (block policy)
+    bool pending_mesh_ = false;   // mesh_topic_/mesh_body_ still to go to mesh_out
+    bool pending_local_ = false;  // topic_/body_ still to go to local_out
 
     std::unordered_map<std::string, int> local_subs_, mesh_subs_;
     std::unordered_map<std::string, peer_entry> peers_;  // key: 16-byte node id

@@ -45,10 +45,14 @@ std::int64_t now_ns() noexcept {
 }
 
 event_id new_event_id() noexcept {
+    return new_event_id(now_ns());
+}
+
+event_id new_event_id(std::int64_t time_ns) noexcept {
     // UUIDv7 (RFC 9562): 48-bit Unix ms, version 7, 12 bits of sub-millisecond time (method 3,
     // so ids from one thread sort by time), variant 0b10, 62 random bits.
     thread_local rng gen;
-    const auto ns = static_cast<std::uint64_t>(now_ns());
+    const auto ns = static_cast<std::uint64_t>(time_ns);
     const std::uint64_t ms = ns / 1'000'000;
     const std::uint64_t sub = ((ns % 1'000'000) * 4096) / 1'000'000;
     const std::uint64_t rnd = gen.next();

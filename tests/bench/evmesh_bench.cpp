@@ -1,0 +1,597 @@
+// evmesh benchmark: raw libzmq and evmesh side by side in one run, reported as ratios.
+//
+//   evmesh_bench [--count N] [--reps R] [--quick]
+//
+// Every pair is lossless by construction (raw: XPUB with ZMQ_XPUB_NODROP into a zmq_proxy whose
+// XPUB is NODROP too; evmesh: publisher policy block, node slow_subscriber=block), so events/s
+// compare the same work: the receiver counts every event and the run fails if any is missing.
+#include <zmq.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include <evmesh/codec.hpp>
+#include <evmesh/node.hpp>
+
+namespace {
+
+using clk = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+int g_count = 500000;
+int g_reps = 3;
+int g_hwm = 10000;
+
+void set_int(void* s, int opt, int v) {
+    zmq_setsockopt(s, opt, &v, sizeof(v));
+}
+
+void* make_pub(void* ctx, const char* ep) {
+    void* s = zmq_socket(ctx, ZMQ_XPUB);
+    set_int(s, ZMQ_XPUB_NODROP, 1);
+    set_int(s, ZMQ_SNDHWM, g_hwm);
+    zmq_connect(s, ep);
+    return s;
+}
+
+void* make_sub(void* ctx, const char* ep, const char* prefix) {
+    void* s = zmq_socket(ctx, ZMQ_SUB);
+    set_int(s, ZMQ_RCVHWM, g_hwm);
+    zmq_setsockopt(s, ZMQ_SUBSCRIBE, prefix, std::strlen(prefix));
+    zmq_connect(s, ep);
+    return s;
+}
+
+// A zmq_proxy (XSUB frontend bound at `in`, XPUB backend bound at `out`) on its own thread;
+// `upstream` optionally connects the frontend elsewhere (chained hops).
+struct raw_proxy {
+    void* ctx;
+    void* front;
+    void* back;
+    void* control;
+    std::string ctl_ep;
+    std::thread t;
+
+    raw_proxy(void* c, const std::string& in, const std::string& out, const std::string& name)
+        : ctx(c), ctl_ep("inproc://ctl-" + name) {
+        front = zmq_socket(ctx, ZMQ_XSUB);
+        back = zmq_socket(ctx, ZMQ_XPUB);
+        set_int(back, ZMQ_XPUB_NODROP, 1);
+        set_int(back, ZMQ_SNDHWM, g_hwm);
+        set_int(front, ZMQ_RCVHWM, g_hwm);
+        if (in.find("tcp://") == 0 && in.find(":0") != std::string::npos) {
+        }
+        zmq_bind(front, in.c_str());
+        zmq_bind(back, out.c_str());
+        control = zmq_socket(ctx, ZMQ_PAIR);
+        zmq_bind(control, ctl_ep.c_str());
+        t = std::thread([this] {
+            void* ctl = zmq_socket(ctx, ZMQ_PAIR);
+            zmq_connect(ctl, ctl_ep.c_str());
+            zmq_proxy_steerable(front, back, nullptr, ctl);
+            zmq_close(ctl);
+        });
+    }
+
+    ~raw_proxy() {
+        zmq_send(control, "TERMINATE", 9, 0);
+        t.join();
+        set_int(front, ZMQ_LINGER, 0);
+        set_int(back, ZMQ_LINGER, 0);
+        zmq_close(front);
+        zmq_close(back);
+        zmq_close(control);
+    }
+};
+
+// Publishes warm-up messages until the subscriber sees one, then returns.
+template <class Pub, class Recv>
+void warm(Pub&& pub_once, Recv&& try_recv) {
+    const auto deadline = clk::now() + 10s;
+    while (clk::now() < deadline) {
+        pub_once();
+        if (try_recv(5)) {
+            while (try_recv(50)) {
+            }
+            return;
+        }
+    }
+    std::fprintf(stderr, "warm-up failed\n");
+    std::exit(2);
+}
+
+// Blocking receive bounded by the socket's RCVTIMEO (no poll syscall per message).
+bool recv_two(void* s, zmq_msg_t& a, zmq_msg_t& b, int timeout_ms) {
+    set_int(s, ZMQ_RCVTIMEO, timeout_ms);  // an option store, no syscall
+    if (zmq_msg_recv(&a, s, 0) < 0) {
+        return false;
+    }
+    zmq_msg_recv(&b, s, 0);
+    return true;
+}
+
+struct result_row {
+    double eps = 0;  // events per second
+    int lost = 0;
+};
+
+// Raw: XPUB(NODROP) -> [hops x zmq_proxy] -> SUB, payload `size` bytes, topic "bench.data".
+result_row raw_run(const std::string& transport, int hops, std::size_t size) {
+    void* ctx = zmq_ctx_new();
+    static int run_id = 0;
+    ++run_id;
+    std::vector<std::unique_ptr<raw_proxy>> proxies;
+    std::vector<std::string> ins, outs;
+    for (int h = 0; h < hops; ++h) {
+        const std::string tag = std::to_string(run_id) + "-" + std::to_string(h);
+        // hops are joined over tcp (like nodes); the edges use `transport`
+        std::string in = (h == 0 && transport == "inproc") ? "inproc://raw-in-" + tag
+                                                           : "tcp://127.0.0.1:*";
+        std::string out = (h == hops - 1 && transport == "inproc") ? "inproc://raw-out-" + tag
+                                                                   : "tcp://127.0.0.1:*";
+        proxies.push_back(std::make_unique<raw_proxy>(ctx, in, out, tag));
+        auto last = [](void* s) {
+            char buf[256];
+            size_t len = sizeof(buf);
+            zmq_getsockopt(s, ZMQ_LAST_ENDPOINT, buf, &len);
+            return std::string(buf);
+        };
+        ins.push_back(last(proxies.back()->front));
+        outs.push_back(last(proxies.back()->back));
+    }
+    // chain: proxy h's backend feeds proxy h+1's frontend through an extra XSUB? zmq_proxy's
+    // frontend is an XSUB that binds; connect it to the previous backend as well.
+    for (int h = 1; h < hops; ++h) {
+        zmq_connect(proxies[static_cast<std::size_t>(h)]->front, outs[static_cast<std::size_t>(h - 1)].c_str());
+    }
+    void* pub = make_pub(ctx, ins.front().c_str());
+    void* sub = make_sub(ctx, outs.back().c_str(), "bench.");
+    std::string payload(size, 'x');
+    zmq_msg_t a, b;
+    zmq_msg_init(&a);
+    zmq_msg_init(&b);
+    auto drain_subs = [&] {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        while (zmq_msg_recv(&m, pub, ZMQ_DONTWAIT) >= 0) {
+        }
+        zmq_msg_close(&m);
+    };
+    warm([&] {
+            zmq_send(pub, "bench.warm", 10, ZMQ_SNDMORE);
+            zmq_send(pub, "w", 1, 0);
+            drain_subs();
+        },
+         [&](int t) { return recv_two(sub, a, b, t); });
+    const int n = g_count;
+    const auto t0 = clk::now();
+    std::thread producer([&] {
+        for (int i = 0; i < n; ++i) {
+            zmq_send(pub, "bench.data", 10, ZMQ_SNDMORE);
+            zmq_send(pub, payload.data(), payload.size(), 0);
+            if ((i & 1023) == 0) {
+                drain_subs();
+            }
+        }
+    });
+    int got = 0;
+    while (got < n && recv_two(sub, a, b, 5000)) {
+        ++got;
+    }
+    const auto t1 = clk::now();
+    producer.join();
+    zmq_msg_close(&a);
+    zmq_msg_close(&b);
+    set_int(pub, ZMQ_LINGER, 0);
+    set_int(sub, ZMQ_LINGER, 0);
+    zmq_close(pub);
+    zmq_close(sub);
+    proxies.clear();
+    zmq_ctx_term(ctx);
+    return {got / std::chrono::duration<double>(t1 - t0).count(), n - got};
+}
+
+// evmesh, one node. inproc: embedded publisher/subscription. tcp: a client publisher sending
+// full envelopes to the node's tcp pub endpoint (validated there) and a client SUB decoding
+// every envelope.
+result_row evmesh_one_node(const std::string& transport, std::size_t size) {
+    evmesh::node_options o;
+    o.name = "bench";
+    o.mesh = "bench-" + std::to_string(getpid());
+    o.mesh_enabled = false;
+    o.hwm = g_hwm;
+    o.slow_subscriber = evmesh::overflow_policy::block;
+    if (transport == "tcp") {
+        o.pub_endpoints = {"tcp://127.0.0.1:*"};
+        o.sub_endpoints = {"tcp://127.0.0.1:*"};
+    }
+    auto n = evmesh::node::create(o);
+    if (!n) {
+        std::exit(3);
+    }
+    const std::string payload(size, 'x');
+    const int count = g_count;
+    int got = 0;
+    clk::time_point t0, t1;
+    if (transport == "inproc") {
+        auto sub = (*n)->subscribe("bench.>", evmesh::subscription_options{.hwm = g_hwm});
+        auto pub = (*n)->make_publisher({.name = "p", .policy = evmesh::overflow_policy::block, .hwm = g_hwm});
+        warm([&] { (void)pub->publish("bench.warm", "w"); },
+             [&](int t) { return sub->receive_view(std::chrono::milliseconds(t)).has_value(); });
+        t0 = clk::now();
+        std::thread producer([&] {
+            for (int i = 0; i < count; ++i) {
+                (void)pub->publish("bench.data", payload);
+            }
+        });
+        while (got < count) {
+            auto v = sub->receive_view(5s);
+            if (!v) {
+                break;
+            }
+            ++got;
+        }
+        t1 = clk::now();
+        producer.join();
+    } else {
+        void* ctx = zmq_ctx_new();
+        void* pub = make_pub(ctx, (*n)->pub_endpoints().front().c_str());
+        void* sub = make_sub(ctx, (*n)->sub_endpoints().front().c_str(), "bench.");
+        zmq_msg_t a, b;
+        zmq_msg_init(&a);
+        zmq_msg_init(&b);
+        std::string body;
+        std::uint64_t seq = 0;
+        auto send_one = [&](const char* topic) {
+            body.clear();
+            evmesh::encode_event_body(evmesh::new_event_id(), "bench/client", evmesh::now_ns(), ++seq,
+                                      "application/octet-stream", {}, payload, body);
+            zmq_send(pub, topic, std::strlen(topic), ZMQ_SNDMORE);
+            zmq_send(pub, body.data(), body.size(), 0);
+        };
+        auto drain_subs = [&] {
+            zmq_msg_t m;
+            zmq_msg_init(&m);
+            while (zmq_msg_recv(&m, pub, ZMQ_DONTWAIT) >= 0) {
+            }
+            zmq_msg_close(&m);
+        };
+        auto recv_decoded = [&](int t) {
+            if (!recv_two(sub, a, b, t)) {
+                return false;
+            }
+            auto v = evmesh::decode_event(
+                {static_cast<const char*>(zmq_msg_data(&a)), zmq_msg_size(&a)},
+                {static_cast<const char*>(zmq_msg_data(&b)), zmq_msg_size(&b)});
+            return v.has_value();
+        };
+        warm([&] { send_one("bench.warm"); drain_subs(); }, recv_decoded);
+        t0 = clk::now();
+        std::thread producer([&] {
+            for (int i = 0; i < count; ++i) {
+                send_one("bench.data");
+                if ((i & 1023) == 0) {
+                    drain_subs();
+                }
+            }
+        });
+        while (got < count && recv_decoded(5000)) {
+            ++got;
+        }
+        t1 = clk::now();
+        producer.join();
+        zmq_msg_close(&a);
+        zmq_msg_close(&b);
+        set_int(pub, ZMQ_LINGER, 0);
+        set_int(sub, ZMQ_LINGER, 0);
+        zmq_close(pub);
+        zmq_close(sub);
+        zmq_ctx_term(ctx);
+    }
+    return {got / std::chrono::duration<double>(t1 - t0).count(), count - got};
+}
+
+// evmesh, two nodes: embedded publisher on A, embedded subscriber on B, mesh link over tcp.
+result_row evmesh_two_nodes(std::size_t size) {
+    const std::string mesh = "bench2-" + std::to_string(getpid()) + "-" + std::to_string(clk::now().time_since_epoch().count() % 100000);
+    auto opts = [&](const char* name) {
+        evmesh::node_options o;
+        o.name = name;
+        o.mesh = mesh;
+        o.hwm = g_hwm;
+        o.slow_subscriber = evmesh::overflow_policy::block;
+        o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+        return o;
+    };
+    auto a = evmesh::node::create(opts("A"));
+    auto b = evmesh::node::create(opts("B"));
+    if (!a || !b) {
+        std::exit(3);
+    }
+    auto sub = (*b)->subscribe("bench.>", evmesh::subscription_options{.hwm = g_hwm});
+    auto pub = (*a)->make_publisher({.name = "p", .policy = evmesh::overflow_policy::block, .hwm = g_hwm});
+    warm([&] { (void)pub->publish("bench.warm", "w"); },
+         [&](int t) { return sub->receive_view(std::chrono::milliseconds(t)).has_value(); });
+    const std::string payload(size, 'x');
+    const int count = g_count;
+    int got = 0;
+    const auto t0 = clk::now();
+    std::thread producer([&] {
+        for (int i = 0; i < count; ++i) {
+            (void)pub->publish("bench.data", payload);
+        }
+    });
+    while (got < count && sub->receive_view(5s)) {
+        ++got;
+    }
+    const auto t1 = clk::now();
+    producer.join();
+    return {got / std::chrono::duration<double>(t1 - t0).count(), count - got};
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+result_row best_of(const std::function<result_row()>& fn) {
+    std::vector<double> eps;
+    int lost = 0;
+    for (int r = 0; r < g_reps; ++r) {
+        auto row = fn();
+        eps.push_back(row.eps);
+        lost += row.lost;
+    }
+    return {median(eps), lost};
+}
+
+// Latency at a fixed moderate rate: publish `rate`/s for `seconds`, one-way latency from the
+// event's time (same host clock) to receipt.
+struct lat_row {
+    double p50, p99, p999;
+};
+
+lat_row percentiles(std::vector<double> us) {
+    std::sort(us.begin(), us.end());
+    auto at = [&](double q) { return us[std::min(us.size() - 1, static_cast<std::size_t>(q * static_cast<double>(us.size())))]; };
+    return {at(0.50), at(0.99), at(0.999)};
+}
+
+lat_row raw_latency(int hops, int rate, int total) {
+    void* ctx = zmq_ctx_new();
+    std::vector<std::unique_ptr<raw_proxy>> proxies;
+    std::vector<std::string> outs;
+    std::string first_in;
+    for (int h = 0; h < hops; ++h) {
+        proxies.push_back(std::make_unique<raw_proxy>(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "lat" + std::to_string(h) + std::to_string(rate)));
+        char buf[256];
+        size_t len = sizeof(buf);
+        zmq_getsockopt(proxies.back()->back, ZMQ_LAST_ENDPOINT, buf, &len);
+        outs.emplace_back(buf);
+        if (h == 0) {
+            len = sizeof(buf);
+            zmq_getsockopt(proxies.back()->front, ZMQ_LAST_ENDPOINT, buf, &len);
+            first_in = buf;
+        } else {
+            zmq_connect(proxies.back()->front, outs[static_cast<std::size_t>(h - 1)].c_str());
+        }
+    }
+    void* pub = make_pub(ctx, first_in.c_str());
+    void* sub = make_sub(ctx, outs.back().c_str(), "bench.");
+    zmq_msg_t a, b;
+    zmq_msg_init(&a);
+    zmq_msg_init(&b);
+    warm([&] { zmq_send(pub, "bench.warm", 10, ZMQ_SNDMORE); zmq_send(pub, "w", 1, 0); },
+         [&](int t) { return recv_two(sub, a, b, t); });
+    std::vector<double> us;
+    us.reserve(static_cast<std::size_t>(total));
+    std::thread producer([&] {
+        const auto period = std::chrono::nanoseconds(1'000'000'000 / rate);
+        auto next = clk::now();
+        char payload[64] = {};
+        for (int i = 0; i < total; ++i) {
+            next += period;
+            std::this_thread::sleep_until(next);
+            const auto t = evmesh::now_ns();
+            std::memcpy(payload, &t, sizeof(t));
+            zmq_send(pub, "bench.data", 10, ZMQ_SNDMORE);
+            zmq_send(pub, payload, sizeof(payload), 0);
+        }
+    });
+    while (static_cast<int>(us.size()) < total && recv_two(sub, a, b, 5000)) {
+        std::int64_t t = 0;
+        std::memcpy(&t, zmq_msg_data(&b), sizeof(t));
+        us.push_back(static_cast<double>(evmesh::now_ns() - t) / 1000.0);
+    }
+    producer.join();
+    zmq_msg_close(&a);
+    zmq_msg_close(&b);
+    set_int(pub, ZMQ_LINGER, 0);
+    set_int(sub, ZMQ_LINGER, 0);
+    zmq_close(pub);
+    zmq_close(sub);
+    proxies.clear();
+    zmq_ctx_term(ctx);
+    return percentiles(us);
+}
+
+lat_row evmesh_latency(bool two_nodes, int rate, int total) {
+    const std::string mesh = "lat-" + std::to_string(getpid()) + std::to_string(rate) + (two_nodes ? "2" : "1");
+    auto opts = [&](const char* name) {
+        evmesh::node_options o;
+        o.name = name;
+        o.mesh = mesh;
+        o.mesh_enabled = two_nodes;
+        o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+        o.pub_endpoints = {"tcp://127.0.0.1:*"};
+        o.sub_endpoints = {"tcp://127.0.0.1:*"};
+        return o;
+    };
+    auto a = evmesh::node::create(opts("A"));
+    auto b = two_nodes ? evmesh::node::create(opts("B")) : evmesh::result<std::unique_ptr<evmesh::node>>(nullptr);
+    if (!a || !b) {
+        std::exit(3);
+    }
+    evmesh::node& out_node = two_nodes ? **b : **a;
+    // sidecar clients over tcp at both ends, the way other processes use evmesh
+    void* ctx = zmq_ctx_new();
+    void* pub = make_pub(ctx, (*a)->pub_endpoints().front().c_str());
+    void* sub = make_sub(ctx, out_node.sub_endpoints().front().c_str(), "bench.");
+    zmq_msg_t m1, m2;
+    zmq_msg_init(&m1);
+    zmq_msg_init(&m2);
+    std::string body;
+    std::uint64_t seq = 0;
+    const std::string payload(64, 'x');
+    auto send_one = [&](const char* topic) {
+        body.clear();
+        evmesh::encode_event_body(evmesh::new_event_id(), "lat/client", evmesh::now_ns(), ++seq, "b", {}, payload, body);
+        zmq_send(pub, topic, std::strlen(topic), ZMQ_SNDMORE);
+        zmq_send(pub, body.data(), body.size(), 0);
+    };
+    warm([&] { send_one("bench.warm"); }, [&](int t) { return recv_two(sub, m1, m2, t); });
+    std::vector<double> us;
+    std::thread producer([&] {
+        const auto period = std::chrono::nanoseconds(1'000'000'000 / rate);
+        auto next = clk::now();
+        for (int i = 0; i < total; ++i) {
+            next += period;
+            std::this_thread::sleep_until(next);
+            send_one("bench.data");
+        }
+    });
+    while (static_cast<int>(us.size()) < total && recv_two(sub, m1, m2, 5000)) {
+        auto v = evmesh::decode_event({static_cast<const char*>(zmq_msg_data(&m1)), zmq_msg_size(&m1)},
+                                      {static_cast<const char*>(zmq_msg_data(&m2)), zmq_msg_size(&m2)});
+        if (v) {
+            us.push_back(static_cast<double>(evmesh::now_ns() - v->time_ns) / 1000.0);
+        }
+    }
+    producer.join();
+    zmq_msg_close(&m1);
+    zmq_msg_close(&m2);
+    set_int(pub, ZMQ_LINGER, 0);
+    set_int(sub, ZMQ_LINGER, 0);
+    zmq_close(pub);
+    zmq_close(sub);
+    zmq_ctx_term(ctx);
+    return percentiles(us);
+}
+
+// Time from creating node B to the first event from B's publisher reaching A's subscriber.
+void join_time(int tries) {
+    const std::string mesh = "join-" + std::to_string(getpid());
+    const auto port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+    evmesh::node_options oa;
+    oa.name = "A";
+    oa.mesh = mesh;
+    oa.discovery.port = port;
+    auto a = evmesh::node::create(oa);
+    auto sub = (*a)->subscribe("join.>");
+    std::vector<double> ms;
+    for (int i = 0; i < tries; ++i) {
+        evmesh::node_options ob = oa;
+        ob.name = "B" + std::to_string(i);
+        const auto t0 = clk::now();
+        auto b = evmesh::node::create(ob);
+        auto pub = (*b)->make_publisher();
+        while (true) {
+            (void)pub->publish("join.x", "hi");
+            if (sub->receive_view(0ms)) {
+                break;
+            }
+            std::this_thread::sleep_for(100us);
+            if (clk::now() - t0 > 5s) {
+                break;
+            }
+        }
+        ms.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
+        (*b)->stop();
+        while (sub->receive_view(20ms)) {
+        }
+    }
+    std::sort(ms.begin(), ms.end());
+    std::printf("\nJoin: node start -> first event delivered on another node (%d tries)\n", tries);
+    std::printf("  median %.1f ms   max %.1f ms   (target: median <= 20 ms, max <= 100 ms)\n",
+                ms[ms.size() / 2], ms.back());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    spdlog::set_level(spdlog::level::warn);
+    bool quick = false;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a == "--count" && i + 1 < argc) {
+            g_count = std::stoi(argv[++i]);
+        } else if (a == "--reps" && i + 1 < argc) {
+            g_reps = std::stoi(argv[++i]);
+        } else if (a == "--hwm" && i + 1 < argc) {
+            g_hwm = std::stoi(argv[++i]);
+        } else if (a == "--quick") {
+            quick = true;
+            g_count = 20000;
+            g_reps = 1;
+        } else {
+            std::fprintf(stderr, "usage: evmesh_bench [--count N] [--reps R] [--hwm H] [--quick]\n");
+            return 2;
+        }
+    }
+    std::printf("evmesh_bench: %d events per run, median of %d runs, hwm %d, libzmq %d.%d.%d, %u cores\n",
+                g_count, g_reps, g_hwm, ZMQ_VERSION_MAJOR, ZMQ_VERSION_MINOR, ZMQ_VERSION_PATCH,
+                std::thread::hardware_concurrency());
+    std::printf("\nThroughput, one node (raw = XPUB -> zmq_proxy -> SUB; evmesh = publish -> node -> subscriber,\n"
+                "full envelope encoded and decoded at the ends; both lossless)\n");
+    std::printf("%-8s %-7s %14s %14s %10s %10s %8s\n", "path", "payload", "raw ev/s", "evmesh ev/s",
+                "raw MB/s", "ev MB/s", "ratio");
+    int failures = 0;
+    for (std::string transport : {"inproc", "tcp"}) {
+        for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
+            auto raw = best_of([&] { return raw_run(transport, 1, size); });
+            auto ev = best_of([&] { return evmesh_one_node(transport, size); });
+            failures += raw.lost + ev.lost;
+            std::printf("%-8s %-7zu %14.0f %14.0f %10.1f %10.1f %7.2fx%s\n", transport.c_str(), size,
+                        raw.eps, ev.eps, raw.eps * static_cast<double>(size) / 1e6,
+                        ev.eps * static_cast<double>(size) / 1e6, ev.eps / raw.eps,
+                        (raw.lost + ev.lost) != 0 ? "  LOST EVENTS" : "");
+        }
+    }
+    std::printf("\nThroughput across two nodes (raw = XPUB -> zmq_proxy -tcp-> zmq_proxy -> SUB;\n"
+                "evmesh = publish on node A -> mesh link -> node B -> subscriber)\n");
+    std::printf("%-7s %14s %14s %8s\n", "payload", "raw ev/s", "evmesh ev/s", "ratio");
+    for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
+        auto raw = best_of([&] { return raw_run("inproc", 2, size); });
+        auto ev = best_of([&] { return evmesh_two_nodes(size); });
+        failures += raw.lost + ev.lost;
+        std::printf("%-7zu %14.0f %14.0f %7.2fx%s\n", size, raw.eps, ev.eps, ev.eps / raw.eps,
+                    (raw.lost + ev.lost) != 0 ? "  LOST EVENTS" : "");
+    }
+    const int rate = 10000;
+    const int total = quick ? 2000 : 20000;
+    std::printf("\nOne-way latency at %d events/s, 64-byte payload, tcp loopback clients (us)\n", rate);
+    std::printf("%-28s %8s %8s %8s\n", "path", "p50", "p99", "p99.9");
+    auto r1 = raw_latency(1, rate, total);
+    auto e1 = evmesh_latency(false, rate, total);
+    auto r2 = raw_latency(2, rate, total);
+    auto e2 = evmesh_latency(true, rate, total);
+    std::printf("%-28s %8.1f %8.1f %8.1f\n", "raw, one zmq_proxy", r1.p50, r1.p99, r1.p999);
+    std::printf("%-28s %8.1f %8.1f %8.1f\n", "evmesh, one node", e1.p50, e1.p99, e1.p999);
+    std::printf("%-28s %8.1f %8.1f %8.1f\n", "raw, two chained proxies", r2.p50, r2.p99, r2.p999);
+    std::printf("%-28s %8.1f %8.1f %8.1f\n", "evmesh, two nodes", e2.p50, e2.p99, e2.p999);
+    join_time(quick ? 5 : 20);
+    if (failures != 0) {
+        std::printf("\nFAILED: %d events lost in lossless runs\n", failures);
+        return 1;
+    }
+    return 0;
+}
