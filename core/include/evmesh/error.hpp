@@ -42,6 +42,14 @@ inline std::error_code make_error_code(errc e) noexcept {
     return {static_cast<int>(e), category()};
 }
 
+/// Detail of the last error set by `node::create` on this thread (for example which endpoint
+/// could not be bound and why). Empty when none. Thread-safety: thread-local.
+const std::string& last_error_message() noexcept;
+
+namespace detail {
+void set_last_error_message(std::string text);
+}  // namespace detail
+
 /// Result of a fallible call: a value or an error code.
 template <class T>
 using result = tl::expected<T, std::error_code>;

@@ -22,6 +22,7 @@
 namespace evmesh::detail {
 namespace {
 
+using evmesh::detail::set_last_error_message;
 using clock = std::chrono::steady_clock;
 
 bool more(void* s) {
@@ -90,12 +91,13 @@ int ms_until(clock::time_point t) {
 }  // namespace
 
 result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
+    set_last_error_message({});
     if (o.mesh.empty() || o.mesh.size() > 64 || o.hwm <= 0 || o.batch == 0
         || o.discovery.interval.count() <= 0 || o.discovery.missed_beacons == 0
         || o.heartbeat_interval.count() <= 0 || o.heartbeat_timeout.count() <= 0
         || o.linger.count() < 0) {
-        spdlog::error("evmesh: invalid node options (mesh name 1..64 chars, positive hwm, batch, "
-                      "intervals)");
+        set_last_error_message("invalid node options (mesh name 1..64 chars; positive hwm, batch, "
+                               "intervals)");
         return fail(errc::bad_option);
     }
     if (o.name.empty()) {
@@ -125,6 +127,7 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
     }
     n->wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (n->wake_fd_ < 0) {
+        set_last_error_message(std::string("eventfd: ") + std::strerror(errno));
         n->close_all();
         return fail(errc::io_error);
     }
@@ -139,7 +142,7 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
 result<void> node_impl::open_sockets() {
     auto bind = [&](void* s, const std::string& ep) -> result<std::string> {
         if (zmq_bind(s, ep.c_str()) != 0) {
-            spdlog::error("evmesh: cannot bind endpoint '{}': {}", ep, zmq_strerror(zmq_errno()));
+            set_last_error_message("cannot bind endpoint '" + ep + "': " + zmq_strerror(zmq_errno()));
             return fail(errc::bad_endpoint);
         }
         return last_endpoint(s);
@@ -225,7 +228,7 @@ result<void> node_impl::open_discovery() {
     for (const auto& s : d.seeds) {
         sockaddr_in a{};
         if (!parse_addr(s, a)) {
-            spdlog::error("evmesh: discovery seed '{}' is not ipv4:port", s);
+            set_last_error_message("discovery seed '" + s + "' is not ipv4:port");
             return fail(errc::bad_option);
         }
         unicast_targets_.push_back(s);
@@ -233,7 +236,8 @@ result<void> node_impl::open_discovery() {
     const bool host = d.scope == discovery_scope::host;
     sockaddr_in bcast{};
     if (!parse_addr((host ? std::string("127.255.255.255") : d.broadcast_address) + ":1", bcast)) {
-        spdlog::error("evmesh: discovery broadcast address '{}' is not ipv4", d.broadcast_address);
+        set_last_error_message("discovery broadcast address '" + d.broadcast_address
+                               + "' is not ipv4");
         return fail(errc::bad_option);
     }
     udp_bcast_ = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -248,7 +252,8 @@ result<void> node_impl::open_discovery() {
     any.sin_addr.s_addr = htonl(INADDR_ANY);
     any.sin_port = htons(d.port);
     if (::bind(udp_bcast_, reinterpret_cast<sockaddr*>(&any), sizeof(any)) != 0) {
-        spdlog::error("evmesh: cannot bind discovery port {}: {}", d.port, std::strerror(errno));
+        set_last_error_message("cannot bind discovery port " + std::to_string(d.port) + ": "
+                               + std::strerror(errno));
         return fail(errc::bad_endpoint);
     }
     setsockopt(udp_uni_, SOL_SOCKET, SO_BROADCAST, &one, sizeof(one));
@@ -259,7 +264,7 @@ result<void> node_impl::open_discovery() {
                                    : (d.interface_address.empty() ? "0.0.0.0" : d.interface_address);
     if (inet_pton(AF_INET, local.c_str(), &uni.sin_addr) != 1
         || ::bind(udp_uni_, reinterpret_cast<sockaddr*>(&uni), sizeof(uni)) != 0) {
-        spdlog::error("evmesh: cannot bind discovery socket to '{}'", local);
+        set_last_error_message("cannot bind discovery socket to '" + local + "'");
         return fail(errc::bad_endpoint);
     }
     socklen_t len = sizeof(uni);

@@ -34,6 +34,18 @@ public:
 
 }  // namespace
 
+namespace {
+thread_local std::string last_error;
+}  // namespace
+
+const std::string& last_error_message() noexcept {
+    return last_error;
+}
+
+void detail::set_last_error_message(std::string text) {
+    last_error = std::move(text);
+}
+
 const std::error_category& category() noexcept {
     static const category_impl instance;
     return instance;

@@ -1,0 +1,21 @@
+# Every dependency, found once for the whole tree (Debian 12 packages; see scripts/deps.sh).
+find_package(PkgConfig REQUIRED)
+find_package(Threads REQUIRED)
+find_package(cppzmq REQUIRED)                       # cppzmq-dev (+ libzmq3-dev)
+find_package(msgpack CONFIG QUIET)                  # libmsgpack-cxx-dev
+find_package(msgpack-cxx CONFIG QUIET)
+find_package(spdlog REQUIRED)                       # libspdlog-dev
+find_package(tl-expected REQUIRED)                  # libexpected-dev
+find_package(CLI11 CONFIG REQUIRED)                 # libcli11-dev
+find_package(nlohmann_json REQUIRED)                # nlohmann-json3-dev
+pkg_check_modules(tomlplusplus REQUIRED IMPORTED_TARGET tomlplusplus)  # libtomlplusplus-dev
+pkg_check_modules(httplib REQUIRED IMPORTED_TARGET cpp-httplib)        # libcpp-httplib-dev
+
+# Debian 12 ships msgpack-cxx 4.1.3 exporting `msgpackc-cxx`; upstream >= 6 calls it `msgpack-cxx`.
+if(TARGET msgpack-cxx)
+    set(evmesh_msgpack msgpack-cxx)
+elseif(TARGET msgpackc-cxx)
+    set(evmesh_msgpack msgpackc-cxx)
+else()
+    message(FATAL_ERROR "msgpack-cxx not found (apt-get install libmsgpack-cxx-dev)")
+endif()

@@ -1,0 +1,261 @@
+#include "config.hpp"
+
+#include <set>
+
+#include <toml++/toml.h>
+
+namespace evmesh::app {
+namespace {
+
+// Reads typed values out of one TOML table and reports unknown keys, naming them in full.
+class table_reader {
+public:
+    table_reader(const toml::table& t, std::string prefix, std::string& error)
+        : t_(t), prefix_(std::move(prefix)), error_(error) {}
+
+    bool ok() const { return error_.empty(); }
+
+    std::string key_name(std::string_view k) const {
+        return prefix_.empty() ? std::string(k) : prefix_ + "." + std::string(k);
+    }
+
+    void fail_at(const toml::node& n, std::string_view key, const std::string& what) {
+        if (!error_.empty()) {
+            return;
+        }
+        const auto& src = n.source();
+        error_ = "line " + std::to_string(src.begin.line) + ": key '" + key_name(key) + "' " + what;
+    }
+
+    void str(std::string_view key, std::string& out) {
+        seen_.insert(std::string(key));
+        if (const auto* n = t_.get(key)) {
+            if (auto v = n->value<std::string>(); v && n->is_string()) {
+                out = *v;
+            } else {
+                fail_at(*n, key, "must be a string");
+            }
+        }
+    }
+
+    template <class Int>
+    void integer(std::string_view key, Int& out, std::int64_t lo, std::int64_t hi) {
+        seen_.insert(std::string(key));
+        if (const auto* n = t_.get(key)) {
+            if (!n->is_integer()) {
+                fail_at(*n, key, "must be an integer");
+                return;
+            }
+            const auto v = *n->value<std::int64_t>();
+            if (v < lo || v > hi) {
+                fail_at(*n, key, "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
+                return;
+            }
+            out = static_cast<Int>(v);
+        }
+    }
+
+    void ms(std::string_view key, std::chrono::milliseconds& out, std::int64_t lo, std::int64_t hi) {
+        std::int64_t v = out.count();
+        integer(key, v, lo, hi);
+        out = std::chrono::milliseconds(v);
+    }
+
+    void boolean(std::string_view key, bool& out) {
+        seen_.insert(std::string(key));
+        if (const auto* n = t_.get(key)) {
+            if (!n->is_boolean()) {
+                fail_at(*n, key, "must be true or false");
+                return;
+            }
+            out = *n->value<bool>();
+        }
+    }
+
+    void strings(std::string_view key, std::vector<std::string>& out) {
+        seen_.insert(std::string(key));
+        if (const auto* n = t_.get(key)) {
+            const auto* arr = n->as_array();
+            if (arr == nullptr) {
+                fail_at(*n, key, "must be an array of strings");
+                return;
+            }
+            out.clear();
+            for (const auto& e : *arr) {
+                if (!e.is_string()) {
+                    fail_at(e, key, "must be an array of strings");
+                    return;
+                }
+                out.push_back(*e.value<std::string>());
+            }
+        }
+    }
+
+    const toml::table* table(std::string_view key) {
+        seen_.insert(std::string(key));
+        if (const auto* n = t_.get(key)) {
+            if (const auto* t = n->as_table()) {
+                return t;
+            }
+            fail_at(*n, key, "must be a table ([" + key_name(key) + "])");
+        }
+        return nullptr;
+    }
+
+    void check_unknown() {
+        for (const auto& [k, v] : t_) {
+            if (seen_.count(std::string(k.str())) == 0) {
+                fail_at(v, k.str(), "is unknown");
+                return;
+            }
+        }
+    }
+
+private:
+    const toml::table& t_;
+    std::string prefix_;
+    std::string& error_;
+    std::set<std::string> seen_;
+};
+
+}  // namespace
+
+app_config default_config() {
+    app_config c;
+    c.node.pub_endpoints = {"tcp://127.0.0.1:7450"};
+    c.node.sub_endpoints = {"tcp://127.0.0.1:7451"};
+    return c;
+}
+
+bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
+    toml::table root;
+    try {
+        root = toml::parse_file(path);
+    } catch (const toml::parse_error& e) {
+        error = path + ": line " + std::to_string(e.source().begin.line) + ": "
+                + std::string(e.description());
+        return false;
+    }
+    auto& n = cfg.node;
+    table_reader top(root, "", error);
+    top.str("name", n.name);
+    top.str("mesh", n.mesh);
+    if (const auto* t = top.table("endpoints")) {
+        table_reader r(*t, "endpoints", error);
+        r.strings("pub", n.pub_endpoints);
+        r.strings("sub", n.sub_endpoints);
+        r.check_unknown();
+    }
+    if (const auto* t = top.table("mesh_link")) {
+        table_reader r(*t, "mesh_link", error);
+        r.boolean("enabled", n.mesh_enabled);
+        r.str("bind", n.mesh_bind_address);
+        r.integer("port", n.mesh_port, 0, 65535);
+        r.str("advertise", n.mesh_advertise_address);
+        r.ms("heartbeat_interval_ms", n.heartbeat_interval, 10, 60000);
+        r.ms("heartbeat_timeout_ms", n.heartbeat_timeout, 10, 600000);
+        r.check_unknown();
+    }
+    if (const auto* t = top.table("discovery")) {
+        auto& d = n.discovery;
+        table_reader r(*t, "discovery", error);
+        r.boolean("enabled", d.enabled);
+        std::string scope = d.scope == discovery_scope::host ? "host" : "lan";
+        r.str("scope", scope);
+        if (scope == "host") {
+            d.scope = discovery_scope::host;
+        } else if (scope == "lan") {
+            d.scope = discovery_scope::lan;
+        } else if (error.empty()) {
+            error = "key 'discovery.scope' must be \"host\" or \"lan\" (got \"" + scope + "\")";
+        }
+        r.integer("port", d.port, 1, 65535);
+        r.ms("interval_ms", d.interval, 10, 60000);
+        r.integer("missed_beacons", d.missed_beacons, 1, 1000);
+        r.str("broadcast_address", d.broadcast_address);
+        r.str("interface_address", d.interface_address);
+        r.strings("seeds", d.seeds);
+        r.boolean("broadcast", d.broadcast);
+        r.check_unknown();
+    }
+    if (const auto* t = top.table("flow")) {
+        table_reader r(*t, "flow", error);
+        r.integer("hwm", n.hwm, 1, 10'000'000);
+        std::string policy = n.slow_subscriber == overflow_policy::drop ? "drop" : "block";
+        r.str("slow_subscriber", policy);
+        if (policy == "drop") {
+            n.slow_subscriber = overflow_policy::drop;
+        } else if (policy == "block") {
+            n.slow_subscriber = overflow_policy::block;
+        } else if (error.empty()) {
+            error = "key 'flow.slow_subscriber' must be \"drop\" or \"block\" (got \"" + policy + "\")";
+        }
+        r.integer("max_event_bytes", n.max_event_bytes, 64, 256 * 1024 * 1024);
+        r.ms("linger_ms", n.linger, 0, 60000);
+        r.check_unknown();
+    }
+    if (const auto* t = top.table("log")) {
+        table_reader r(*t, "log", error);
+        r.str("level", cfg.log_level);
+        r.str("format", cfg.log_format);
+        r.check_unknown();
+    }
+    if (const auto* t = top.table("run")) {
+        table_reader r(*t, "run", error);
+        r.str("pid_file", cfg.pid_file);
+        r.str("ready_file", cfg.ready_file);
+        r.str("http", cfg.http_address);
+        r.integer("drain_ms", cfg.drain_ms, 0, 600000);
+        r.check_unknown();
+    }
+    top.check_unknown();
+    if (!error.empty()) {
+        error = path + ": " + error;
+        return false;
+    }
+    return true;
+}
+
+bool validate(const app_config& cfg, std::string& error) {
+    auto endpoint_ok = [&](const std::string& ep, const char* key) {
+        if (ep.rfind("tcp://", 0) != 0 && ep.rfind("ipc://", 0) != 0) {
+            error = "endpoint '" + ep + "' (" + key + ") must start with tcp:// or ipc://";
+            return false;
+        }
+        if (ep.rfind("tcp://", 0) == 0 && ep.rfind(':') <= 5) {
+            error = "endpoint '" + ep + "' (" + key + ") needs host:port (port may be *)";
+            return false;
+        }
+        return true;
+    };
+    for (const auto& ep : cfg.node.pub_endpoints) {
+        if (!endpoint_ok(ep, "endpoints.pub")) {
+            return false;
+        }
+    }
+    for (const auto& ep : cfg.node.sub_endpoints) {
+        if (!endpoint_ok(ep, "endpoints.sub")) {
+            return false;
+        }
+    }
+    static const std::set<std::string> levels = {"trace", "debug", "info", "warn", "error", "off"};
+    if (levels.count(cfg.log_level) == 0) {
+        error = "key 'log.level' must be one of trace, debug, info, warn, error, off";
+        return false;
+    }
+    if (cfg.log_format != "text" && cfg.log_format != "json") {
+        error = "key 'log.format' must be \"text\" or \"json\"";
+        return false;
+    }
+    if (cfg.node.mesh.empty() || cfg.node.mesh.size() > 64) {
+        error = "key 'mesh' must be 1 to 64 characters";
+        return false;
+    }
+    if (!cfg.http_address.empty() && cfg.http_address.rfind(':') == std::string::npos) {
+        error = "key 'run.http' must be host:port";
+        return false;
+    }
+    return true;
+}
+
+}  // namespace evmesh::app

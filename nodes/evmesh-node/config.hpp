@@ -1,0 +1,31 @@
+// evmesh-node configuration: a TOML file (docs/CONFIG.md) overridden by command-line flags.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <evmesh/error.hpp>
+#include <evmesh/options.hpp>
+
+namespace evmesh::app {
+
+struct app_config {
+    node_options node;
+    std::string log_level = "info";   // trace, debug, info, warn, error, off
+    std::string log_format = "text";  // text or json
+    std::string pid_file;
+    std::string ready_file;
+    std::string http_address;  // "127.0.0.1:9464": /healthz, /metrics, /peers; empty = off
+    int drain_ms = 2000;       // bound on a graceful stop (SIGTERM/SIGINT)
+};
+
+// Defaults of the daemon (they differ from the library's: client endpoints on loopback tcp).
+app_config default_config();
+
+// Loads `path` over `cfg`. Errors carry one message naming the file, line and key.
+bool load_toml(const std::string& path, app_config& cfg, std::string& error);
+
+// Checks values that the TOML and flag parsers cannot (endpoint syntax, enums, ranges).
+bool validate(const app_config& cfg, std::string& error);
+
+}  // namespace evmesh::app

@@ -1,0 +1,114 @@
+// evmesh-node: the sidecar daemon. Parses flags and the config file, then runs node_app.
+#include <signal.h>
+
+#include <cstdio>
+
+#include <CLI/CLI.hpp>
+
+#include "config.hpp"
+#include "node_app.hpp"
+
+int main(int argc, char** argv) {
+    using namespace evmesh;
+    app::app_config cfg = app::default_config();
+
+    CLI::App cli{"evmesh-node: a brokerless event mesh node (sidecar). Clients publish to the pub "
+                 "endpoints and subscribe on the sub endpoints with plain ZeroMQ + msgpack "
+                 "(docs/PROTOCOL.md). Flags override the config file (docs/CONFIG.md)."};
+    cli.set_version_flag("--version", "evmesh-node 0.1.0");
+    std::string config_file, check_file;
+    cli.add_option("-c,--config", config_file, "TOML config file")->check(CLI::ExistingFile);
+    cli.add_option("--check-config", check_file, "validate a config file and exit (0 = valid)")
+        ->check(CLI::ExistingFile);
+
+    std::string name, mesh, mesh_bind, advertise, scope, bcast, iface, level, format, pid_file,
+        ready_file, http, policy;
+    std::vector<std::string> pubs, subs, seeds;
+    int mesh_port = 0, beacon_port = 0, interval = 0, missed = 0, hwm = 0, drain = 0;
+    bool no_broadcast = false, no_discovery = false, no_mesh = false;
+    auto* o_name = cli.add_option("--name", name, "node name (default <hostname>-<pid>)");
+    auto* o_mesh = cli.add_option("--mesh", mesh, "mesh name; nodes join peers of the same mesh only [evmesh]");
+    auto* o_pub = cli.add_option("--pub-endpoint", pubs, "where client publishers connect; repeatable [tcp://127.0.0.1:7450]");
+    auto* o_sub = cli.add_option("--sub-endpoint", subs, "where client subscribers connect; repeatable [tcp://127.0.0.1:7451]");
+    auto* o_mport = cli.add_option("--mesh-port", mesh_port, "tcp port of the mesh link, 0 = any free port [0]")->check(CLI::Range(0, 65535));
+    auto* o_mbind = cli.add_option("--mesh-bind", mesh_bind, "address the mesh link binds to [127.0.0.1]");
+    auto* o_adv = cli.add_option("--advertise", advertise, "address peers should connect to (default: beacon source)");
+    auto* o_nomesh = cli.add_flag("--no-mesh", no_mesh, "local node only: no mesh link, no discovery");
+    auto* o_bport = cli.add_option("--beacon-port", beacon_port, "UDP discovery port [19470]")->check(CLI::Range(1, 65535));
+    auto* o_ivl = cli.add_option("--beacon-interval-ms", interval, "beacon interval [200]")->check(CLI::Range(10, 60000));
+    auto* o_missed = cli.add_option("--missed-beacons", missed, "silent intervals before a peer expires [5]")->check(CLI::Range(1, 1000));
+    auto* o_scope = cli.add_option("--scope", scope, "discovery scope: host (this host only) or lan [host]")->check(CLI::IsMember({"host", "lan"}));
+    auto* o_bcast = cli.add_option("--broadcast-address", bcast, "scope lan: broadcast address to send beacons to");
+    auto* o_iface = cli.add_option("--interface-address", iface, "scope lan: local address beacons are sent from");
+    auto* o_seed = cli.add_option("--seed", seeds, "ip:port of a peer's beacon socket, contacted by unicast; repeatable");
+    auto* o_nobc = cli.add_flag("--no-broadcast", no_broadcast, "seeds and gossip only, no broadcast");
+    auto* o_nodisc = cli.add_flag("--no-discovery", no_discovery, "disable discovery");
+    auto* o_hwm = cli.add_option("--hwm", hwm, "per-connection high-water mark in events [10000]")->check(CLI::Range(1, 10000000));
+    auto* o_policy = cli.add_option("--slow-subscriber", policy, "drop (receivers count gaps) or block (backpressure) [drop]")->check(CLI::IsMember({"drop", "block"}));
+    auto* o_level = cli.add_option("--log-level", level, "trace, debug, info, warn, error, off [info]");
+    auto* o_format = cli.add_option("--log-format", format, "text or json [text]");
+    auto* o_pid = cli.add_option("--pid-file", pid_file, "write the pid here; removed at exit");
+    auto* o_ready = cli.add_option("--ready-file", ready_file, "write the READY JSON here once all endpoints are bound");
+    auto* o_http = cli.add_option("--http", http, "serve /healthz, /metrics, /peers on host:port (port 0 = any)");
+    auto* o_drain = cli.add_option("--drain-ms", drain, "bound on a graceful stop [2000]")->check(CLI::Range(0, 600000));
+    CLI11_PARSE(cli, argc, argv);
+
+    std::string error;
+    if (!check_file.empty()) {
+        if (!app::load_toml(check_file, cfg, error) || !app::validate(cfg, error)) {
+            std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
+            return 2;
+        }
+        std::printf("%s: valid\n", check_file.c_str());
+        return 0;
+    }
+    if (!config_file.empty() && !app::load_toml(config_file, cfg, error)) {
+        std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
+        return 2;
+    }
+    auto& n = cfg.node;
+    if (*o_name) n.name = name;
+    if (*o_mesh) n.mesh = mesh;
+    if (*o_pub) n.pub_endpoints = pubs;
+    if (*o_sub) n.sub_endpoints = subs;
+    if (*o_mport) n.mesh_port = static_cast<std::uint16_t>(mesh_port);
+    if (*o_mbind) n.mesh_bind_address = mesh_bind;
+    if (*o_adv) n.mesh_advertise_address = advertise;
+    if (*o_nomesh) n.mesh_enabled = false;
+    if (*o_bport) n.discovery.port = static_cast<std::uint16_t>(beacon_port);
+    if (*o_ivl) n.discovery.interval = std::chrono::milliseconds(interval);
+    if (*o_missed) n.discovery.missed_beacons = static_cast<std::uint32_t>(missed);
+    if (*o_scope) n.discovery.scope = scope == "lan" ? discovery_scope::lan : discovery_scope::host;
+    if (*o_bcast) n.discovery.broadcast_address = bcast;
+    if (*o_iface) n.discovery.interface_address = iface;
+    if (*o_seed) n.discovery.seeds = seeds;
+    if (*o_nobc) n.discovery.broadcast = false;
+    if (*o_nodisc) n.discovery.enabled = false;
+    if (*o_hwm) n.hwm = hwm;
+    if (*o_policy) n.slow_subscriber = policy == "block" ? overflow_policy::block : overflow_policy::drop;
+    if (*o_level) cfg.log_level = level;
+    if (*o_format) cfg.log_format = format;
+    if (*o_pid) cfg.pid_file = pid_file;
+    if (*o_ready) cfg.ready_file = ready_file;
+    if (*o_http) cfg.http_address = http;
+    if (*o_drain) cfg.drain_ms = drain;
+    if (!app::validate(cfg, error)) {
+        std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
+        return 2;
+    }
+    app::setup_logging(cfg.log_level, cfg.log_format);
+
+    // Every thread the node starts inherits this mask, so only sigwait() sees the signals.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    signal(SIGPIPE, SIG_IGN);
+
+    app::node_app node_app(cfg);
+    if (int rc = node_app.start(); rc != 0) {
+        return rc;
+    }
+    return node_app.run_until_signal();
+}

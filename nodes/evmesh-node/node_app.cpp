@@ -1,0 +1,262 @@
+#include "node_app.hpp"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <future>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/pattern_formatter.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+namespace evmesh::app {
+namespace {
+
+// %j: the log message escaped as a JSON string body.
+class json_message_flag final : public spdlog::custom_flag_formatter {
+public:
+    void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
+        const auto s = nlohmann::json(std::string(msg.payload.data(), msg.payload.size())).dump();
+        dest.append(s.data() + 1, s.data() + s.size() - 1);
+    }
+
+    std::unique_ptr<custom_flag_formatter> clone() const override {
+        return std::make_unique<json_message_flag>();
+    }
+};
+
+void write_file_atomically(const std::string& path, const std::string& text) {
+    const auto tmp = path + ".tmp";
+    {
+        std::ofstream f(tmp, std::ios::trunc);
+        f << text;
+    }
+    std::rename(tmp.c_str(), path.c_str());
+}
+
+void metric(std::string& out, const char* name, const char* type, const char* help) {
+    out += "# HELP ";
+    out += name;
+    out += ' ';
+    out += help;
+    out += "\n# TYPE ";
+    out += name;
+    out += ' ';
+    out += type;
+    out += '\n';
+}
+
+void sample(std::string& out, const std::string& name_and_labels, double v) {
+    out += name_and_labels;
+    out += ' ';
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%.17g", v);
+    out += buf;
+    out += '\n';
+}
+
+}  // namespace
+
+void setup_logging(const std::string& level, const std::string& format) {
+    auto logger = std::make_shared<spdlog::logger>(
+        "evmesh", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+    if (format == "json") {
+        auto f = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
+        f->add_flag<json_message_flag>('j').set_pattern(
+            R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","pid":%P,"msg":"%j"})");
+        logger->set_formatter(std::move(f));
+    } else {
+        logger->set_pattern("%Y-%m-%d %H:%M:%S.%e %^%-5l%$ %v");
+    }
+    logger->set_level(spdlog::level::from_str(level));
+    logger->flush_on(spdlog::level::info);
+    spdlog::set_default_logger(logger);
+}
+
+std::string render_metrics(const node& n, double uptime_seconds) {
+    const auto c = n.counters();
+    std::string out;
+    const std::string id = "node=\"" + n.name() + "\"";
+    metric(out, "evmesh_up", "gauge", "1 while the node runs.");
+    sample(out, "evmesh_up{" + id + "}", n.running() ? 1 : 0);
+    metric(out, "evmesh_uptime_seconds", "gauge", "Seconds since the node started.");
+    sample(out, "evmesh_uptime_seconds{" + id + "}", uptime_seconds);
+    metric(out, "evmesh_events_in_total", "counter", "Events received, by input.");
+    sample(out, "evmesh_events_in_total{" + id + ",input=\"local\"}", static_cast<double>(c.local_in_events));
+    sample(out, "evmesh_events_in_total{" + id + ",input=\"client\"}", static_cast<double>(c.client_in_events));
+    sample(out, "evmesh_events_in_total{" + id + ",input=\"mesh\"}", static_cast<double>(c.mesh_in_events));
+    metric(out, "evmesh_bytes_in_total", "counter", "Event body bytes received, by input.");
+    sample(out, "evmesh_bytes_in_total{" + id + ",input=\"local\"}", static_cast<double>(c.local_in_bytes));
+    sample(out, "evmesh_bytes_in_total{" + id + ",input=\"client\"}", static_cast<double>(c.client_in_bytes));
+    sample(out, "evmesh_bytes_in_total{" + id + ",input=\"mesh\"}", static_cast<double>(c.mesh_in_bytes));
+    metric(out, "evmesh_events_out_total", "counter", "Events handed to an output socket.");
+    sample(out, "evmesh_events_out_total{" + id + ",output=\"local\"}", static_cast<double>(c.local_out_events));
+    sample(out, "evmesh_events_out_total{" + id + ",output=\"mesh\"}", static_cast<double>(c.mesh_out_events));
+    metric(out, "evmesh_client_events_rejected_total", "counter", "Malformed client events dropped.");
+    sample(out, "evmesh_client_events_rejected_total{" + id + "}", static_cast<double>(c.client_rejected));
+    metric(out, "evmesh_client_events_completed_total", "counter", "Minimal client events completed by the node.");
+    sample(out, "evmesh_client_events_completed_total{" + id + "}", static_cast<double>(c.client_completed));
+    metric(out, "evmesh_blocked_total", "counter", "Times a full receiver held an event (block policy).");
+    sample(out, "evmesh_blocked_total{" + id + "}", static_cast<double>(c.local_out_blocked));
+    metric(out, "evmesh_beacons_total", "counter", "Discovery datagrams, by outcome.");
+    sample(out, "evmesh_beacons_total{" + id + ",outcome=\"sent\"}", static_cast<double>(c.beacons_sent));
+    sample(out, "evmesh_beacons_total{" + id + ",outcome=\"received\"}", static_cast<double>(c.beacons_received));
+    sample(out, "evmesh_beacons_total{" + id + ",outcome=\"rejected\"}", static_cast<double>(c.beacons_rejected));
+    sample(out, "evmesh_beacons_total{" + id + ",outcome=\"foreign_mesh\"}", static_cast<double>(c.beacons_foreign));
+    metric(out, "evmesh_peer_changes_total", "counter", "Peer table changes, by kind.");
+    sample(out, "evmesh_peer_changes_total{" + id + ",kind=\"joined\"}", static_cast<double>(c.peers_joined));
+    sample(out, "evmesh_peer_changes_total{" + id + ",kind=\"left\"}", static_cast<double>(c.peers_left));
+    sample(out, "evmesh_peer_changes_total{" + id + ",kind=\"expired\"}", static_cast<double>(c.peers_expired));
+    sample(out, "evmesh_peer_changes_total{" + id + ",kind=\"link_lost\"}", static_cast<double>(c.peers_link_lost));
+    metric(out, "evmesh_peers", "gauge", "Peers currently known.");
+    sample(out, "evmesh_peers{" + id + "}", static_cast<double>(c.peers));
+    metric(out, "evmesh_subscriptions", "gauge", "Distinct subscribed topic prefixes, by origin.");
+    sample(out, "evmesh_subscriptions{" + id + ",origin=\"local\"}", static_cast<double>(c.subscriptions_local));
+    sample(out, "evmesh_subscriptions{" + id + ",origin=\"mesh\"}", static_cast<double>(c.subscriptions_mesh));
+    return out;
+}
+
+std::string render_peers(const node& n) {
+    auto arr = nlohmann::json::array();
+    for (const auto& p : n.peers()) {
+        arr.push_back({{"id", p.id},
+                       {"name", p.name},
+                       {"endpoint", p.endpoint},
+                       {"beacon_address", p.beacon_address},
+                       {"incarnation", p.incarnation},
+                       {"state", to_string(p.state)},
+                       {"last_seen_ms",
+                        std::chrono::duration_cast<std::chrono::milliseconds>(
+                            p.last_seen.time_since_epoch())
+                            .count()}});
+    }
+    return arr.dump();
+}
+
+struct node_app::http {
+    httplib::Server server;
+    std::thread thread;
+    int port = 0;
+};
+
+node_app::node_app(app_config cfg) : cfg_(std::move(cfg)) {}
+
+node_app::~node_app() {
+    stop();
+}
+
+int node_app::start() {
+    started_ = std::chrono::steady_clock::now();
+    if (cfg_.node.discovery.enabled && cfg_.node.discovery.scope == discovery_scope::lan) {
+        spdlog::warn("discovery scope is 'lan': beacons go to {} on port {}",
+                     cfg_.node.discovery.broadcast_address, cfg_.node.discovery.port);
+    }
+    cfg_.node.linger = std::min(cfg_.node.linger, std::chrono::milliseconds(cfg_.drain_ms));
+    auto n = node::create(cfg_.node);
+    if (!n) {
+        const auto& detail = last_error_message();
+        std::fprintf(stderr, "evmesh-node: cannot start: %s\n",
+                     detail.empty() ? n.error().message().c_str() : detail.c_str());
+        return 3;
+    }
+    node_ = std::move(*n);
+    if (!cfg_.http_address.empty()) {
+        http_ = std::make_unique<http>();
+        const auto colon = cfg_.http_address.rfind(':');
+        const auto host = cfg_.http_address.substr(0, colon);
+        const int port = std::stoi(cfg_.http_address.substr(colon + 1));
+        auto* nd = node_.get();
+        auto started = started_;
+        http_->server.Get("/healthz", [nd](const httplib::Request&, httplib::Response& res) {
+            const bool up = nd->running();
+            res.status = up ? 200 : 503;
+            res.set_content(up ? "ok\n" : "stopping\n", "text/plain");
+        });
+        http_->server.Get("/metrics", [nd, started](const httplib::Request&, httplib::Response& res) {
+            const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+            res.set_content(render_metrics(*nd, up), "text/plain; version=0.0.4");
+        });
+        http_->server.Get("/peers", [nd](const httplib::Request&, httplib::Response& res) {
+            res.set_content(render_peers(*nd), "application/json");
+        });
+        http_->port = port == 0 ? http_->server.bind_to_any_port(host) : (http_->server.bind_to_port(host, port) ? port : -1);
+        if (http_->port <= 0) {
+            std::fprintf(stderr, "evmesh-node: cannot start: cannot bind http endpoint '%s'\n",
+                         cfg_.http_address.c_str());
+            node_->stop();
+            return 3;
+        }
+        http_->thread = std::thread([h = http_.get()] { h->server.listen_after_bind(); });
+    }
+    if (!cfg_.pid_file.empty()) {
+        write_file_atomically(cfg_.pid_file, std::to_string(getpid()) + "\n");
+    }
+    nlohmann::json ready = {{"name", node_->name()},
+                            {"id", node_->id()},
+                            {"mesh", cfg_.node.mesh},
+                            {"pid", getpid()},
+                            {"pub", node_->pub_endpoints()},
+                            {"sub", node_->sub_endpoints()},
+                            {"mesh_endpoint", node_->mesh_endpoint()},
+                            {"http", http_ ? "127.0.0.1:" + std::to_string(http_->port) : ""}};
+    if (http_) {
+        const auto colon = cfg_.http_address.rfind(':');
+        ready["http"] = cfg_.http_address.substr(0, colon) + ":" + std::to_string(http_->port);
+    }
+    if (!cfg_.ready_file.empty()) {
+        write_file_atomically(cfg_.ready_file, ready.dump() + "\n");
+    }
+    std::printf("READY %s\n", ready.dump().c_str());
+    std::fflush(stdout);
+    spdlog::info("evmesh-node '{}' ready: pub {} sub {} mesh {}", node_->name(),
+                 nlohmann::json(node_->pub_endpoints()).dump(),
+                 nlohmann::json(node_->sub_endpoints()).dump(), node_->mesh_endpoint());
+    return 0;
+}
+
+void node_app::stop() {
+    if (http_) {
+        http_->server.stop();
+        if (http_->thread.joinable()) {
+            http_->thread.join();
+        }
+        http_.reset();
+    }
+    if (node_) {
+        node_->stop();
+    }
+    if (!cfg_.pid_file.empty()) {
+        ::unlink(cfg_.pid_file.c_str());
+    }
+    if (!cfg_.ready_file.empty()) {
+        ::unlink(cfg_.ready_file.c_str());
+    }
+}
+
+int node_app::run_until_signal() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    int sig = 0;
+    sigwait(&set, &sig);
+    spdlog::info("evmesh-node: {} received, stopping (drain up to {} ms; signal again to exit now)",
+                 sig == SIGINT ? "SIGINT" : "SIGTERM", cfg_.drain_ms);
+    auto done = std::async(std::launch::async, [this] { stop(); });
+    while (done.wait_for(std::chrono::milliseconds(0)) != std::future_status::ready) {
+        timespec ts{0, 20'000'000};
+        siginfo_t info;
+        if (sigtimedwait(&set, &info, &ts) > 0) {
+            std::fprintf(stderr, "evmesh-node: second signal, exiting now\n");
+            std::_Exit(130);
+        }
+    }
+    spdlog::info("evmesh-node: stopped cleanly");
+    return 0;
+}
+
+}  // namespace evmesh::app
