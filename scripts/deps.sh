@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages evmesh needs to build, test and run its demo (only those
+# missing). Run as root (or with sudo available).
+set -euo pipefail
+packages=(
+  # toolchain
+  build-essential cmake ninja-build pkg-config git
+  # libraries (all found by find_package/pkg-config in cmake/evmesh_deps.cmake)
+  libzmq3-dev cppzmq-dev libmsgpack-cxx-dev libspdlog-dev libexpected-dev libcli11-dev
+  libtomlplusplus-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev zlib1g-dev libbrotli-dev
+  libgtest-dev libgmock-dev
+  # fuzzing (libFuzzer ships in clang's runtime package)
+  clang libclang-rt-14-dev
+  # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)
+  python3 python3-zmq python3-msgpack curl iproute2 procps
+)
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]} == 0)); then
+  echo "deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+echo "deps: installing ${missing[*]}"
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
