@@ -166,8 +166,8 @@ bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
             d.scope = discovery_scope::host;
         } else if (scope == "lan") {
             d.scope = discovery_scope::lan;
-        } else if (error.empty()) {
-            error = "key 'discovery.scope' must be \"host\" or \"lan\" (got \"" + scope + "\")";
+        } else {
+            r.fail_at(*t->get("scope"), "scope", "must be \"host\" or \"lan\" (got \"" + scope + "\")");
         }
         r.integer("port", d.port, 1, 65535);
         r.ms("interval_ms", d.interval, 10, 60000);
@@ -187,8 +187,9 @@ bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
             n.slow_subscriber = overflow_policy::drop;
         } else if (policy == "block") {
             n.slow_subscriber = overflow_policy::block;
-        } else if (error.empty()) {
-            error = "key 'flow.slow_subscriber' must be \"drop\" or \"block\" (got \"" + policy + "\")";
+        } else {
+            r.fail_at(*t->get("slow_subscriber"), "slow_subscriber",
+                      "must be \"drop\" or \"block\" (got \"" + policy + "\")");
         }
         r.integer("max_event_bytes", n.max_event_bytes, 64, 256 * 1024 * 1024);
         r.ms("linger_ms", n.linger, 0, 60000);
@@ -251,8 +252,21 @@ bool validate(const app_config& cfg, std::string& error) {
         error = "key 'mesh' must be 1 to 64 characters";
         return false;
     }
-    if (!cfg.http_address.empty() && cfg.http_address.rfind(':') == std::string::npos) {
-        error = "key 'run.http' must be host:port";
+    if (!cfg.http_address.empty()) {
+        const auto colon = cfg.http_address.rfind(':');
+        const auto port = colon == std::string::npos ? std::string() : cfg.http_address.substr(colon + 1);
+        if (colon == std::string::npos || colon == 0 || port.empty() || port.size() > 5
+            || port.find_first_not_of("0123456789") != std::string::npos || std::stoi(port) > 65535) {
+            error = "key 'run.http' must be host:port with a port from 0 to 65535 (got '"
+                    + cfg.http_address + "')";
+            return false;
+        }
+    }
+    const auto& d = cfg.node.discovery;
+    if (d.enabled && d.scope == discovery_scope::lan && d.broadcast
+        && d.broadcast_address.rfind("127.", 0) == 0) {
+        error = "key 'discovery.broadcast_address' must be the LAN's broadcast address with scope "
+                "lan (e.g. 192.168.1.255), or set discovery.broadcast = false and use seeds";
         return false;
     }
     return true;

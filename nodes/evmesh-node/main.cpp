@@ -24,7 +24,8 @@ int main(int argc, char** argv) {
     std::string name, mesh, mesh_bind, advertise, scope, bcast, iface, level, format, pid_file,
         ready_file, http, policy;
     std::vector<std::string> pubs, subs, seeds;
-    int mesh_port = 0, beacon_port = 0, interval = 0, missed = 0, hwm = 0, drain = 0;
+    int mesh_port = 0, beacon_port = 0, interval = 0, missed = 0, hwm = 0, drain = 0, hb = 0, hb_timeout = 0,
+        max_event = 0, linger = 0;
     bool no_broadcast = false, no_discovery = false, no_mesh = false;
     auto* o_name = cli.add_option("--name", name, "node name (default <hostname>-<pid>)");
     auto* o_mesh = cli.add_option("--mesh", mesh, "mesh name; nodes join peers of the same mesh only [evmesh]");
@@ -33,10 +34,12 @@ int main(int argc, char** argv) {
     auto* o_mport = cli.add_option("--mesh-port", mesh_port, "tcp port of the mesh link, 0 = any free port [0]")->check(CLI::Range(0, 65535));
     auto* o_mbind = cli.add_option("--mesh-bind", mesh_bind, "address the mesh link binds to [127.0.0.1]");
     auto* o_adv = cli.add_option("--advertise", advertise, "address peers should connect to (default: beacon source)");
+    auto* o_hb = cli.add_option("--heartbeat-ms", hb, "ZMTP heartbeat interval on mesh links [500]")->check(CLI::Range(10, 60000));
+    auto* o_hbt = cli.add_option("--heartbeat-timeout-ms", hb_timeout, "a silent mesh link is dead after this [1000]")->check(CLI::Range(10, 600000));
     auto* o_nomesh = cli.add_flag("--no-mesh", no_mesh, "local node only: no mesh link, no discovery");
     auto* o_bport = cli.add_option("--beacon-port", beacon_port, "UDP discovery port [19470]")->check(CLI::Range(1, 65535));
-    auto* o_ivl = cli.add_option("--beacon-interval-ms", interval, "beacon interval [200]")->check(CLI::Range(10, 60000));
-    auto* o_missed = cli.add_option("--missed-beacons", missed, "silent intervals before a peer expires [5]")->check(CLI::Range(1, 1000));
+    auto* o_ivl = cli.add_option("--beacon-interval-ms", interval, "beacon interval [800]")->check(CLI::Range(10, 60000));
+    auto* o_missed = cli.add_option("--missed-beacons", missed, "silent intervals before a peer expires [3]")->check(CLI::Range(1, 1000));
     auto* o_scope = cli.add_option("--scope", scope, "discovery scope: host (this host only) or lan [host]")->check(CLI::IsMember({"host", "lan"}));
     auto* o_bcast = cli.add_option("--broadcast-address", bcast, "scope lan: broadcast address to send beacons to");
     auto* o_iface = cli.add_option("--interface-address", iface, "scope lan: local address beacons are sent from");
@@ -45,13 +48,23 @@ int main(int argc, char** argv) {
     auto* o_nodisc = cli.add_flag("--no-discovery", no_discovery, "disable discovery");
     auto* o_hwm = cli.add_option("--hwm", hwm, "per-connection high-water mark in events [10000]")->check(CLI::Range(1, 10000000));
     auto* o_policy = cli.add_option("--slow-subscriber", policy, "drop (receivers count gaps) or block (backpressure) [drop]")->check(CLI::IsMember({"drop", "block"}));
+    auto* o_maxev = cli.add_option("--max-event-bytes", max_event, "larger client events are rejected [1048576]")->check(CLI::Range(64, 256 * 1024 * 1024));
+    auto* o_linger = cli.add_option("--linger-ms", linger, "at stop, time to hand over queued events [500]")->check(CLI::Range(0, 60000));
     auto* o_level = cli.add_option("--log-level", level, "trace, debug, info, warn, error, off [info]");
     auto* o_format = cli.add_option("--log-format", format, "text or json [text]");
     auto* o_pid = cli.add_option("--pid-file", pid_file, "write the pid here; removed at exit");
     auto* o_ready = cli.add_option("--ready-file", ready_file, "write the READY JSON here once all endpoints are bound");
     auto* o_http = cli.add_option("--http", http, "serve /healthz, /metrics, /peers on host:port (port 0 = any)");
     auto* o_drain = cli.add_option("--drain-ms", drain, "bound on a graceful stop [2000]")->check(CLI::Range(0, 600000));
-    CLI11_PARSE(cli, argc, argv);
+    try {
+        cli.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        if (e.get_exit_code() == 0) {
+            return cli.exit(e);  // --help, --version
+        }
+        std::fprintf(stderr, "evmesh-node: invalid arguments: %s (see --help)\n", e.what());
+        return 2;
+    }
 
     std::string error;
     if (!check_file.empty()) {
@@ -74,6 +87,8 @@ int main(int argc, char** argv) {
     if (*o_mport) n.mesh_port = static_cast<std::uint16_t>(mesh_port);
     if (*o_mbind) n.mesh_bind_address = mesh_bind;
     if (*o_adv) n.mesh_advertise_address = advertise;
+    if (*o_hb) n.heartbeat_interval = std::chrono::milliseconds(hb);
+    if (*o_hbt) n.heartbeat_timeout = std::chrono::milliseconds(hb_timeout);
     if (*o_nomesh) n.mesh_enabled = false;
     if (*o_bport) n.discovery.port = static_cast<std::uint16_t>(beacon_port);
     if (*o_ivl) n.discovery.interval = std::chrono::milliseconds(interval);
@@ -86,6 +101,8 @@ int main(int argc, char** argv) {
     if (*o_nodisc) n.discovery.enabled = false;
     if (*o_hwm) n.hwm = hwm;
     if (*o_policy) n.slow_subscriber = policy == "block" ? overflow_policy::block : overflow_policy::drop;
+    if (*o_maxev) n.max_event_bytes = static_cast<std::uint32_t>(max_event);
+    if (*o_linger) n.linger = std::chrono::milliseconds(linger);
     if (*o_level) cfg.log_level = level;
     if (*o_format) cfg.log_format = format;
     if (*o_pid) cfg.pid_file = pid_file;
@@ -103,6 +120,7 @@ int main(int argc, char** argv) {
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, nullptr);
     signal(SIGPIPE, SIG_IGN);
 

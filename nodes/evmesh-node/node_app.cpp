@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <future>
 
@@ -29,13 +30,16 @@ public:
     }
 };
 
-void write_file_atomically(const std::string& path, const std::string& text) {
+bool write_file_atomically(const std::string& path, const std::string& text) {
     const auto tmp = path + ".tmp";
     {
         std::ofstream f(tmp, std::ios::trunc);
         f << text;
+        if (!f.flush()) {
+            return false;
+        }
     }
-    std::rename(tmp.c_str(), path.c_str());
+    return std::rename(tmp.c_str(), path.c_str()) == 0;
 }
 
 void metric(std::string& out, const char* name, const char* type, const char* help) {
@@ -143,6 +147,10 @@ struct node_app::http {
     int port = 0;
 };
 
+namespace {
+std::atomic<bool> g_stopping{false};
+}  // namespace
+
 node_app::node_app(app_config cfg) : cfg_(std::move(cfg)) {}
 
 node_app::~node_app() {
@@ -155,7 +163,8 @@ int node_app::start() {
         spdlog::warn("discovery scope is 'lan': beacons go to {} on port {}",
                      cfg_.node.discovery.broadcast_address, cfg_.node.discovery.port);
     }
-    cfg_.node.linger = std::min(cfg_.node.linger, std::chrono::milliseconds(cfg_.drain_ms));
+    // a graceful stop lingers twice (hand over queued input, then flush outputs): split drain_ms
+    cfg_.node.linger = std::min(cfg_.node.linger, std::chrono::milliseconds(cfg_.drain_ms / 2));
     auto n = node::create(cfg_.node);
     if (!n) {
         const auto& detail = last_error_message();
@@ -171,8 +180,13 @@ int node_app::start() {
         const int port = std::stoi(cfg_.http_address.substr(colon + 1));
         auto* nd = node_.get();
         auto started = started_;
+        // cpp-httplib sets SO_REUSEPORT by default, which would let a second node share the port
+        http_->server.set_socket_options([](socket_t sock) {
+            int yes = 1;
+            setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+        });
         http_->server.Get("/healthz", [nd](const httplib::Request&, httplib::Response& res) {
-            const bool up = nd->running();
+            const bool up = nd->running() && !g_stopping;
             res.status = up ? 200 : 503;
             res.set_content(up ? "ok\n" : "stopping\n", "text/plain");
         });
@@ -192,8 +206,10 @@ int node_app::start() {
         }
         http_->thread = std::thread([h = http_.get()] { h->server.listen_after_bind(); });
     }
-    if (!cfg_.pid_file.empty()) {
-        write_file_atomically(cfg_.pid_file, std::to_string(getpid()) + "\n");
+    if (!cfg_.pid_file.empty() && !write_file_atomically(cfg_.pid_file, std::to_string(getpid()) + "\n")) {
+        std::fprintf(stderr, "evmesh-node: cannot start: cannot write pid file '%s'\n", cfg_.pid_file.c_str());
+        stop();
+        return 3;
     }
     nlohmann::json ready = {{"name", node_->name()},
                             {"id", node_->id()},
@@ -207,8 +223,10 @@ int node_app::start() {
         const auto colon = cfg_.http_address.rfind(':');
         ready["http"] = cfg_.http_address.substr(0, colon) + ":" + std::to_string(http_->port);
     }
-    if (!cfg_.ready_file.empty()) {
-        write_file_atomically(cfg_.ready_file, ready.dump() + "\n");
+    if (!cfg_.ready_file.empty() && !write_file_atomically(cfg_.ready_file, ready.dump() + "\n")) {
+        std::fprintf(stderr, "evmesh-node: cannot start: cannot write ready file '%s'\n", cfg_.ready_file.c_str());
+        stop();
+        return 3;
     }
     std::printf("READY %s\n", ready.dump().c_str());
     std::fflush(stdout);
@@ -219,6 +237,10 @@ int node_app::start() {
 }
 
 void node_app::stop() {
+    g_stopping = true;  // /healthz answers 503 while the node drains
+    if (node_) {
+        node_->stop();
+    }
     if (http_) {
         http_->server.stop();
         if (http_->thread.joinable()) {
@@ -226,9 +248,10 @@ void node_app::stop() {
         }
         http_.reset();
     }
-    if (node_) {
-        node_->stop();
-    }
+    remove_files();
+}
+
+void node_app::remove_files() {
     if (!cfg_.pid_file.empty()) {
         ::unlink(cfg_.pid_file.c_str());
     }
@@ -242,16 +265,18 @@ int node_app::run_until_signal() {
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
     int sig = 0;
     sigwait(&set, &sig);
     spdlog::info("evmesh-node: {} received, stopping (drain up to {} ms; signal again to exit now)",
-                 sig == SIGINT ? "SIGINT" : "SIGTERM", cfg_.drain_ms);
+                 strsignal(sig), cfg_.drain_ms);
     auto done = std::async(std::launch::async, [this] { stop(); });
     while (done.wait_for(std::chrono::milliseconds(0)) != std::future_status::ready) {
         timespec ts{0, 20'000'000};
         siginfo_t info;
         if (sigtimedwait(&set, &info, &ts) > 0) {
             std::fprintf(stderr, "evmesh-node: second signal, exiting now\n");
+            remove_files();
             std::_Exit(130);
         }
     }

@@ -36,6 +36,8 @@ public:
     node* get() { return node_.get(); }
 
 private:
+    void remove_files();  // pid and ready files
+
     app_config cfg_;
     std::unique_ptr<node> node_;
     struct http;

@@ -221,6 +221,29 @@ class Sidecar(NodeTestCase):
         b.proc.send_signal(signal.SIGINT)
         self.assertEqual(b.proc.wait(5), 0)
 
+    def test_second_node_on_the_same_endpoints_is_refused(self):
+        ipc = os.path.join(self.tmp, "shared.pub")
+        a = self.start_node("A", "--no-mesh", "--pub-endpoint", f"ipc://{ipc}")
+        port = a.ready["http"].rsplit(":", 1)[1]
+        p = subprocess.run([NODE, "--no-mesh", "--pub-endpoint", f"ipc://{ipc}", "--sub-endpoint",
+                            "tcp://127.0.0.1:*"], capture_output=True, timeout=10)
+        self.assertEqual(p.returncode, 3)
+        self.assertIn(f"ipc://{ipc}", p.stderr.decode())
+        self.assertIn("in use", p.stderr.decode())
+        p = subprocess.run([NODE, "--no-mesh", "--pub-endpoint", "tcp://127.0.0.1:*", "--sub-endpoint",
+                            "tcp://127.0.0.1:*", "--http", f"127.0.0.1:{port}"], capture_output=True, timeout=10)
+        self.assertEqual(p.returncode, 3, p.stderr)
+        self.assertIn("http", p.stderr.decode())
+        self.assertEqual(a.http("/healthz"), "ok\n")
+        self.assertIsNone(a.proc.poll())
+
+    def test_flag_errors_exit_2(self):
+        for args in (["--bogus"], ["--http", "127.0.0.1:abc"], ["--hwm", "0"],
+                     ["--scope", "lan", "--no-mesh"]):
+            p = subprocess.run([NODE, *args], capture_output=True, timeout=10)
+            self.assertEqual(p.returncode, 2, (args, p.stderr))
+            self.assertEqual(len(p.stderr.decode().strip().splitlines()), 1, p.stderr)
+
     def test_json_logs(self):
         a = self.start_node("A", "--no-mesh", "--log-format", "json")
         a.proc.send_signal(signal.SIGTERM)

@@ -27,8 +27,8 @@ struct discovery_options {
     bool enabled = true;
     discovery_scope scope = discovery_scope::host;
     std::uint16_t port = 19470;                         ///< UDP port shared by the mesh
-    std::chrono::milliseconds interval{200};            ///< beacon period
-    std::uint32_t missed_beacons = 5;                   ///< silent intervals before expiry
+    std::chrono::milliseconds interval{800};            ///< beacon period (idle cost, see ARCHITECTURE)
+    std::uint32_t missed_beacons = 3;                   ///< silent intervals before expiry
     std::string broadcast_address = "127.255.255.255";  ///< used with scope lan
     std::string interface_address;  ///< lan: local address to bind sends to (empty = any)
     std::vector<std::string> seeds;  ///< "host:port" beacon addresses contacted by unicast
@@ -52,7 +52,7 @@ struct node_options {
     std::string mesh_bind_address = "127.0.0.1";  ///< address the mesh XPUB binds to
     std::uint16_t mesh_port = 0;       ///< 0 = any free port
     std::string mesh_advertise_address;  ///< address peers should connect to (empty = sender)
-    std::chrono::milliseconds heartbeat_interval{250};  ///< ZMTP heartbeat on mesh links
+    std::chrono::milliseconds heartbeat_interval{500};  ///< ZMTP pings from mesh in to peers
     std::chrono::milliseconds heartbeat_timeout{1000};  ///< link declared dead after this
     std::chrono::milliseconds linger{500};              ///< bounded drain at stop
     std::uint32_t max_event_bytes = 1U << 20;           ///< larger client events are rejected

@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -83,6 +84,22 @@ bool parse_addr(const std::string& text, sockaddr_in& out) {
     return true;
 }
 
+bool ipc_in_use(const std::string& path) {
+    if (path.empty() || path[0] == '@' || path.size() >= sizeof(sockaddr_un::sun_path)) {
+        return false;
+    }
+    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        return false;
+    }
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::memcpy(a.sun_path, path.c_str(), path.size() + 1);
+    const bool live = connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    ::close(fd);
+    return live;
+}
+
 int ms_until(clock::time_point t) {
     const auto d = std::chrono::duration_cast<std::chrono::milliseconds>(t - clock::now());
     return static_cast<int>(std::clamp<std::int64_t>(d.count(), 0, 1000));
@@ -141,6 +158,12 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
 
 result<void> node_impl::open_sockets() {
     auto bind = [&](void* s, const std::string& ep) -> result<std::string> {
+        // libzmq unlinks an existing ipc path before binding, silently stealing it from a live
+        // node; refuse when something still accepts connections there.
+        if (ep.rfind("ipc://", 0) == 0 && ipc_in_use(ep.substr(6))) {
+            set_last_error_message("cannot bind endpoint '" + ep + "': in use by another process");
+            return fail(errc::bad_endpoint);
+        }
         if (zmq_bind(s, ep.c_str()) != 0) {
             set_last_error_message("cannot bind endpoint '" + ep + "': " + zmq_strerror(zmq_errno()));
             return fail(errc::bad_endpoint);
@@ -192,9 +215,8 @@ result<void> node_impl::open_sockets() {
         set_int(mesh_out_, ZMQ_SNDHWM, hwm);
         set_int(mesh_out_, ZMQ_XPUB_NODROP,
                 opt.slow_subscriber == overflow_policy::block ? 1 : 0);
-        set_int(mesh_out_, ZMQ_HEARTBEAT_IVL, hb);
-        set_int(mesh_out_, ZMQ_HEARTBEAT_TIMEOUT, hb_timeout);
-        set_int(mesh_out_, ZMQ_HEARTBEAT_TTL, hb_timeout);
+        // No pings from this side: each peer's mesh in pings us with a TTL, and libzmq closes a
+        // connection whose pings stop (halves heartbeat traffic; measured in docs/ARCHITECTURE.md).
         const std::string ep = "tcp://" + opt.mesh_bind_address + ":"
                                + (opt.mesh_port == 0 ? std::string("*")
                                                      : std::to_string(opt.mesh_port));
@@ -209,7 +231,7 @@ result<void> node_impl::open_sockets() {
         set_int(mesh_in_, ZMQ_SNDHWM, 0);
         set_int(mesh_in_, ZMQ_HEARTBEAT_IVL, hb);
         set_int(mesh_in_, ZMQ_HEARTBEAT_TIMEOUT, hb_timeout);
-        set_int(mesh_in_, ZMQ_HEARTBEAT_TTL, hb_timeout);
+        set_int(mesh_in_, ZMQ_HEARTBEAT_TTL, hb_timeout);  // the peer's mesh out enforces it
         set_int(mesh_in_, ZMQ_RECONNECT_IVL, 100);
         zmq_setsockopt(mesh_in_, ZMQ_MAXMSGSIZE, &max_msg, sizeof(max_msg));
         const std::string mon = "inproc://evmesh/" + id_text + "/monitor";
@@ -247,9 +269,12 @@ result<void> node_impl::open_discovery() {
     }
     const int one = 1;
     setsockopt(udp_bcast_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    // Host scope binds the loopback broadcast address itself: every process on this host gets
+    // each beacon and nothing arrives from other interfaces. LAN scope needs INADDR_ANY to
+    // receive subnet broadcasts.
     sockaddr_in any{};
     any.sin_family = AF_INET;
-    any.sin_addr.s_addr = htonl(INADDR_ANY);
+    any.sin_addr.s_addr = host ? bcast.sin_addr.s_addr : htonl(INADDR_ANY);
     any.sin_port = htons(d.port);
     if (::bind(udp_bcast_, reinterpret_cast<sockaddr*>(&any), sizeof(any)) != 0) {
         set_last_error_message("cannot bind discovery port " + std::to_string(d.port) + ": "
@@ -473,8 +498,7 @@ void node_impl::run() {
                 }
             }
             if (now >= next_expiry_) {
-                expire_peers();
-                next_expiry_ = now + opt.discovery.interval;
+                expire_peers();  // sets next_expiry_
             }
         }
     }
@@ -932,9 +956,14 @@ void node_impl::expire_peers() {
     const auto bound = opt.discovery.interval * opt.discovery.missed_beacons;
     const auto now = clock::now();
     std::vector<std::string> dead;
+    // next check at the earliest deadline, so a peer expires on time, not up to an interval late
+    next_expiry_ = now + opt.discovery.interval;
     for (const auto& [key, p] : peers_) {
-        if (now - p.last_seen_steady > bound) {
+        const auto deadline = p.last_seen_steady + bound;
+        if (now >= deadline) {
             dead.push_back(key);
+        } else {
+            next_expiry_ = std::min(next_expiry_, deadline);
         }
     }
     for (const auto& key : dead) {

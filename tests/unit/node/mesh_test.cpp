@@ -208,11 +208,14 @@ TEST(Mesh, GarbageOnTheBeaconPortIsCountedAndIgnored) {
     const auto port = test::unique_port();
     auto n = node::create(mesh_options(test::unique_mesh("junk"), "victim", port));
     ASSERT_TRUE(n);
+    // the beacon port receives loopback broadcasts (host scope), so that is where garbage goes
     const int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    const int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_BROADCAST, &one, sizeof(one));
     sockaddr_in to{};
     to.sin_family = AF_INET;
     to.sin_port = htons(port);
-    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    to.sin_addr.s_addr = htonl(0x7fffffff);  // 127.255.255.255
     const std::vector<std::string> junk = {"", "EVMB", "EVMB\x99\x01", std::string(1500, 'x'),
                                            "ZRE\x01garbage", "EVMB\x9f\x01\x01"};
     for (const auto& j : junk) {
