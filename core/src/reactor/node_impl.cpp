@@ -148,11 +148,12 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
         n->close_all();
         return fail(errc::io_error);
     }
+    // log before the I/O thread exists: spdlog's registry is initialised here, not concurrently
+    spdlog::info("evmesh node '{}' ({}) started in mesh '{}', mesh endpoint {}", n->name,
+                 n->id_text, n->opt.mesh, n->mesh_ep.empty() ? "(none)" : n->mesh_ep);
     n->running = true;
     n->thread_ = std::thread([p = n.get()] { p->run(); });
     n->io_thread = n->thread_.get_id();
-    spdlog::info("evmesh node '{}' ({}) started in mesh '{}', mesh endpoint {}", n->name,
-                 n->id_text, n->opt.mesh, n->mesh_ep.empty() ? "(none)" : n->mesh_ep);
     return n;
 }
 

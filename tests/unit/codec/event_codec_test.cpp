@@ -45,7 +45,8 @@ TEST(EventCodec, RoundTripsBinaryPayloadAndEmptyFields) {
     ev.topic = "x";
     ev.payload = std::string("\0\xff\x01\x80", 4);
     ev.time_ns = -5;  // before the epoch is representable
-    auto v = decode_event(ev.topic, body_of(ev));
+    const auto body = body_of(ev);  // the view points into it: keep it alive
+    auto v = decode_event(ev.topic, body);
     ASSERT_TRUE(v);
     EXPECT_EQ(v->to_event(), ev);
 }
