@@ -1,3 +1,6 @@
+#include <array>
+#include <cstring>
+
 #include <msgpack.hpp>
 
 #include <evmesh/codec.hpp>
@@ -16,6 +19,16 @@ struct string_writer {
     void write(const char* data, std::size_t n) { out.append(data, n); }
 };
 
+// Packer target writing into memory sized in advance (no capacity check per token).
+struct raw_writer {
+    char* p;
+
+    void write(const char* data, std::size_t n) {
+        std::memcpy(p, data, n);
+        p += n;
+    }
+};
+
 inline void pack_str(msgpack::packer<string_writer>& pk, std::string_view s) {
     pk.pack_str(static_cast<std::uint32_t>(s.size()));
     pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
@@ -30,6 +43,7 @@ namespace {
 using codec::envelope_elements;
 using codec::max_skip_depth;
 using codec::pack_str;
+using codec::raw_writer;
 using codec::string_writer;
 
 result<event_view> decode(std::string_view topic_frame,
@@ -190,23 +204,36 @@ void encode_event_body(const event_id& id,
                        const std::vector<header>& headers,
                        std::string_view payload,
                        std::string& out) {
-    string_writer w{out};
-    msgpack::packer<string_writer> pk(w);
+    // upper bound: every str/bin/map header at most 5 bytes, every integer at most 9
+    std::size_t bound = 1 + 1 + 2 + 16 + 5 + source.size() + 9 + 9 + 5 + content_type.size() + 5
+                        + 5 + payload.size();
+    for (const auto& [k, v] : headers) {
+        bound += 10 + k.size() + v.size();
+    }
+    const std::size_t start = out.size();
+    out.resize(start + bound);  // a reused buffer only grows: no allocation once warm
+    raw_writer w{out.data() + start};
+    msgpack::packer<raw_writer> pk(w);
     pk.pack_array(envelope_elements);
     pk.pack_uint8(wire_version);
     pk.pack_bin(16);
     pk.pack_bin_body(reinterpret_cast<const char*>(id.data()), 16);
-    pack_str(pk, source);
+    pk.pack_str(static_cast<std::uint32_t>(source.size()));
+    pk.pack_str_body(source.data(), static_cast<std::uint32_t>(source.size()));
     pk.pack_int64(time_ns);
     pk.pack_uint64(seq);
-    pack_str(pk, content_type);
+    pk.pack_str(static_cast<std::uint32_t>(content_type.size()));
+    pk.pack_str_body(content_type.data(), static_cast<std::uint32_t>(content_type.size()));
     pk.pack_map(static_cast<std::uint32_t>(headers.size()));
     for (const auto& [k, val] : headers) {
-        pack_str(pk, k);
-        pack_str(pk, val);
+        pk.pack_str(static_cast<std::uint32_t>(k.size()));
+        pk.pack_str_body(k.data(), static_cast<std::uint32_t>(k.size()));
+        pk.pack_str(static_cast<std::uint32_t>(val.size()));
+        pk.pack_str_body(val.data(), static_cast<std::uint32_t>(val.size()));
     }
     pk.pack_bin(static_cast<std::uint32_t>(payload.size()));
     pk.pack_bin_body(payload.data(), static_cast<std::uint32_t>(payload.size()));
+    out.resize(static_cast<std::size_t>(w.p - out.data()));
 }
 
 void encode_event_body(const event& ev, std::string& out) {
@@ -228,26 +255,36 @@ result<event_view> decode_event_lenient(std::string_view topic_frame,
     return decode(topic_frame, body, &missing, limits);
 }
 
+namespace {
+// Bytes a topic segment may hold: printable ASCII except space, '*', '>' and '.'; bytes >= 0x80
+// are allowed here and checked as UTF-8 afterwards.
+constexpr auto topic_byte_table = [] {
+    std::array<std::uint8_t, 256> t{};
+    for (int c = 0; c < 256; ++c) {
+        t[static_cast<std::size_t>(c)] = (c > 0x20 && c != 0x7f && c != '*' && c != '>' && c != '.') ? 1 : 0;
+    }
+    return t;
+}();
+}  // namespace
+
 bool valid_topic(std::string_view topic, std::size_t max_bytes) noexcept {
     if (topic.empty() || topic.size() > max_bytes) {
         return false;
     }
     bool segment_empty = true;
+    std::uint8_t high = 0;
     for (char ch : topic) {
-        const auto c = static_cast<unsigned char>(ch);
-        if (c == '.') {
-            if (segment_empty) {
-                return false;
-            }
+        const auto c = static_cast<std::uint8_t>(ch);
+        high |= c;
+        if (topic_byte_table[c] != 0) {
+            segment_empty = false;
+        } else if (c == '.' && !segment_empty) {
             segment_empty = true;
-            continue;
-        }
-        if (c <= 0x20 || c == 0x7f || c == '*' || c == '>') {
+        } else {
             return false;
         }
-        segment_empty = false;
     }
-    return !segment_empty && codec::valid_utf8(topic);
+    return !segment_empty && ((high & 0x80) == 0 || codec::valid_utf8(topic));
 }
 
 }  // namespace evmesh

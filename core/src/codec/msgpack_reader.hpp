@@ -12,6 +12,8 @@
 
 namespace evmesh::codec {
 
+#define EVMESH_INLINE [[gnu::always_inline]] inline
+
 class msgpack_reader {
 public:
     explicit msgpack_reader(std::string_view bytes) noexcept
@@ -22,7 +24,7 @@ public:
     const char* position() const noexcept { return reinterpret_cast<const char*>(p_); }
 
     // Each read returns errc::ok or an error and leaves the reader unchanged on wrong_type.
-    errc peek(std::uint8_t& b) const noexcept {
+    EVMESH_INLINE errc peek(std::uint8_t& b) const noexcept {
         if (p_ == end_) {
             return errc::truncated;
         }
@@ -30,9 +32,9 @@ public:
         return errc::ok;
     }
 
-    bool next_is_nil() const noexcept { return p_ != end_ && *p_ == 0xc0; }
+    EVMESH_INLINE bool next_is_nil() const noexcept { return p_ != end_ && *p_ == 0xc0; }
 
-    errc read_nil() noexcept {
+    EVMESH_INLINE errc read_nil() noexcept {
         if (!next_is_nil()) {
             return p_ == end_ ? errc::truncated : errc::wrong_type;
         }
@@ -40,15 +42,15 @@ public:
         return errc::ok;
     }
 
-    errc read_array_header(std::uint32_t& n) noexcept {
+    EVMESH_INLINE errc read_array_header(std::uint32_t& n) noexcept {
         return read_container(n, 0x90, 0xdc, 0xdd);
     }
 
-    errc read_map_header(std::uint32_t& n) noexcept {
+    EVMESH_INLINE errc read_map_header(std::uint32_t& n) noexcept {
         return read_container(n, 0x80, 0xde, 0xdf);
     }
 
-    errc read_uint(std::uint64_t& v) noexcept {
+    EVMESH_INLINE errc read_uint(std::uint64_t& v) noexcept {
         std::uint8_t b = 0;
         if (auto e = peek(b); e != errc::ok) {
             return e;
@@ -82,7 +84,7 @@ public:
         return errc::wrong_type;
     }
 
-    errc read_int(std::int64_t& v) noexcept {
+    EVMESH_INLINE errc read_int(std::int64_t& v) noexcept {
         std::uint8_t b = 0;
         if (auto e = peek(b); e != errc::ok) {
             return e;
@@ -130,7 +132,7 @@ public:
     }
 
     // str family only.
-    errc read_str(std::string_view& s, std::size_t max_len) noexcept {
+    EVMESH_INLINE errc read_str(std::string_view& s, std::size_t max_len) noexcept {
         std::uint8_t b = 0;
         if (auto e = peek(b); e != errc::ok) {
             return e;
@@ -152,7 +154,7 @@ public:
     }
 
     // bin family only.
-    errc read_bin(std::string_view& s, std::size_t max_len) noexcept {
+    EVMESH_INLINE errc read_bin(std::string_view& s, std::size_t max_len) noexcept {
         std::uint8_t b = 0;
         if (auto e = peek(b); e != errc::ok) {
             return e;
@@ -249,7 +251,7 @@ private:
     }
 
     // Reads the marker byte plus a `width`-byte big-endian integer.
-    errc read_be(std::uint64_t& v, int width) noexcept {
+    EVMESH_INLINE errc read_be(std::uint64_t& v, int width) noexcept {
         if (static_cast<std::size_t>(width) + 1 > remaining()) {
             return errc::truncated;
         }
@@ -262,7 +264,7 @@ private:
         return errc::ok;
     }
 
-    errc read_container(std::uint32_t& n, std::uint8_t fix, std::uint8_t m16, std::uint8_t m32) {
+    EVMESH_INLINE errc read_container(std::uint32_t& n, std::uint8_t fix, std::uint8_t m16, std::uint8_t m32) {
         std::uint8_t b = 0;
         if (auto e = peek(b); e != errc::ok) {
             return e;
@@ -286,7 +288,7 @@ private:
         return errc::ok;
     }
 
-    errc read_body(std::string_view& s, std::uint64_t len, int width, std::size_t max_len) {
+    EVMESH_INLINE errc read_body(std::string_view& s, std::uint64_t len, int width, std::size_t max_len) {
         auto save = p_;
         if (width == 0) {
             ++p_;
@@ -309,5 +311,7 @@ private:
     const std::uint8_t* p_;
     const std::uint8_t* end_;
 };
+
+#undef EVMESH_INLINE
 
 }  // namespace evmesh::codec

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <string_view>
 
 namespace evmesh::codec {
@@ -9,6 +10,15 @@ namespace evmesh::codec {
 inline bool valid_utf8(std::string_view s) noexcept {
     const auto* p = reinterpret_cast<const std::uint8_t*>(s.data());
     const auto* end = p + s.size();
+    // ASCII fast path, eight bytes at a time (most topics, sources and content types)
+    while (end - p >= 8) {
+        std::uint64_t w = 0;
+        std::memcpy(&w, p, 8);
+        if ((w & 0x8080808080808080ULL) != 0) {
+            break;
+        }
+        p += 8;
+    }
     while (p < end) {
         const std::uint8_t c = *p;
         if (c < 0x80) {
