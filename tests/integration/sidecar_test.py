@@ -216,6 +216,12 @@ class Sidecar(NodeTestCase):
         self.assertLess(time.monotonic() - t0, 1.5)
         self.assertFalse(os.path.exists(pid_file))
         self.assertFalse(os.path.exists(ipc))
+        # no port left behind: the sub endpoint's and the mesh link's tcp ports bind again
+        for ep in (a.sub, a.ready["mesh_endpoint"]):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", int(ep.rsplit(":", 1)[1])))
+            s.close()
         # goodbye: B drops A at once
         self.assertTrue(wait_for(lambda: len(b.peers()) == 0, 0.5))
         b.proc.send_signal(signal.SIGINT)
