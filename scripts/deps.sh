@@ -12,7 +12,7 @@ packages=(
   # fuzzing (libFuzzer ships in clang's runtime package)
   clang libclang-rt-14-dev
   # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)
-  python3 python3-zmq python3-msgpack curl iproute2 procps
+  python3 python3-zmq python3-msgpack curl iproute2 procps graphviz bsdutils
 )
 missing=()
 for p in "${packages[@]}"; do

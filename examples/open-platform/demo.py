@@ -111,7 +111,11 @@ def main():
                             "sub", nodes["audit-node"]["sub"][0], "orders.>", str(count + 10), str(seconds + 5)])
     spawn("embedded(C++)", [os.path.join(BUILD, "examples", "embedded_service"), mesh, "3",
                             str(beacon_port), str(int(seconds))])
-    time.sleep(0.5)
+    # the subscribers have subscribed when their sidecars count a local subscription
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(
+            metric(nodes[n], "evmesh_subscriptions", origin="local") >= 1 for n in ("partner-node", "audit-node")):
+        time.sleep(0.01)
     orders = spawn("orders-service", ["/usr/bin/python3", os.path.join(ROOT, "examples", "open-platform", "orders_service.py"),
                                       nodes["orders-node"]["pub"][0], str(count), "0.2"])
     orders.wait()

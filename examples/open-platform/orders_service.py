@@ -16,10 +16,17 @@ endpoint, count = sys.argv[1], int(sys.argv[2])
 interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.2
 
 ctx = zmq.Context()
-pub = ctx.socket(zmq.PUB)
+# An XPUB publishes like a PUB and also shows the subscriptions the sidecar forwards to it: wait
+# for the first `orders.` one instead of guessing how long they take to arrive.
+pub = ctx.socket(zmq.XPUB)
 pub.setsockopt(zmq.LINGER, 2000)
+pub.setsockopt(zmq.RCVTIMEO, 10000)
 pub.connect(endpoint)
-time.sleep(0.5)  # subscriptions reach this PUB socket shortly after connect
+try:
+    while not pub.recv().startswith(b"\x01orders."):
+        pass
+except zmq.Again:
+    print("orders-service: nobody subscribed to orders.* within 10 s; publishing anyway", flush=True)
 for n in range(1, count + 1):
     region = random.choice(["eu", "us", "apac"])
     order = {"order_id": f"o-{n:05d}", "region": region, "total": round(random.uniform(5, 500), 2)}

@@ -193,6 +193,7 @@ bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
         }
         r.integer("max_event_bytes", n.max_event_bytes, 64, 256 * 1024 * 1024);
         r.ms("linger_ms", n.linger, 0, 60000);
+        r.ms("stats_interval_ms", n.stats_interval, 0, 3600000);
         r.check_unknown();
     }
     if (const auto* t = top.table("log")) {

@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
         ready_file, http, policy;
     std::vector<std::string> pubs, subs, seeds;
     int mesh_port = 0, beacon_port = 0, interval = 0, missed = 0, hwm = 0, drain = 0, hb = 0, hb_timeout = 0,
-        max_event = 0, linger = 0;
+        max_event = 0, linger = 0, stats_ms = -1;
     bool no_broadcast = false, no_discovery = false, no_mesh = false;
     auto* o_name = cli.add_option("--name", name, "node name (default <hostname>-<pid>)");
     auto* o_mesh = cli.add_option("--mesh", mesh, "mesh name; nodes join peers of the same mesh only [evmesh]");
@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
     auto* o_policy = cli.add_option("--slow-subscriber", policy, "drop (receivers count gaps) or block (backpressure) [drop]")->check(CLI::IsMember({"drop", "block"}));
     auto* o_maxev = cli.add_option("--max-event-bytes", max_event, "larger client events are rejected [1048576]")->check(CLI::Range(64, 256 * 1024 * 1024));
     auto* o_linger = cli.add_option("--linger-ms", linger, "at stop, time to hand over queued events [500]")->check(CLI::Range(0, 60000));
+    auto* o_stats = cli.add_option("--stats-interval-ms", stats_ms, "period of the stats event for mesh-inspector, 0 = off [1000]")->check(CLI::Range(0, 3600000));
     auto* o_level = cli.add_option("--log-level", level, "trace, debug, info, warn, error, off [info]");
     auto* o_format = cli.add_option("--log-format", format, "text or json [text]");
     auto* o_pid = cli.add_option("--pid-file", pid_file, "write the pid here; removed at exit");
@@ -103,6 +104,7 @@ int main(int argc, char** argv) {
     if (*o_policy) n.slow_subscriber = policy == "block" ? overflow_policy::block : overflow_policy::drop;
     if (*o_maxev) n.max_event_bytes = static_cast<std::uint32_t>(max_event);
     if (*o_linger) n.linger = std::chrono::milliseconds(linger);
+    if (*o_stats) n.stats_interval = std::chrono::milliseconds(stats_ms);
     if (*o_level) cfg.log_level = level;
     if (*o_format) cfg.log_format = format;
     if (*o_pid) cfg.pid_file = pid_file;

@@ -78,7 +78,8 @@ void setup_logging(const std::string& level, const std::string& format) {
     }
     logger->set_level(spdlog::level::from_str(level));
     logger->flush_on(spdlog::level::info);
-    spdlog::set_default_logger(logger);
+    spdlog::drop("evmesh");
+    spdlog::set_default_logger(logger);  // registers it as "evmesh": the library logs through it
 }
 
 std::string render_metrics(const node& n, double uptime_seconds) {
@@ -118,6 +119,29 @@ std::string render_metrics(const node& n, double uptime_seconds) {
     sample(out, "evmesh_peer_changes_total{" + id + ",kind=\"link_lost\"}", static_cast<double>(c.peers_link_lost));
     metric(out, "evmesh_peers", "gauge", "Peers currently known.");
     sample(out, "evmesh_peers{" + id + "}", static_cast<double>(c.peers));
+    metric(out, "evmesh_stats_events_total", "counter", "Stats events published on the mesh.");
+    sample(out, "evmesh_stats_events_total{" + id + "}", static_cast<double>(c.stats_sent));
+    metric(out, "evmesh_pings_answered_total", "counter", "mesh-inspector pings answered.");
+    sample(out, "evmesh_pings_answered_total{" + id + "}", static_cast<double>(c.pings_answered));
+    metric(out, "evmesh_subscriber_gaps_total", "counter",
+           "Events embedded subscriptions of this node detected as lost (sequence gaps).");
+    sample(out, "evmesh_subscriber_gaps_total{" + id + "}", static_cast<double>(c.subscriber_gaps));
+    metric(out, "evmesh_delivery_latency_seconds", "histogram",
+           "Event time to local delivery, sampled 1 in 8 deliveries.");
+    std::uint64_t cumulative = 0;
+    for (std::size_t i = 0; i < c.latency_buckets.size(); ++i) {
+        cumulative += c.latency_buckets[i];
+        char le[32];
+        if (i < latency_bounds_us.size()) {
+            std::snprintf(le, sizeof(le), "%g", static_cast<double>(latency_bounds_us[i]) / 1e6);
+        } else {
+            std::snprintf(le, sizeof(le), "+Inf");
+        }
+        sample(out, "evmesh_delivery_latency_seconds_bucket{" + id + ",le=\"" + le + "\"}",
+               static_cast<double>(cumulative));
+    }
+    sample(out, "evmesh_delivery_latency_seconds_sum{" + id + "}", static_cast<double>(c.latency_sum_us) / 1e6);
+    sample(out, "evmesh_delivery_latency_seconds_count{" + id + "}", static_cast<double>(cumulative));
     metric(out, "evmesh_subscriptions", "gauge", "Distinct subscribed topic prefixes, by origin.");
     sample(out, "evmesh_subscriptions{" + id + ",origin=\"local\"}", static_cast<double>(c.subscriptions_local));
     sample(out, "evmesh_subscriptions{" + id + ",origin=\"mesh\"}", static_cast<double>(c.subscriptions_mesh));
@@ -132,6 +156,7 @@ std::string render_peers(const node& n) {
                        {"endpoint", p.endpoint},
                        {"beacon_address", p.beacon_address},
                        {"incarnation", p.incarnation},
+                       {"observer", p.observer},
                        {"state", to_string(p.state)},
                        {"last_seen_ms",
                         std::chrono::duration_cast<std::chrono::milliseconds>(

@@ -19,6 +19,8 @@ import urllib.request
 BUILD = os.environ.get("EVMESH_BUILD_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
 NODE = os.path.join(BUILD, "nodes", "evmesh-node")
 CPP_CLIENT = os.path.join(BUILD, "examples", "sidecar_client")
+INSPECTOR = os.path.join(BUILD, "tools", "mesh-inspector")
+SLOW_NODE = os.path.join(BUILD, "tests", "evmesh_test_slow_node")
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 PY_CLIENT = os.path.join(EXAMPLES, "python", "evmesh_client.py")
 PYTHON = "/usr/bin/python3"

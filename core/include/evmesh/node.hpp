@@ -3,6 +3,7 @@
 /// plus the publisher and subscription handles that embedding code uses.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -36,6 +37,7 @@ struct peer_info {
     std::string endpoint;       ///< the peer's mesh endpoint (tcp://host:port)
     std::string beacon_address; ///< where its beacons come from (host:port)
     std::uint64_t incarnation = 0;
+    bool observer = false;      ///< a mesh-inspector, not a service node
     link_state state = link_state::connecting;
     std::chrono::system_clock::time_point last_seen;
 };
@@ -59,7 +61,19 @@ struct node_counters {
     std::uint64_t subscriptions_local = 0;  ///< gauge: distinct topic prefixes subscribed locally
     std::uint64_t subscriptions_mesh = 0;   ///< gauge: distinct prefixes subscribed by peers
     std::uint64_t peers = 0;                ///< gauge: peers currently known
+    std::uint64_t stats_sent = 0;           ///< stats events published
+    std::uint64_t pings_answered = 0;       ///< `_evmesh.ping` probes answered
+    /// Gaps and drops reported by this node's embedded subscriptions (all of them, ever).
+    std::uint64_t subscriber_gaps = 0, subscriber_received = 0;
+    /// Delivery latency (event time to local delivery), sampled 1 in 8, in microsecond buckets
+    /// with upper bounds `latency_bounds_us` (last bucket: larger).
+    std::array<std::uint64_t, 14> latency_buckets{};
+    std::uint64_t latency_sum_us = 0;
 };
+
+/// Upper bounds (microseconds) of `node_counters::latency_buckets`; the last bucket is +Inf.
+inline constexpr std::array<std::uint64_t, 13> latency_bounds_us = {
+    50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000};
 
 /// Per-subscription counters (what reached this subscriber, what it detected as lost).
 struct subscription_counters {
@@ -159,7 +173,8 @@ public:
     node(const node&) = delete;
     node& operator=(const node&) = delete;
 
-    /// Creates a publisher connected to this node over inproc.
+    /// Creates a publisher connected to this node over inproc. Returns once the publisher knows
+    /// every subscription the node has now (at most 2 s), so its first event is not lost.
     [[nodiscard]] result<publisher> make_publisher(publisher_options options = {});
 
     /// Pull-mode subscription. Errors: bad_pattern, stopped.

@@ -57,6 +57,12 @@ struct node_options {
     std::chrono::milliseconds linger{500};              ///< bounded drain at stop
     std::uint32_t max_event_bytes = 1U << 20;           ///< larger client events are rejected
     std::uint32_t batch = 256;         ///< messages moved per socket per poll wake-up
+    /// Period of the stats event on `_evmesh.stats.<node id>` (docs/PROTOCOL.md); 0 = off. It
+    /// is only sent to the mesh when someone (mesh-inspector) subscribes to it.
+    std::chrono::milliseconds stats_interval{1000};
+    std::uint32_t stats_top_topics = 20;  ///< per-topic rates in the stats event: top N + other
+    /// An observer (mesh-inspector) announces itself as such; peers list it with `observer`.
+    bool observer = false;
     discovery_options discovery;
 };
 

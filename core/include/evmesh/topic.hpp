@@ -13,7 +13,8 @@ namespace evmesh {
 
 /// A parsed pattern. `orders.created` matches only itself; `orders.*.created` matches
 /// `orders.eu.created`; `orders.>` matches `orders.eu` and `orders.eu.created` (one or more
-/// segments); `>` matches every topic.
+/// segments); `>` matches every topic except the reserved `_evmesh.` ones (stats, ping), which
+/// only patterns starting with the literal segment `_evmesh` match.
 class topic_pattern {
 public:
     /// Parses `text`. Errors: bad_pattern (empty segment, `>` not last, `*`/`>` inside a segment).
@@ -39,6 +40,7 @@ private:
     std::vector<std::string> segments_;
     bool exact_ = false;
     bool prefix_only_ = false;
+    bool system_ = false;  // names `_evmesh` literally, so may match reserved topics
 };
 
 }  // namespace evmesh

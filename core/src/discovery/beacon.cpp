@@ -25,7 +25,7 @@ std::string encode_beacon(const beacon& b) {
     std::string out(beacon_magic);
     string_writer w{out};
     msgpack::packer<string_writer> pk(w);
-    pk.pack_array(beacon_elements);
+    pk.pack_array(beacon_elements + 1);
     pk.pack_uint8(beacon_version);
     pk.pack_uint8(static_cast<std::uint8_t>(b.kind));
     pk.pack(b.mesh);
@@ -39,6 +39,7 @@ std::string encode_beacon(const beacon& b) {
     for (const auto& g : b.gossip) {
         pk.pack(g);
     }
+    pk.pack_uint64(b.flags);
     return out;
 }
 
@@ -85,7 +86,10 @@ result<beacon> decode_beacon(std::string_view bytes) {
         }
         b.gossip.emplace_back(g);
     }
-    for (std::uint32_t i = beacon_elements; i < n; ++i) {  // later revisions (security fields)
+    if (n > beacon_elements && r.read_uint(b.flags) != errc::ok) {
+        return bad(errc::bad_beacon);
+    }
+    for (std::uint32_t i = beacon_elements + 1; i < n; ++i) {  // later revisions (security fields)
         if (r.skip(8) != errc::ok) {
             return bad(errc::bad_beacon);
         }

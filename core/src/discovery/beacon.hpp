@@ -27,7 +27,10 @@ struct beacon {
     std::string mesh_host;        // empty: use the datagram's source address
     std::uint16_t mesh_port = 0;  // 0: node has no mesh endpoint
     std::vector<std::string> gossip;  // "host:port" beacon addresses of known peers
+    std::uint64_t flags = 0;          // element [9], optional: bit 0 = observer (mesh-inspector)
 };
+
+inline constexpr std::uint64_t beacon_flag_observer = 1;
 
 std::string encode_beacon(const beacon& b);
 

@@ -2,38 +2,22 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <set>
 #include <cstring>
 #include <unordered_map>
 
-#include <spdlog/spdlog.h>
+#include "util/log.hpp"
 
 #include <evmesh/codec.hpp>
 #include <evmesh/node.hpp>
 
 #include "reactor/node_impl.hpp"
+#include "reactor/sub_registry.hpp"
+#include "util/string_hash.hpp"
 
 namespace evmesh {
 namespace detail {
 namespace {
-
-struct string_hash {
-    using is_transparent = void;
-
-    std::size_t operator()(std::string_view s) const noexcept {
-        return std::hash<std::string_view>{}(s);
-    }
-};
-
-// Single-writer counter readable from any thread: a relaxed load+store, no locked RMW.
-struct counter {
-    std::atomic<std::uint64_t> v{0};
-
-    void add(std::uint64_t n = 1) noexcept {
-        v.store(v.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-    }
-
-    std::uint64_t get() const noexcept { return v.load(std::memory_order_relaxed); }
-};
 
 }  // namespace
 
@@ -106,7 +90,13 @@ struct subscription_impl {
     zmq_msg_t topic{}, body{};
     std::unordered_map<std::string, std::uint64_t, string_hash, std::equal_to<>> last_seq;
     std::string key;
-    counter received, filtered, gaps, out_of_order, decode_errors, callback_errors;
+    std::shared_ptr<sub_counters> stats = std::make_shared<sub_counters>();
+    counter& received = stats->received;
+    counter& filtered = stats->filtered;
+    counter& gaps = stats->gaps;
+    counter& out_of_order = stats->out_of_order;
+    counter& decode_errors = stats->decode_errors;
+    counter& callback_errors = stats->callback_errors;
 
     subscription_impl() {
         zmq_msg_init(&topic);
@@ -116,6 +106,7 @@ struct subscription_impl {
     ~subscription_impl() { close(); }
 
     void close() {
+        stats->closed = true;
         if (thread.joinable()) {
             const std::uint64_t one = 1;
             (void)!write(stop_fd, &one, sizeof(one));
@@ -249,7 +240,7 @@ struct subscription_impl {
                         callback(*v);
                     } catch (const std::exception& e) {
                         callback_errors.add();
-                        spdlog::warn("evmesh: subscription callback threw: {}", e.what());
+                        detail::log()->warn("evmesh: subscription callback threw: {}", e.what());
                     } catch (...) {
                         callback_errors.add();
                     }
@@ -416,6 +407,29 @@ result<publisher> node::make_publisher(publisher_options options) {
     if (zmq_connect(p->sock, impl_->local_in_ep.c_str()) != 0) {
         return fail(errc::bad_endpoint);
     }
+    // No slow joiner: the node's XSUB hands its current subscriptions to a new publisher
+    // asynchronously, and until they arrive ZeroMQ drops its events at the source. Wait (bounded)
+    // until this publisher has them all, so an event published right away reaches every
+    // subscriber that exists now.
+    std::size_t expected = 0;
+    (void)impl_->call([&] { expected = impl_->upstream_subscription_count(); });
+    std::set<std::string> seen;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    while (seen.size() < expected && std::chrono::steady_clock::now() < deadline) {
+        zmq_pollitem_t item{p->sock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&item, 1, 10) <= 0) {
+            continue;
+        }
+        while (zmq_msg_recv(&m, p->sock, ZMQ_DONTWAIT) >= 0) {
+            const auto* d = static_cast<const char*>(zmq_msg_data(&m));
+            if (zmq_msg_size(&m) >= 1 && d[0] == 1) {
+                seen.emplace(d + 1, zmq_msg_size(&m) - 1);
+            }
+        }
+    }
+    zmq_msg_close(&m);
     return publisher(std::move(p));
 }
 
@@ -433,6 +447,8 @@ result<std::unique_ptr<detail::subscription_impl>> make_sub(detail::node_impl& n
     auto s = std::make_unique<detail::subscription_impl>();
     s->ctx = n.ctx;
     s->pattern = std::move(*pat);
+    s->stats->pattern = s->pattern.text();
+    n.subs.add(s->stats);
     s->sock = zmq_socket(s->ctx->ctx, ZMQ_SUB);
     zmq_setsockopt(s->sock, ZMQ_RCVHWM, &o.hwm, sizeof(o.hwm));
     const auto& prefix = s->pattern.zmq_prefix();
@@ -523,7 +539,10 @@ std::vector<peer_info> node::peers() const {
 
 node_counters node::counters() const {
     node_counters out;
-    if (!impl_->call([&] { out = impl_->c; })) {
+    if (!impl_->call([&] {
+            impl_->collect_subscriber_counters();
+            out = impl_->c;
+        })) {
         return impl_->final_counters;  // written before `running` turned false
     }
     return out;

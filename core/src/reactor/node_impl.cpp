@@ -13,7 +13,7 @@
 #include <cstring>
 #include <future>
 
-#include <spdlog/spdlog.h>
+#include "util/log.hpp"
 
 #include <evmesh/codec.hpp>
 
@@ -129,6 +129,9 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
     n->id = new_event_id();
     n->id_text = to_string(n->id);
     n->incarnation = static_cast<std::uint64_t>(now_ns());
+    n->stats_topic_ = "_evmesh.stats." + n->id_text;
+    n->ping_topic_ = "_evmesh.ping." + n->id_text;
+    n->started_ = clock::now();
     n->local_in_ep = "inproc://evmesh/" + n->id_text + "/in";
     n->local_out_ep = "inproc://evmesh/" + n->id_text + "/out";
     for (auto* m : {&n->topic_, &n->body_, &n->mesh_topic_, &n->mesh_body_, &n->sub_}) {
@@ -149,7 +152,7 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
         return fail(errc::io_error);
     }
     // log before the I/O thread exists: spdlog's registry is initialised here, not concurrently
-    spdlog::info("evmesh node '{}' ({}) started in mesh '{}', mesh endpoint {}", n->name,
+    detail::log()->info("evmesh node '{}' ({}) started in mesh '{}', mesh endpoint {}", n->name,
                  n->id_text, n->opt.mesh, n->mesh_ep.empty() ? "(none)" : n->mesh_ep);
     n->running = true;
     n->thread_ = std::thread([p = n.get()] { p->run(); });
@@ -235,6 +238,9 @@ result<void> node_impl::open_sockets() {
         set_int(mesh_in_, ZMQ_HEARTBEAT_TTL, hb_timeout);  // the peer's mesh out enforces it
         set_int(mesh_in_, ZMQ_RECONNECT_IVL, 100);
         zmq_setsockopt(mesh_in_, ZMQ_MAXMSGSIZE, &max_msg, sizeof(max_msg));
+        // answer mesh-inspector pings addressed to this node (see answer_ping)
+        const std::string ping_sub = "\x01" + ping_topic_;
+        zmq_send(mesh_in_, ping_sub.data(), ping_sub.size(), 0);
         const std::string mon = "inproc://evmesh/" + id_text + "/monitor";
         zmq_socket_monitor(mesh_in_, mon.c_str(), ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED);
         monitor_ = zmq_socket(ctx->ctx, ZMQ_PAIR);
@@ -434,6 +440,8 @@ void node_impl::run() {
         }
     };
     const bool discovery = udp_bcast_ >= 0;
+    next_stats_ = clock::now() + opt.stats_interval;
+    last_stats_ = clock::now();
     next_beacon_ = clock::now();
     next_expiry_ = clock::now() + opt.discovery.interval;
 
@@ -442,6 +450,9 @@ void node_impl::run() {
         if (discovery) {
             timeout = std::min(ms_until(next_beacon_), ms_until(next_expiry_));
         }
+        if (opt.stats_interval.count() > 0) {
+            timeout = std::min(timeout, ms_until(next_stats_));
+        }
         if (pending_) {
             timeout = std::min(timeout, 1);
         }
@@ -449,7 +460,7 @@ void node_impl::run() {
             if (zmq_errno() == EINTR) {
                 continue;
             }
-            spdlog::error("evmesh node '{}': poll failed: {}", name, zmq_strerror(zmq_errno()));
+            detail::log()->error("evmesh node '{}': poll failed: {}", name, zmq_strerror(zmq_errno()));
             break;
         }
         if (ready(wake)) {
@@ -484,6 +495,10 @@ void node_impl::run() {
         }
         if (ready(mon)) {
             on_monitor();
+        }
+        if (opt.stats_interval.count() > 0 && clock::now() >= next_stats_) {
+            publish_stats();
+            next_stats_ = clock::now() + opt.stats_interval;
         }
         if (discovery) {
             const auto now = clock::now();
@@ -533,7 +548,7 @@ void node_impl::run() {
     if (mesh_in_ != nullptr) {
         zmq_socket_monitor(mesh_in_, nullptr, 0);
     }
-    spdlog::info("evmesh node '{}' stopped", name);
+    detail::log()->info("evmesh node '{}' stopped", name);
 }
 
 void node_impl::drain_on_stop() {
@@ -582,6 +597,9 @@ bool node_impl::deliver(bool to_mesh) {
     // until it is taken, which pushes back to the publishers.
     pending_mesh_ = to_mesh && !mesh_subs_.empty();
     pending_local_ = !local_subs_.empty();
+    if (pending_local_ && (++latency_tick_ & 7) == 0) {
+        sample_latency();  // 1 in 8 deliveries: cheap, and enough for percentiles
+    }
     if (pending_mesh_) {
         zmq_msg_copy(&mesh_topic_, &topic_);
         zmq_msg_copy(&mesh_body_, &body_);
@@ -608,7 +626,9 @@ void node_impl::forward_local() {
             continue;
         }
         ++c.local_in_events;
-        c.local_in_bytes += zmq_msg_size(&body_);
+        const auto bytes = zmq_msg_size(&body_);
+        c.local_in_bytes += bytes;
+        topics_.count(view(topic_), bytes);
         if (!deliver(true)) {
             return;
         }
@@ -640,7 +660,7 @@ void node_impl::forward_client() {
             ++c.client_rejected;
             std::uint64_t suppressed = 0;
             if (reject_log_.allow(suppressed)) {
-                spdlog::warn("evmesh node '{}': rejected client event: {} ({} similar suppressed)",
+                detail::log()->warn("evmesh node '{}': rejected client event: {} ({} similar suppressed)",
                              name, why != nullptr ? std::string(why) : v.error().message(),
                              suppressed);
             }
@@ -648,6 +668,7 @@ void node_impl::forward_client() {
         }
         ++c.client_in_events;
         c.client_in_bytes += zmq_msg_size(&body_);
+        topics_.count(v->topic, zmq_msg_size(&body_));
         if (missing.any() || v->content_type.empty()) {
             event_view ev = *v;
             if (missing.id) {
@@ -698,7 +719,18 @@ void node_impl::forward_mesh_in() {
             continue;
         }
         ++c.mesh_in_events;
-        c.mesh_in_bytes += zmq_msg_size(&body_);
+        const auto bytes = zmq_msg_size(&body_);
+        c.mesh_in_bytes += bytes;
+        const auto t = view(topic_);
+        if (t.size() > 13 && t[0] == '_' && t.starts_with("_evmesh.ping.")) {
+            answer_ping();
+            continue;
+        }
+        std::string_view source;
+        std::int64_t time_ns = 0;
+        if (codec::peek_source_time(view(body_), source, time_ns)) {
+            sources_.count(source.substr(0, source.find('/')), bytes);  // per source node
+        }
         // one hop: events from peers go to local subscribers only
         if (!deliver(false)) {
             return;
@@ -763,6 +795,7 @@ void node_impl::send_beacon(bool goodbye) {
     b.name = name;
     b.incarnation = incarnation;
     b.mesh_host = opt.mesh_advertise_address;
+    b.flags = opt.observer ? discovery::beacon_flag_observer : 0;
     const auto colon = mesh_ep.rfind(':');
     b.mesh_port = static_cast<std::uint16_t>(std::stoi(mesh_ep.substr(colon + 1)));
     const bool gossip = !d.broadcast || !d.seeds.empty();
@@ -817,7 +850,7 @@ void node_impl::on_datagrams(int fd) {
             ++c.beacons_rejected;
             std::uint64_t suppressed = 0;
             if (beacon_log_.allow(suppressed)) {
-                spdlog::warn("evmesh node '{}': rejected datagram from {}: {} ({} suppressed)",
+                detail::log()->warn("evmesh node '{}': rejected datagram from {}: {} ({} suppressed)",
                              name, addr_text(from), why, suppressed);
             }
         };
@@ -863,15 +896,16 @@ void node_impl::on_datagrams(int fd) {
             p.info.name = b->name;
             p.info.endpoint = endpoint;
             p.info.incarnation = b->incarnation;
+            p.info.observer = (b->flags & discovery::beacon_flag_observer) != 0;
             p.info.state = peer_info::link_state::connecting;
             zmq_connect(mesh_in_, endpoint.c_str());
             it = peers_.emplace(key, std::move(p)).first;
             ++c.peers_joined;
             reply = true;
-            spdlog::info("evmesh node '{}': peer '{}' joined at {}", name, b->name, endpoint);
+            detail::log()->info("evmesh node '{}': peer '{}' joined at {}", name, b->name, endpoint);
         } else if (it->second.info.incarnation != b->incarnation
                    || it->second.info.endpoint != endpoint) {
-            spdlog::info("evmesh node '{}': peer '{}' restarted or moved: {} -> {}", name,
+            detail::log()->info("evmesh node '{}': peer '{}' restarted or moved: {} -> {}", name,
                          b->name, it->second.info.endpoint, endpoint);
             zmq_disconnect(mesh_in_, it->second.info.endpoint.c_str());
             zmq_connect(mesh_in_, endpoint.c_str());
@@ -897,6 +931,7 @@ void node_impl::on_datagrams(int fd) {
                     me.name = name;
                     me.incarnation = incarnation;
                     me.mesh_host = opt.mesh_advertise_address;
+                    me.flags = opt.observer ? discovery::beacon_flag_observer : 0;
                     me.mesh_port = static_cast<std::uint16_t>(
                         std::stoi(mesh_ep.substr(mesh_ep.rfind(':') + 1)));
                     return discovery::encode_beacon(me);
@@ -978,7 +1013,7 @@ void node_impl::remove_peer(const std::string& key, const char* why) {
     if (it == peers_.end()) {
         return;
     }
-    spdlog::info("evmesh node '{}': peer '{}' removed: {}", name, it->second.info.name, why);
+    detail::log()->info("evmesh node '{}': peer '{}' removed: {}", name, it->second.info.name, why);
     zmq_disconnect(mesh_in_, it->second.info.endpoint.c_str());
     peers_.erase(it);
     c.peers = peers_.size();

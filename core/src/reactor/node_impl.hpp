@@ -16,6 +16,9 @@
 
 #include <evmesh/node.hpp>
 
+#include "reactor/sub_registry.hpp"
+#include "util/string_hash.hpp"
+
 namespace evmesh::detail {
 
 // A ZeroMQ context shared by a node and every publisher/subscription made from it, so a handle
@@ -51,6 +54,47 @@ private:
     std::uint64_t suppressed_ = 0;
 };
 
+// Events and bytes of one topic (or one source node), with the values at the last stats event.
+struct flow_stat {
+    std::uint64_t events = 0, bytes = 0, prev_events = 0;
+};
+
+using flow_map = std::unordered_map<std::string, flow_stat, string_hash, std::equal_to<>>;
+
+// Counts events per key with a one-entry cache: publishers repeat topics, so most events skip
+// the hash. Bounded: keys beyond `max_keys` are counted in `other`.
+class flow_counter {
+public:
+    void count(std::string_view key, std::size_t bytes) {
+        if (last_ == nullptr || key != last_key_) {
+            auto it = map_.find(key);
+            if (it == map_.end()) {
+                if (map_.size() >= max_keys) {
+                    ++other_.events;
+                    other_.bytes += bytes;
+                    return;
+                }
+                it = map_.emplace(std::string(key), flow_stat{}).first;
+            }
+            last_ = &it->second;
+            last_key_.assign(key);
+        }
+        ++last_->events;
+        last_->bytes += bytes;
+    }
+
+    flow_map& map() { return map_; }
+    flow_stat& other() { return other_; }
+
+    static constexpr std::size_t max_keys = 4096;
+
+private:
+    flow_map map_;
+    flow_stat other_;
+    flow_stat* last_ = nullptr;  // node-based map: stable until erased (never erased)
+    std::string last_key_;
+};
+
 struct peer_entry {
     peer_info info;
     std::chrono::steady_clock::time_point last_seen_steady;
@@ -80,9 +124,14 @@ struct node_impl {
     node_counters final_counters;
     std::vector<peer_info> final_peers;
 
+    sub_registry subs;  // embedded subscriptions' counters (own mutex)
+
     // reactor-owned state (touch only from the reactor thread, or before start / after join)
     node_counters c;
     std::vector<peer_info> snapshot_peers() const;
+    void collect_subscriber_counters();
+    // Distinct prefixes the local in XSUB forwards to publishers (local and peers' subscriptions).
+    std::size_t upstream_subscription_count() const;
 
 private:
     node_impl() = default;
@@ -105,6 +154,11 @@ private:
     void expire_peers();
     void remove_peer(const std::string& key, const char* why);
     void drain_on_stop();
+    void sample_latency();
+    void publish_stats();
+    void answer_ping();
+    bool inject(const std::string& topic, const std::string& body, bool to_mesh);
+    std::string encode_stats(double elapsed_s);
 
     std::thread thread_;
     std::mutex mu_;
@@ -133,6 +187,13 @@ private:
     std::unordered_map<std::string, std::uint64_t> client_seq_;
     std::string scratch_;
     log_limiter reject_log_, beacon_log_;
+    flow_counter topics_;         // published here (local and client input)
+    flow_counter sources_;        // received from the mesh, per source node (edges of the graph)
+    std::uint32_t latency_tick_ = 0;
+    std::string stats_topic_, ping_topic_;
+    std::uint64_t stats_seq_ = 0, pong_seq_ = 0;
+    std::chrono::steady_clock::time_point started_{}, next_stats_{}, last_stats_{};
+    node_counters prev_c_;
     std::chrono::steady_clock::time_point next_beacon_{}, next_expiry_{};
     int burst_left_ = 3;
 };

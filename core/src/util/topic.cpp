@@ -45,13 +45,19 @@ result<topic_pattern> topic_pattern::parse(std::string_view text) {
     p.exact_ = literal;
     // "a.b.>" matches exactly the valid topics starting with "a.b."
     p.prefix_only_ = !literal && p.segments_.back() == ">"
-                     && p.prefix_.size() + 1 == p.text_.size();
+                     && p.prefix_.size() + 1 == p.text_.size() && !p.prefix_.empty()
+                     && !p.prefix_.starts_with("_evmesh");
+    // reserved `_evmesh.` topics (stats, ping) only match patterns that name them literally
+    p.system_ = p.segments_.front() == "_evmesh";
     return p;
 }
 
 bool topic_pattern::matches(std::string_view topic) const noexcept {
     if (exact_) {
         return topic == text_;
+    }
+    if (!system_ && topic.starts_with("_evmesh.")) {
+        return false;
     }
     std::size_t pos = 0;
     for (std::size_t i = 0; i < segments_.size(); ++i) {

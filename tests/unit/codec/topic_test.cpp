@@ -56,6 +56,16 @@ TEST(TopicPattern, TailMatchesOneOrMoreSegments) {
     EXPECT_FALSE(mixed.matches("a.b.x.d"));
 }
 
+TEST(TopicPattern, ReservedTopicsNeedALiteralPrefix) {
+    EXPECT_FALSE(p(">").matches("_evmesh.stats.abc"));
+    EXPECT_FALSE(p("*.stats.abc").matches("_evmesh.stats.abc"));
+    EXPECT_FALSE(p(">").prefix_only());
+    EXPECT_TRUE(p("_evmesh.stats.>").matches("_evmesh.stats.abc"));
+    EXPECT_TRUE(p("_evmesh.*.abc").matches("_evmesh.stats.abc"));
+    EXPECT_TRUE(p("_evmesh.stats.abc").matches("_evmesh.stats.abc"));
+    EXPECT_TRUE(p(">").matches("_evmeshx.a"));
+}
+
 TEST(TopicPattern, RejectsMalformedPatterns) {
     for (std::string_view s : {"", ".", "a..b", "a.>.b", "a.b*", "a.>x", "a b", "a."}) {
         EXPECT_FALSE(topic_pattern::parse(s)) << s;

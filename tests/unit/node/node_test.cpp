@@ -81,6 +81,21 @@ TEST(Node, PubSubBetweenThreadsDeliversEverythingInOrder) {
     EXPECT_GE(c.local_in_events, static_cast<std::uint64_t>(count));
 }
 
+TEST(Node, NewPublisherDoesNotLoseItsFirstEvent) {
+    auto n = make_node(local_options("firstevent"));
+    auto sub = n->subscribe("first.>");
+    ASSERT_TRUE(sub);
+    ASSERT_TRUE(wait_until([&] { return n->counters().subscriptions_local == 1; }));
+    for (int i = 0; i < 50; ++i) {
+        auto pub = n->make_publisher();  // no warm-up: make_publisher waits for subscriptions
+        ASSERT_TRUE(pub);
+        ASSERT_TRUE(pub->publish("first.x", std::to_string(i)));
+        auto ev = sub->receive(2s);
+        ASSERT_TRUE(ev) << "first event of publisher " << i << " was lost";
+        EXPECT_EQ(ev->payload, std::to_string(i));
+    }
+}
+
 TEST(Node, WildcardSubscriptionsDeliverOnlyMatchingEvents) {
     auto n = make_node(local_options("wild"));
     auto star = n->subscribe("orders.*.created");

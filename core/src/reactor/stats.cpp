@@ -1,0 +1,333 @@
+// The node's own events: the periodic stats event, answers to mesh-inspector pings, and the
+// counters they report (docs/PROTOCOL.md, "Stats events" and "Ping").
+#include <algorithm>
+#include <cstring>
+
+#include <msgpack.hpp>
+
+#include <evmesh/codec.hpp>
+
+#include "codec/envelope.hpp"
+#include "reactor/node_impl.hpp"
+
+namespace evmesh::detail {
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+struct buffer_writer {
+    std::string& out;
+
+    void write(const char* d, std::size_t n) { out.append(d, n); }
+};
+
+using packer = msgpack::packer<buffer_writer>;
+
+void key(packer& pk, std::string_view k) {
+    pk.pack_str(static_cast<std::uint32_t>(k.size()));
+    pk.pack_str_body(k.data(), static_cast<std::uint32_t>(k.size()));
+}
+
+void str(packer& pk, std::string_view v) {
+    key(pk, v);
+}
+
+void kv(packer& pk, std::string_view k, std::uint64_t v) {
+    key(pk, k);
+    pk.pack_uint64(v);
+}
+
+void kv(packer& pk, std::string_view k, double v) {
+    key(pk, k);
+    pk.pack_double(v);
+}
+
+void kv(packer& pk, std::string_view k, std::string_view v) {
+    key(pk, k);
+    str(pk, v);
+}
+
+std::string_view view(zmq_msg_t& m) {
+    return {static_cast<const char*>(zmq_msg_data(&m)), zmq_msg_size(&m)};
+}
+
+void set_msg(zmq_msg_t& m, std::string_view data) {
+    zmq_msg_close(&m);
+    zmq_msg_init_size(&m, data.size());
+    std::memcpy(zmq_msg_data(&m), data.data(), data.size());
+}
+
+}  // namespace
+
+void node_impl::sample_latency() {
+    std::string_view source;
+    std::int64_t t = 0;
+    if (!codec::peek_source_time(view(body_), source, t)) {
+        return;
+    }
+    const auto now = now_ns();
+    const auto us = static_cast<std::uint64_t>(std::max<std::int64_t>(0, (now - t) / 1000));
+    std::size_t i = 0;
+    while (i < latency_bounds_us.size() && us > latency_bounds_us[i]) {
+        ++i;
+    }
+    ++c.latency_buckets[i];
+    c.latency_sum_us += us;
+}
+
+std::size_t node_impl::upstream_subscription_count() const {
+    std::size_t n = local_subs_.size();
+    for (const auto& [prefix, refs] : mesh_subs_) {
+        n += local_subs_.count(prefix) == 0 ? 1 : 0;
+    }
+    return n;
+}
+
+void node_impl::collect_subscriber_counters() {
+    std::lock_guard lock(subs.mu);
+    std::uint64_t received = subs.retired_received, gaps = subs.retired_gaps;
+    auto& live = subs.live;
+    for (auto it = live.begin(); it != live.end();) {
+        const auto& s = **it;
+        if (s.closed) {
+            subs.retired_received += s.received.get();
+            subs.retired_gaps += s.gaps.get();
+            received += s.received.get();
+            gaps += s.gaps.get();
+            it = live.erase(it);
+            continue;
+        }
+        received += s.received.get();
+        gaps += s.gaps.get();
+        ++it;
+    }
+    c.subscriber_received = received;
+    c.subscriber_gaps = gaps;
+}
+
+bool node_impl::inject(const std::string& topic, const std::string& body, bool to_mesh) {
+    if (pending_) {
+        return false;  // block policy is holding an event: skip, the next period will do
+    }
+    set_msg(topic_, topic);
+    set_msg(body_, body);
+    return deliver(to_mesh);
+}
+
+void node_impl::publish_stats() {
+    const auto now = clock::now();
+    const double elapsed = std::chrono::duration<double>(now - last_stats_).count();
+    // only build it when a subscription (local, or a peer's) covers the stats topic
+    auto wanted = [&](const std::unordered_map<std::string, int>& subs_map) {
+        return std::any_of(subs_map.begin(), subs_map.end(), [&](const auto& e) {
+            return stats_topic_.compare(0, e.first.size(), e.first) == 0;
+        });
+    };
+    if (!wanted(local_subs_) && !wanted(mesh_subs_)) {
+        return;
+    }
+    collect_subscriber_counters();
+    const auto payload = encode_stats(elapsed);
+    std::string body;
+    const auto t = now_ns();
+    encode_event_body(new_event_id(t), name + "/stats", t, ++stats_seq_,
+                      "application/vnd.evmesh.stats+msgpack", {}, payload, body);
+    if (inject(stats_topic_, body, true)) {
+        ++c.stats_sent;
+    }
+    last_stats_ = now;
+    prev_c_ = c;
+    for (auto* fc : {&topics_, &sources_}) {
+        for (auto& [k, st] : fc->map()) {
+            st.prev_events = st.events;
+        }
+        fc->other().prev_events = fc->other().events;
+    }
+}
+
+std::string node_impl::encode_stats(double elapsed) {
+    std::string out;
+    buffer_writer w{out};
+    packer pk(w);
+    const double dt = elapsed > 0 ? elapsed : 1.0;
+    auto rate = [&](std::uint64_t now_v, std::uint64_t prev_v) {
+        return static_cast<double>(now_v - prev_v) / dt;
+    };
+    pk.pack_map(19);  // keep in step with the keys below (tests decode strictly)
+    kv(pk, "v", std::uint64_t{1});
+    kv(pk, "id", id_text);
+    kv(pk, "name", name);
+    kv(pk, "mesh", opt.mesh);
+    kv(pk, "incarnation", incarnation);
+    key(pk, "observer");
+    pk.pack(opt.observer);
+    kv(pk, "uptime_ms", static_cast<std::uint64_t>(
+                            std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - started_).count()));
+    kv(pk, "interval_ms", static_cast<std::uint64_t>(elapsed * 1000));
+
+    key(pk, "endpoints");
+    pk.pack_map(3);
+    kv(pk, "mesh", mesh_ep);
+    key(pk, "pub");
+    pk.pack(pub_eps);
+    key(pk, "sub");
+    pk.pack(sub_eps);
+
+    key(pk, "peers");
+    const auto peers = snapshot_peers();
+    pk.pack_array(static_cast<std::uint32_t>(peers.size()));
+    const auto wall = std::chrono::system_clock::now();
+    for (const auto& p : peers) {
+        pk.pack_map(6);
+        kv(pk, "id", p.id);
+        kv(pk, "name", p.name);
+        kv(pk, "endpoint", p.endpoint);
+        kv(pk, "state", std::string_view(to_string(p.state)));
+        key(pk, "observer");
+        pk.pack(p.observer);
+        kv(pk, "last_seen_ms", static_cast<std::uint64_t>(std::max<std::int64_t>(
+                                   0, std::chrono::duration_cast<std::chrono::milliseconds>(wall - p.last_seen).count())));
+    }
+
+    key(pk, "subscriptions");
+    pk.pack_map(2);
+    for (const auto* m : {&local_subs_, &mesh_subs_}) {
+        key(pk, m == &local_subs_ ? "local" : "mesh");
+        const auto n = std::min<std::size_t>(m->size(), 64);
+        pk.pack_array(static_cast<std::uint32_t>(n));
+        std::size_t i = 0;
+        for (const auto& [prefix, refs] : *m) {
+            if (i++ == n) {
+                break;
+            }
+            str(pk, prefix);
+        }
+    }
+
+    key(pk, "counters");
+    const std::pair<const char*, std::uint64_t> counters[] = {
+        {"local_in_events", c.local_in_events},   {"local_in_bytes", c.local_in_bytes},
+        {"client_in_events", c.client_in_events}, {"client_in_bytes", c.client_in_bytes},
+        {"client_rejected", c.client_rejected},   {"client_completed", c.client_completed},
+        {"mesh_in_events", c.mesh_in_events},     {"mesh_in_bytes", c.mesh_in_bytes},
+        {"local_out_events", c.local_out_events}, {"mesh_out_events", c.mesh_out_events},
+        {"blocked", c.local_out_blocked},         {"beacons_sent", c.beacons_sent},
+        {"beacons_received", c.beacons_received}, {"beacons_rejected", c.beacons_rejected},
+        {"beacons_foreign", c.beacons_foreign},   {"peers_joined", c.peers_joined},
+        {"peers_left", c.peers_left},             {"peers_expired", c.peers_expired},
+        {"peers_link_lost", c.peers_link_lost},   {"stats_sent", c.stats_sent},
+        {"pings_answered", c.pings_answered},     {"subscriber_received", c.subscriber_received},
+        {"subscriber_gaps", c.subscriber_gaps}};
+    pk.pack_map(static_cast<std::uint32_t>(std::size(counters)));
+    for (const auto& [k, v] : counters) {
+        kv(pk, k, v);
+    }
+
+    key(pk, "rates");
+    pk.pack_map(5);
+    kv(pk, "local_in", rate(c.local_in_events, prev_c_.local_in_events));
+    kv(pk, "client_in", rate(c.client_in_events, prev_c_.client_in_events));
+    kv(pk, "mesh_in", rate(c.mesh_in_events, prev_c_.mesh_in_events));
+    kv(pk, "local_out", rate(c.local_out_events, prev_c_.local_out_events));
+    kv(pk, "mesh_out", rate(c.mesh_out_events, prev_c_.mesh_out_events));
+
+    // top-N flows by rate over the last interval (then total), plus everything else as one
+    auto top = [&](flow_counter& fc, const char* name_key, std::size_t n) {
+        std::vector<std::pair<const std::string*, flow_stat*>> v;
+        for (auto& [k, st] : fc.map()) {
+            v.emplace_back(&k, &st);
+        }
+        std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
+            const auto ra = a.second->events - a.second->prev_events;
+            const auto rb = b.second->events - b.second->prev_events;
+            return ra != rb ? ra > rb : a.second->events > b.second->events;
+        });
+        const auto shown = std::min(n, v.size());
+        pk.pack_array(static_cast<std::uint32_t>(shown));
+        flow_stat other = fc.other();
+        for (std::size_t i = 0; i < v.size(); ++i) {
+            const auto& st = *v[i].second;
+            if (i >= shown) {
+                other.events += st.events;
+                other.prev_events += st.prev_events;
+                other.bytes += st.bytes;
+                continue;
+            }
+            pk.pack_map(4);
+            kv(pk, name_key, *v[i].first);
+            kv(pk, "events", st.events);
+            kv(pk, "bytes", st.bytes);
+            kv(pk, "rate", rate(st.events, st.prev_events));
+        }
+        return other;
+    };
+    key(pk, "topics");
+    const auto other = top(topics_, "topic", opt.stats_top_topics);
+    key(pk, "topics_other");
+    pk.pack_map(3);
+    kv(pk, "events", other.events);
+    kv(pk, "bytes", other.bytes);
+    kv(pk, "rate", rate(other.events, other.prev_events));
+    key(pk, "sources");
+    (void)top(sources_, "node", 64);
+
+    key(pk, "subscribers");
+    {
+        std::lock_guard lock(subs.mu);
+        const auto n = std::min<std::size_t>(subs.live.size(), 32);
+        pk.pack_array(static_cast<std::uint32_t>(n));
+        for (std::size_t i = 0; i < n; ++i) {
+            const auto& s = *subs.live[i];
+            pk.pack_map(5);
+            kv(pk, "pattern", s.pattern);
+            kv(pk, "received", s.received.get());
+            kv(pk, "gaps", s.gaps.get());
+            kv(pk, "out_of_order", s.out_of_order.get());
+            kv(pk, "decode_errors", s.decode_errors.get());
+        }
+    }
+
+    key(pk, "latency_us");
+    pk.pack_map(3);
+    key(pk, "bounds");
+    pk.pack_array(static_cast<std::uint32_t>(latency_bounds_us.size()));
+    for (auto b : latency_bounds_us) {
+        pk.pack_uint64(b);
+    }
+    key(pk, "counts");
+    pk.pack_array(static_cast<std::uint32_t>(c.latency_buckets.size()));
+    for (auto n : c.latency_buckets) {
+        pk.pack_uint64(n);
+    }
+    kv(pk, "sum", c.latency_sum_us);
+
+    key(pk, "channels");
+    pk.pack_array(0);  // delivery channels (issue 5) report here
+    return out;
+}
+
+void node_impl::answer_ping() {
+    // A ping is an ordinary event on _evmesh.ping.<this node id> whose headers name the reply
+    // topic (`reply-to`, under _evmesh.pong.) and a `nonce`; the pong echoes the nonce.
+    auto v = decode_event(view(topic_), view(body_));
+    if (!v) {
+        ++c.client_rejected;
+        return;
+    }
+    const auto reply_to = std::string(v->header_value("reply-to"));
+    if (!reply_to.starts_with("_evmesh.pong.") || !valid_topic(reply_to)) {
+        return;
+    }
+    const std::vector<header> headers = {{"nonce", std::string(v->header_value("nonce"))},
+                                         {"node", id_text},
+                                         {"name", name}};
+    std::string body;
+    const auto t = now_ns();
+    encode_event_body(new_event_id(t), name + "/ping", t, ++pong_seq_, "application/octet-stream",
+                      headers, {}, body);
+    if (inject(reply_to, body, true)) {
+        ++c.pings_answered;
+    }
+}
+
+}  // namespace evmesh::detail

@@ -1,0 +1,83 @@
+#include <cstdio>
+
+#include "commands.hpp"
+
+namespace evmesh::inspector {
+
+int run_stats(const mesh_options& o, const std::string& node_name) {
+    auto self = join_mesh(o);
+    if (!self) {
+        return exit_usage;
+    }
+    stats_collector stats(*self);
+    stats.wait_for_all(*self, std::chrono::milliseconds(o.wait_ms));
+    json out = json::array();
+    for (const auto& [id, s] : stats.latest()) {
+        const auto name = s.value("name", "");
+        if (!node_name.empty() && name != node_name && id.rfind(node_name, 0) != 0) {
+            continue;
+        }
+        json e = s;
+        e.erase("received_at_ns");
+        const auto lat = s.value("latency_us", json::object());
+        e["latency_percentiles_us"] = {{"p50", histogram_percentile(lat, 0.50)},
+                                       {"p90", histogram_percentile(lat, 0.90)},
+                                       {"p99", histogram_percentile(lat, 0.99)},
+                                       {"p999", histogram_percentile(lat, 0.999)}};
+        std::uint64_t gaps = 0;
+        for (const auto& sub : s.value("subscribers", json::array())) {
+            gaps += sub.value("gaps", std::uint64_t{0});
+        }
+        const auto c = s.value("counters", json::object());
+        e["drops"] = {{"client_rejected", c.value("client_rejected", 0)},
+                      {"blocked", c.value("blocked", 0)},
+                      {"subscriber_gaps", c.value("subscriber_gaps", 0)},
+                      {"live_subscriber_gaps", gaps}};
+        out.push_back(e);
+    }
+    if (out.empty()) {
+        std::fprintf(stderr, "no stats from %s in mesh '%s'\n",
+                     node_name.empty() ? "any node" : ("node '" + node_name + "'").c_str(), o.mesh.c_str());
+        return exit_not_found;
+    }
+    if (o.json) {
+        std::printf("%s\n", (node_name.empty() ? out : out[0]).dump(2).c_str());
+        return exit_ok;
+    }
+    for (const auto& s : out) {
+        const auto c = s["counters"];
+        const auto r = s["rates"];
+        std::size_t peers = 0;
+        for (const auto& p : s["peers"]) {
+            peers += p.value("observer", false) ? 0 : 1;
+        }
+        std::printf("node %s (%s), uptime %s, %zu peers\n", s.value("name", "").c_str(),
+                    s.value("id", "").c_str(), human_duration_ms(s.value("uptime_ms", std::uint64_t{0})).c_str(),
+                    peers);
+        std::printf("  in    local %s  client %s  mesh %s   (totals %llu / %llu / %llu)\n",
+                    human_rate(r.value("local_in", 0.0)).c_str(), human_rate(r.value("client_in", 0.0)).c_str(),
+                    human_rate(r.value("mesh_in", 0.0)).c_str(),
+                    static_cast<unsigned long long>(c.value("local_in_events", 0ULL)),
+                    static_cast<unsigned long long>(c.value("client_in_events", 0ULL)),
+                    static_cast<unsigned long long>(c.value("mesh_in_events", 0ULL)));
+        std::printf("  out   local %s  mesh %s\n", human_rate(r.value("local_out", 0.0)).c_str(),
+                    human_rate(r.value("mesh_out", 0.0)).c_str());
+        const auto d = s["drops"];
+        std::printf("  drops client rejected %llu, blocked %llu, subscriber gaps %llu\n",
+                    static_cast<unsigned long long>(d.value("client_rejected", 0ULL)),
+                    static_cast<unsigned long long>(d.value("blocked", 0ULL)),
+                    static_cast<unsigned long long>(d.value("subscriber_gaps", 0ULL)));
+        for (const auto& sub : s.value("subscribers", json::array())) {
+            std::printf("  sub   %-24s received %llu, gaps %llu\n", sub.value("pattern", "").c_str(),
+                        static_cast<unsigned long long>(sub.value("received", 0ULL)),
+                        static_cast<unsigned long long>(sub.value("gaps", 0ULL)));
+        }
+        const auto p = s["latency_percentiles_us"];
+        std::printf("  latency (event time to local delivery) p50 <= %.0f us, p99 <= %.0f us, p99.9 <= %.0f us\n",
+                    p.value("p50", 0.0), p.value("p99", 0.0), p.value("p999", 0.0));
+        std::printf("  channels %s\n", s.value("channels", json::array()).empty() ? "none" : s["channels"].dump().c_str());
+    }
+    return exit_ok;
+}
+
+}  // namespace evmesh::inspector
