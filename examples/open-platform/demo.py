@@ -22,7 +22,7 @@ BUILD = os.environ.get("EVMESH_BUILD_DIR", os.path.join(ROOT, "build"))
 NODE = os.path.join(BUILD, "nodes", "evmesh-node")
 seconds = float(os.environ.get("DEMO_SECONDS", "12"))
 mesh = f"demo-{os.getpid()}"
-COLORS = {"orders-node": 33, "partner-node": 35, "audit-node": 36, "orders-service": 32,
+COLORS = {"inspector": 92, "orders-node": 33, "partner-node": 35, "audit-node": 36, "orders-service": 32,
           "partner(C++)": 95, "audit(Python)": 96, "embedded(C++)": 94, "demo": 1}
 procs = []
 lock = threading.Lock()
@@ -118,6 +118,14 @@ def main():
         time.sleep(0.01)
     orders = spawn("orders-service", ["/usr/bin/python3", os.path.join(ROOT, "examples", "open-platform", "orders_service.py"),
                                       nodes["orders-node"]["pub"][0], str(count), "0.2"])
+    time.sleep(min(3.0, seconds / 2))
+    inspector = os.path.join(BUILD, "tools", "mesh-inspector")
+    common = ["--mesh", mesh, "--beacon-port", str(beacon_port)]
+    for args in (["nodes"], ["topics"], ["ping", "partner-node", "-c", "3"]):
+        say("demo", f"$ mesh-inspector {' '.join(args)}")
+        out = subprocess.run([inspector, *args, *common], capture_output=True, timeout=30)
+        for line in out.stdout.decode().splitlines():
+            say("inspector", line)
     orders.wait()
     time.sleep(1.0)
     say("demo", "summary (from each node's /metrics):")

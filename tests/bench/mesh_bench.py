@@ -174,7 +174,7 @@ def cut_link_detection(tries, extra, load):
     return times, false_expiries
 
 
-def idle_cost(n, seconds, extra=()):
+def idle_cost(n, seconds, extra=(), watch=False):
     mesh, port = f"idle-{os.getpid()}", free_udp()
     pids = []
     for i in range(n):
@@ -183,6 +183,12 @@ def idle_cost(n, seconds, extra=()):
                       "--log-level", "warn", *extra])
         pids.append(p.pid)
     time.sleep(3)  # let the mesh form
+    if watch:  # a mesh-inspector subscribed to every node's stats for the whole measurement
+        inspector = os.path.join(os.path.dirname(NODE), "..", "tools", "mesh-inspector")
+        w = subprocess.Popen([inspector, "top", "--duration", str(seconds + 5), "--mesh", mesh,
+                              "--beacon-port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(w)
+        time.sleep(2)
 
     def cpu_ticks(pid):
         with open(f"/proc/{pid}/stat") as f:
@@ -209,11 +215,12 @@ def main():
     ap.add_argument("--idle-seconds", type=float, default=10)
     ap.add_argument("--idle-only", action="store_true", help="only the idle-cost measurement")
     ap.add_argument("--node-args", default="", help="extra evmesh-node flags for the idle mesh")
+    ap.add_argument("--watch", action="store_true", help="a mesh-inspector top watches the idle mesh")
     a = ap.parse_args()
     try:
         if a.idle_only:
-            cpu, rss = idle_cost(a.idle_nodes, a.idle_seconds, a.node_args.split())
-            print(f"idle {a.idle_nodes} nodes {a.node_args!r}: CPU median {statistics.median(cpu):.2f}% "
+            cpu, rss = idle_cost(a.idle_nodes, a.idle_seconds, a.node_args.split(), a.watch)
+            print(f"idle {a.idle_nodes} nodes {a.node_args!r}{' watched' if a.watch else ''}: CPU median {statistics.median(cpu):.2f}% "
                   f"max {max(cpu):.2f}%, RSS median {statistics.median(rss):.1f} MiB")
             return
         k = sigkill_detection(a.tries)

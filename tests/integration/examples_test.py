@@ -12,7 +12,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 class Examples(unittest.TestCase):
     def test_live_demo_runs_and_cleans_up(self):
-        env = dict(os.environ, DEMO_SECONDS="3", EVMESH_BUILD_DIR=BUILD)
+        env = dict(os.environ, DEMO_SECONDS="6", EVMESH_BUILD_DIR=BUILD)
         p = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "examples", "open-platform", "demo.py")],
                            capture_output=True, timeout=90, env=env)
         out = p.stdout.decode()
@@ -26,11 +26,17 @@ class Examples(unittest.TestCase):
         self.assertTrue(any("partner(C++) | got orders.eu.created" in l and "embedded-service/orders" in l
                             for l in lines), out)
         published = [l for l in out.splitlines() if "orders-service: published" in l]
-        self.assertEqual(len(published), 15)
-        self.assertEqual(len(partner), 15, out)
-        self.assertEqual(len(audit), 15, out)
+        self.assertEqual(len(published), 30)
+        self.assertEqual(len(partner), 30, out)
+        self.assertEqual(len(audit), 30, out)
         self.assertIn("embedded(C++) | done", out)
         self.assertIn("all processes stopped", out)
+        # mesh-inspector watched the live mesh: it listed the sidecars and the order topics
+        inspector = [l for l in lines if "inspector |" in l]
+        for node in ("orders-node", "partner-node", "audit-node"):
+            self.assertTrue(any(node in l and " ok " in l for l in inspector), out)
+        self.assertTrue(any("orders." in l and "orders-node" in l for l in inspector), out)
+        self.assertTrue(any("3 answered" in l for l in inspector), out)
         # the embedded service joined the mesh and saw the orders service's events
         done = [l for l in out.splitlines() if "embedded(C++) | done" in l][0]
         self.assertGreater(int(re.search(r"; (\d+) from peers", done).group(1)), 0, done)

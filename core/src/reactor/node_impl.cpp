@@ -902,7 +902,9 @@ void node_impl::on_datagrams(int fd) {
             it = peers_.emplace(key, std::move(p)).first;
             ++c.peers_joined;
             reply = true;
-            detail::log()->info("evmesh node '{}': peer '{}' joined at {}", name, b->name, endpoint);
+            // observers (mesh-inspector) come and go often: keep them out of the info log
+            detail::log()->log(it->second.info.observer ? spdlog::level::debug : spdlog::level::info,
+                               "evmesh node '{}': peer '{}' joined at {}", name, b->name, endpoint);
         } else if (it->second.info.incarnation != b->incarnation
                    || it->second.info.endpoint != endpoint) {
             detail::log()->info("evmesh node '{}': peer '{}' restarted or moved: {} -> {}", name,
@@ -1013,7 +1015,8 @@ void node_impl::remove_peer(const std::string& key, const char* why) {
     if (it == peers_.end()) {
         return;
     }
-    detail::log()->info("evmesh node '{}': peer '{}' removed: {}", name, it->second.info.name, why);
+    detail::log()->log(it->second.info.observer ? spdlog::level::debug : spdlog::level::info,
+                       "evmesh node '{}': peer '{}' removed: {}", name, it->second.info.name, why);
     zmq_disconnect(mesh_in_, it->second.info.endpoint.c_str());
     peers_.erase(it);
     c.peers = peers_.size();
