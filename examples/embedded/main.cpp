@@ -5,6 +5,7 @@
 //
 // Publishes COUNT orders.eu.created events, receives its own and (with STAY_SECONDS > 0) those
 // of the rest of the mesh for that long.
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <string>
@@ -41,6 +42,20 @@ int main(int argc, char** argv) {
     auto pub = (*node)->make_publisher({.name = "orders"});
     if (!sub || !pub) {
         return 1;
+    }
+    // In a mesh, peers connect (and send their subscriptions) within milliseconds of start-up;
+    // wait for them, bounded, so the first events also reach subscribers on other nodes.
+    if (stay > 0) {
+        for (int i = 0; i < 200; ++i) {
+            const auto peers = (*node)->peers();
+            if (!peers.empty() && std::all_of(peers.begin(), peers.end(), [](const evmesh::peer_info& p) {
+                    return p.state == evmesh::peer_info::link_state::connected;
+                })) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(50));  // their subscriptions
+                break;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
     }
     // subscriptions travel asynchronously: publish once the first event comes back
     while (received == 0) {

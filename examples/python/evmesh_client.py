@@ -24,6 +24,8 @@ def literal_prefix(pattern):
 
 
 def matches(pattern, topic):
+    if topic.startswith("_evmesh.") and pattern.split(".")[0] != "_evmesh":
+        return False  # reserved topics (node stats, ping) only match `_evmesh...` patterns
     p, t = pattern.split("."), topic.split(".")
     for i, seg in enumerate(p):
         if seg == ">":

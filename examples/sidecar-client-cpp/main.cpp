@@ -19,6 +19,9 @@ namespace {
 
 // A dot-separated pattern with `*` (one segment) and `>` (the rest), PROTOCOL.md section 2.
 bool matches(const std::string& pattern, const std::string& topic) {
+    if (topic.rfind("_evmesh.", 0) == 0 && pattern.rfind("_evmesh.", 0) != 0) {
+        return false;  // reserved topics (node stats, ping) only match `_evmesh...` patterns
+    }
     std::size_t p = 0, t = 0;
     while (p <= pattern.size()) {
         const auto pe = std::min(pattern.find('.', p), pattern.size());

@@ -158,7 +158,7 @@ std::string render_peers(const node& n) {
                        {"incarnation", p.incarnation},
                        {"observer", p.observer},
                        {"state", to_string(p.state)},
-                       {"last_seen_ms",
+                       {"last_seen_unix_ms",
                         std::chrono::duration_cast<std::chrono::milliseconds>(
                             p.last_seen.time_since_epoch())
                             .count()}});

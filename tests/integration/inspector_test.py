@@ -202,6 +202,10 @@ class Inspector(NodeTestCase):
         self.assertEqual(rc, 0, err)
         n0 = json.loads(out)
         self.assertEqual(n0["drops"]["client_rejected"], 7)
+        # with their reason and topic
+        self.assertEqual(sum(n0["rejected"]["by_reason"].values()), 7, n0["rejected"])
+        self.assertEqual(n0["rejected"]["by_topic"], {"flood.x": 7})
+        self.assertGreater(sub["gaps_by_topic"]["flood.x"], 0)
         # human-readable form mentions them too
         rc, out, err = self.inspect("stats", "slow-node")
         self.assertEqual(rc, 0, err)

@@ -159,6 +159,7 @@ struct subscription_impl {
         }
         if (v.seq > *slot + 1) {
             gaps.add(v.seq - *slot - 1);
+            stats->gap_on(v.topic, v.seq - *slot - 1);
         } else if (v.seq <= *slot) {
             out_of_order.add();
         }

@@ -658,6 +658,21 @@ void node_impl::forward_client() {
         }
         if (why != nullptr || !v) {
             ++c.client_rejected;
+            // reasons and topics of rejects, for the stats event (bounded: hostile input)
+            const std::string reason = why != nullptr ? "bad framing" : v.error().message();
+            if (reject_reasons_.size() < 32 || reject_reasons_.count(reason) != 0) {
+                ++reject_reasons_[reason];
+            }
+            const auto t = view(topic_).substr(0, 64);
+            const bool printable = std::all_of(t.begin(), t.end(), [](char ch) {
+                return static_cast<unsigned char>(ch) >= 0x20 && static_cast<unsigned char>(ch) < 0x7f;
+            });
+            const std::string topic_key = printable && !t.empty() ? std::string(t) : "(unprintable)";
+            if (reject_topics_.size() < 32 || reject_topics_.count(topic_key) != 0) {
+                ++reject_topics_[topic_key];
+            } else {
+                ++reject_topics_["(other)"];
+            }
             std::uint64_t suppressed = 0;
             if (reject_log_.allow(suppressed)) {
                 detail::log()->warn("evmesh node '{}': rejected client event: {} ({} similar suppressed)",

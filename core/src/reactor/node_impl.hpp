@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -188,6 +189,7 @@ private:
     std::string scratch_;
     log_limiter reject_log_, beacon_log_;
     flow_counter topics_;         // published here (local and client input)
+    std::map<std::string, std::uint64_t> reject_reasons_, reject_topics_;  // bounded, see reject
     flow_counter sources_;        // received from the mesh, per source node (edges of the graph)
     std::uint32_t latency_tick_ = 0;
     std::string stats_topic_, ping_topic_;

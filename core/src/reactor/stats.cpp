@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include <map>
+
 #include <msgpack.hpp>
 
 #include <evmesh/codec.hpp>
@@ -117,13 +119,25 @@ bool node_impl::inject(const std::string& topic, const std::string& body, bool t
 void node_impl::publish_stats() {
     const auto now = clock::now();
     const double elapsed = std::chrono::duration<double>(now - last_stats_).count();
-    // only build it when a subscription (local, or a peer's) covers the stats topic
+    // Only build it when a subscription that names `_evmesh` covers the stats topic: a client
+    // subscribed to everything ("" at the ZeroMQ level) filters reserved topics out anyway.
     auto wanted = [&](const std::unordered_map<std::string, int>& subs_map) {
         return std::any_of(subs_map.begin(), subs_map.end(), [&](const auto& e) {
-            return stats_topic_.compare(0, e.first.size(), e.first) == 0;
+            return e.first.starts_with("_evmesh") && stats_topic_.compare(0, e.first.size(), e.first) == 0;
         });
     };
+    auto roll_interval = [&] {  // rates always cover one interval, watched or not
+        last_stats_ = now;
+        prev_c_ = c;
+        for (auto* fc : {&topics_, &sources_}) {
+            for (auto& [k, st] : fc->map()) {
+                st.prev_events = st.events;
+            }
+            fc->other().prev_events = fc->other().events;
+        }
+    };
     if (!wanted(local_subs_) && !wanted(mesh_subs_)) {
+        roll_interval();
         return;
     }
     collect_subscriber_counters();
@@ -135,14 +149,7 @@ void node_impl::publish_stats() {
     if (inject(stats_topic_, body, true)) {
         ++c.stats_sent;
     }
-    last_stats_ = now;
-    prev_c_ = c;
-    for (auto* fc : {&topics_, &sources_}) {
-        for (auto& [k, st] : fc->map()) {
-            st.prev_events = st.events;
-        }
-        fc->other().prev_events = fc->other().events;
-    }
+    roll_interval();
 }
 
 std::string node_impl::encode_stats(double elapsed) {
@@ -153,7 +160,7 @@ std::string node_impl::encode_stats(double elapsed) {
     auto rate = [&](std::uint64_t now_v, std::uint64_t prev_v) {
         return static_cast<double>(now_v - prev_v) / dt;
     };
-    pk.pack_map(19);  // keep in step with the keys below (tests decode strictly)
+    pk.pack_map(20);  // keep in step with the keys below (tests decode strictly)
     kv(pk, "v", std::uint64_t{1});
     kv(pk, "id", id_text);
     kv(pk, "name", name);
@@ -278,12 +285,15 @@ std::string node_impl::encode_stats(double elapsed) {
         pk.pack_array(static_cast<std::uint32_t>(n));
         for (std::size_t i = 0; i < n; ++i) {
             const auto& s = *subs.live[i];
-            pk.pack_map(5);
+            pk.pack_map(6);
             kv(pk, "pattern", s.pattern);
             kv(pk, "received", s.received.get());
             kv(pk, "gaps", s.gaps.get());
             kv(pk, "out_of_order", s.out_of_order.get());
             kv(pk, "decode_errors", s.decode_errors.get());
+            key(pk, "gaps_by_topic");
+            std::lock_guard gl(subs.live[i]->gaps_mu);
+            pk.pack(subs.live[i]->gaps_by_topic);
         }
     }
 
@@ -300,6 +310,13 @@ std::string node_impl::encode_stats(double elapsed) {
         pk.pack_uint64(n);
     }
     kv(pk, "sum", c.latency_sum_us);
+
+    key(pk, "rejected");
+    pk.pack_map(2);
+    key(pk, "by_reason");
+    pk.pack(reject_reasons_);
+    key(pk, "by_topic");
+    pk.pack(reject_topics_);
 
     key(pk, "channels");
     pk.pack_array(0);  // delivery channels (issue 5) report here

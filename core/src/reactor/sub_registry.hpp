@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <string_view>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -26,6 +28,18 @@ struct sub_counters {
     std::string pattern;
     counter received, filtered, gaps, out_of_order, decode_errors, callback_errors;
     std::atomic<bool> closed{false};
+    // gaps per topic, updated only when a gap is seen (rare); bounded to 64 topics + "(other)"
+    std::mutex gaps_mu;
+    std::map<std::string, std::uint64_t> gaps_by_topic;  // guarded by gaps_mu
+
+    void gap_on(std::string_view topic, std::uint64_t n) {
+        std::lock_guard lock(gaps_mu);
+        auto it = gaps_by_topic.find(std::string(topic));
+        if (it == gaps_by_topic.end()) {
+            it = gaps_by_topic.emplace(gaps_by_topic.size() < 64 ? std::string(topic) : "(other)", 0).first;
+        }
+        it->second += n;
+    }
 };
 
 // Guarded by its own mutex: subscriptions register from user threads, the I/O thread reads.

@@ -5,6 +5,13 @@
 
 namespace evmesh::inspector {
 
+namespace {
+// UUIDv7 ids share their leading (time) digits; the random tail tells nodes apart
+std::string short_id(const std::string& id) {
+    return id.size() > 8 ? id.substr(id.size() - 8) : id;
+}
+}  // namespace
+
 int run_nodes(const mesh_options& o) {
     auto self = join_mesh(o);
     if (!self) {
@@ -25,7 +32,7 @@ int run_nodes(const mesh_options& o) {
         const double in = rates.value("local_in", 0.0) + rates.value("client_in", 0.0) + rates.value("mesh_in", 0.0);
         const double out = rates.value("local_out", 0.0) + rates.value("mesh_out", 0.0);
         std::printf("%-20s %-10s %-24s %-9s %-6zu %-9s %s / %s\n", n.value("name", "").c_str(),
-                    n.value("id", "").substr(0, 8).c_str(), n.value("mesh_endpoint", "-").c_str(),
+                    short_id(n.value("id", "")).c_str(), n.value("mesh_endpoint", "-").c_str(),
                     human_duration_ms(n.value("uptime_ms", std::uint64_t{0})).c_str(),
                     n.value("peers", json::array()).size(), n.value("health", "").c_str(),
                     human_rate(in).c_str(), human_rate(out).c_str());

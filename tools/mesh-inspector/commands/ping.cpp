@@ -10,13 +10,29 @@
 namespace evmesh::inspector {
 
 namespace {
+// A node by exact name, or by an id prefix or suffix that only one node has.
 std::string find_node_id(node& self, const std::string& name, std::chrono::milliseconds wait) {
     const auto deadline = std::chrono::steady_clock::now() + wait;
     while (std::chrono::steady_clock::now() < deadline) {
+        std::vector<std::string> matches;
         for (const auto& p : self.peers()) {
-            if ((p.name == name || p.id.rfind(name, 0) == 0) && !p.observer) {
+            if (p.observer) {
+                continue;
+            }
+            if (p.name == name) {
                 return p.id;
             }
+            if (name.size() >= 4 && (p.id.rfind(name, 0) == 0 || p.id.ends_with(name))) {
+                matches.push_back(p.id);
+            }
+        }
+        if (matches.size() == 1) {
+            return matches.front();
+        }
+        if (matches.size() > 1) {
+            std::fprintf(stderr, "mesh-inspector: '%s' matches %zu nodes; give more of the id\n", name.c_str(),
+                         matches.size());
+            return {};
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }

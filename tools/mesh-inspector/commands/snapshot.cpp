@@ -129,6 +129,9 @@ json mesh_snapshot(node& self, const stats_collector& stats) {
             continue;
         }
         for (const auto& src : s.value("sources", json::array())) {
+            if (name_of.count(src.value("node", "")) == 0) {
+                continue;  // a source that is not a node of the mesh now (gone, or an inspector)
+            }
             edges.push_back({{"from", src.value("node", "")}, {"to", s.value("name", "")},
                              {"rate", src.value("rate", 0.0)}, {"events", src.value("events", 0)}});
         }

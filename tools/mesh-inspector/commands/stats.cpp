@@ -14,7 +14,8 @@ int run_stats(const mesh_options& o, const std::string& node_name) {
     json out = json::array();
     for (const auto& [id, s] : stats.latest()) {
         const auto name = s.value("name", "");
-        if (!node_name.empty() && name != node_name && id.rfind(node_name, 0) != 0) {
+        if (!node_name.empty() && name != node_name
+            && (node_name.size() < 4 || (id.rfind(node_name, 0) != 0 && !id.ends_with(node_name)))) {
             continue;
         }
         json e = s;
@@ -67,10 +68,26 @@ int run_stats(const mesh_options& o, const std::string& node_name) {
                     static_cast<unsigned long long>(d.value("client_rejected", 0ULL)),
                     static_cast<unsigned long long>(d.value("blocked", 0ULL)),
                     static_cast<unsigned long long>(d.value("subscriber_gaps", 0ULL)));
+        const auto rej = s.value("rejected", json::object());
+        const auto by_reason = rej.value("by_reason", json::object());
+        const auto by_topic = rej.value("by_topic", json::object());
+        for (const auto& [reason, n] : by_reason.items()) {
+            std::printf("        rejected %llu x %s\n", static_cast<unsigned long long>(n.get<std::uint64_t>()),
+                        reason.c_str());
+        }
+        for (const auto& [topic, n] : by_topic.items()) {
+            std::printf("        rejected %llu on topic %s\n", static_cast<unsigned long long>(n.get<std::uint64_t>()),
+                        topic.c_str());
+        }
         for (const auto& sub : s.value("subscribers", json::array())) {
             std::printf("  sub   %-24s received %llu, gaps %llu\n", sub.value("pattern", "").c_str(),
                         static_cast<unsigned long long>(sub.value("received", 0ULL)),
                         static_cast<unsigned long long>(sub.value("gaps", 0ULL)));
+            const auto gaps_by_topic = sub.value("gaps_by_topic", json::object());
+            for (const auto& [topic, n] : gaps_by_topic.items()) {
+                std::printf("        gaps %llu on topic %s\n", static_cast<unsigned long long>(n.get<std::uint64_t>()),
+                            topic.c_str());
+            }
         }
         const auto p = s["latency_percentiles_us"];
         std::printf("  latency (event time to local delivery) p50 <= %.0f us, p99 <= %.0f us, p99.9 <= %.0f us\n",

@@ -24,7 +24,8 @@ int run_top(const mesh_options& o, double duration_s) {
     std::signal(SIGTERM, [](int) { g_stop = true; });
     const auto end = std::chrono::steady_clock::now()
                      + std::chrono::milliseconds(static_cast<std::int64_t>(duration_s * 1000));
-    std::printf("\x1b[?1049h");  // alternate screen
+    // the first stats events arrive within a second: do not draw an empty mesh first
+    stats.wait_for_all(*self, std::chrono::milliseconds(std::min(o.wait_ms, 1500)));
     while (!g_stop && (duration_s <= 0 || std::chrono::steady_clock::now() < end)) {
         const auto snap = mesh_snapshot(*self, stats);
         std::string screen = "\x1b[H\x1b[2J";
@@ -74,8 +75,7 @@ int run_top(const mesh_options& o, double duration_s) {
             std::this_thread::sleep_for(std::chrono::milliseconds(10));
         }
     }
-    std::printf("\x1b[?1049l");
-    std::fflush(stdout);
+    std::fflush(stdout);  // the last screen stays on the terminal
     return exit_ok;
 }
 
