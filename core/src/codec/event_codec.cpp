@@ -24,8 +24,10 @@ struct raw_writer {
     char* p;
 
     void write(const char* data, std::size_t n) {
-        std::memcpy(p, data, n);
-        p += n;
+        if (n != 0) {  // an empty payload may come with a null pointer: memcpy must not see it
+            std::memcpy(p, data, n);
+            p += n;
+        }
     }
 };
 

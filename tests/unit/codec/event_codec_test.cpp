@@ -51,6 +51,14 @@ TEST(EventCodec, RoundTripsBinaryPayloadAndEmptyFields) {
     EXPECT_EQ(v->to_event(), ev);
 }
 
+TEST(EventCodec, EncodesEmptyPayloadFromNullView) {
+    std::string out;
+    encode_event_body(new_event_id(), "s", 1, 1, "c", {}, std::string_view(), out);
+    auto v = decode_event("t", out);
+    ASSERT_TRUE(v);
+    EXPECT_TRUE(v->payload.empty());
+}
+
 TEST(EventCodec, MatchesMsgpackCxxView) {
     // Differential check: msgpack-cxx sees the documented positional array.
     const auto ev = sample();
