@@ -19,3 +19,4 @@ elseif(TARGET msgpackc-cxx)
 else()
     message(FATAL_ERROR "msgpack-cxx not found (apt-get install libmsgpack-cxx-dev)")
 endif()
+pkg_check_modules(sodium REQUIRED IMPORTED_TARGET libsodium)                  # libsodium-dev

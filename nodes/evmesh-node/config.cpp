@@ -1,5 +1,8 @@
 #include "config.hpp"
 
+#include <sys/stat.h>
+
+#include <fstream>
 #include <set>
 
 #include <toml++/toml.h>
@@ -196,6 +199,15 @@ bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
         r.ms("stats_interval_ms", n.stats_interval, 0, 3600000);
         r.check_unknown();
     }
+    if (const auto* t = top.table("security")) {
+        table_reader r(*t, "security", error);
+        r.boolean("enabled", n.security.enabled);
+        r.str("key_file", cfg.key_file);
+        r.str("mesh_secret_file", cfg.mesh_secret_file);
+        r.str("allow_file", n.security.allow_file);
+        r.strings("allowed_keys", n.security.allowed_keys);
+        r.check_unknown();
+    }
     if (const auto* t = top.table("log")) {
         table_reader r(*t, "log", error);
         r.str("level", cfg.log_level);
@@ -214,6 +226,50 @@ bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
     if (!error.empty()) {
         error = path + ": " + error;
         return false;
+    }
+    return true;
+}
+
+namespace {
+bool private_file(const std::string& path, const char* what, std::string& error) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+        error = std::string(what) + " '" + path + "' cannot be read";
+        return false;
+    }
+    if ((st.st_mode & 077) != 0) {
+        error = std::string(what) + " '" + path + "' is readable by others: chmod 600 it";
+        return false;
+    }
+    return true;
+}
+}  // namespace
+
+bool load_security(app_config& cfg, std::string& error) {
+    auto& s = cfg.node.security;
+    if (!s.enabled) {
+        return true;
+    }
+    if (cfg.key_file.empty() || cfg.mesh_secret_file.empty()) {
+        error = "security is enabled: set 'security.key_file' and 'security.mesh_secret_file'";
+        return false;
+    }
+    if (!private_file(cfg.key_file, "key file", error)
+        || !private_file(cfg.mesh_secret_file, "mesh secret file", error)) {
+        return false;
+    }
+    try {
+        auto keys = toml::parse_file(cfg.key_file);
+        s.public_key = keys["public"].value_or(std::string());
+        s.secret_key = keys["secret"].value_or(std::string());
+    } catch (const toml::parse_error& e) {
+        error = "key file '" + cfg.key_file + "': " + std::string(e.description());
+        return false;
+    }
+    std::ifstream f(cfg.mesh_secret_file);
+    std::getline(f, s.mesh_secret);
+    while (!s.mesh_secret.empty() && (s.mesh_secret.back() == '\r' || s.mesh_secret.back() == ' ')) {
+        s.mesh_secret.pop_back();
     }
     return true;
 }

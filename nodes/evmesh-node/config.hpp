@@ -17,7 +17,12 @@ struct app_config {
     std::string ready_file;
     std::string http_address;  // "127.0.0.1:9464": /healthz, /metrics, /peers; empty = off
     int drain_ms = 2000;       // bound on a graceful stop (SIGTERM/SIGINT)
+    std::string key_file;          // [security] CURVE key pair (mesh-inspector keygen), mode 0600
+    std::string mesh_secret_file;  // [security] the mesh secret, mode 0600
 };
+
+// Reads key_file and mesh_secret_file into cfg.node.security when security is enabled.
+bool load_security(app_config& cfg, std::string& error);
 
 // Defaults of the daemon (they differ from the library's: client endpoints on loopback tcp).
 app_config default_config();

@@ -26,7 +26,9 @@ int main(int argc, char** argv) {
     std::vector<std::string> pubs, subs, seeds;
     int mesh_port = 0, beacon_port = 0, interval = 0, missed = 0, hwm = 0, drain = 0, hb = 0, hb_timeout = 0,
         max_event = 0, linger = 0, stats_ms = -1;
-    bool no_broadcast = false, no_discovery = false, no_mesh = false;
+    bool no_broadcast = false, no_discovery = false, no_mesh = false, security = false;
+    std::string key_file, secret_file, allow_file;
+    std::vector<std::string> allow_keys;
     auto* o_name = cli.add_option("--name", name, "node name (default <hostname>-<pid>)");
     auto* o_mesh = cli.add_option("--mesh", mesh, "mesh name; nodes join peers of the same mesh only [evmesh]");
     auto* o_pub = cli.add_option("--pub-endpoint", pubs, "where client publishers connect; repeatable [tcp://127.0.0.1:7450]");
@@ -51,6 +53,11 @@ int main(int argc, char** argv) {
     auto* o_maxev = cli.add_option("--max-event-bytes", max_event, "larger client events are rejected [1048576]")->check(CLI::Range(64, 256 * 1024 * 1024));
     auto* o_linger = cli.add_option("--linger-ms", linger, "at stop, time to hand over queued events [500]")->check(CLI::Range(0, 60000));
     auto* o_stats = cli.add_option("--stats-interval-ms", stats_ms, "period of the stats event for mesh-inspector, 0 = off [1000]")->check(CLI::Range(0, 3600000));
+    auto* o_sec = cli.add_flag("--security", security, "CurveZMQ mesh links, allow-list, authenticated beacons");
+    auto* o_key = cli.add_option("--key-file", key_file, "CURVE key pair from 'mesh-inspector keygen' (mode 0600)");
+    auto* o_secret = cli.add_option("--mesh-secret-file", secret_file, "file with the mesh secret (mode 0600)");
+    auto* o_allow = cli.add_option("--allow-file", allow_file, "allowed public keys, one per line; re-read on change");
+    auto* o_allowk = cli.add_option("--allow-key", allow_keys, "an allowed public key (Z85); repeatable");
     auto* o_level = cli.add_option("--log-level", level, "trace, debug, info, warn, error, off [info]");
     auto* o_format = cli.add_option("--log-format", format, "text or json [text]");
     auto* o_pid = cli.add_option("--pid-file", pid_file, "write the pid here; removed at exit");
@@ -69,7 +76,8 @@ int main(int argc, char** argv) {
 
     std::string error;
     if (!check_file.empty()) {
-        if (!app::load_toml(check_file, cfg, error) || !app::validate(cfg, error)) {
+        if (!app::load_toml(check_file, cfg, error) || !app::validate(cfg, error)
+            || !app::load_security(cfg, error)) {
             std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
             return 2;
         }
@@ -105,13 +113,18 @@ int main(int argc, char** argv) {
     if (*o_maxev) n.max_event_bytes = static_cast<std::uint32_t>(max_event);
     if (*o_linger) n.linger = std::chrono::milliseconds(linger);
     if (*o_stats) n.stats_interval = std::chrono::milliseconds(stats_ms);
+    if (*o_sec) n.security.enabled = true;
+    if (*o_key) cfg.key_file = key_file;
+    if (*o_secret) cfg.mesh_secret_file = secret_file;
+    if (*o_allow) n.security.allow_file = allow_file;
+    if (*o_allowk) n.security.allowed_keys = allow_keys;
     if (*o_level) cfg.log_level = level;
     if (*o_format) cfg.log_format = format;
     if (*o_pid) cfg.pid_file = pid_file;
     if (*o_ready) cfg.ready_file = ready_file;
     if (*o_http) cfg.http_address = http;
     if (*o_drain) cfg.drain_ms = drain;
-    if (!app::validate(cfg, error)) {
+    if (!app::validate(cfg, error) || !app::load_security(cfg, error)) {
         std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
         return 2;
     }

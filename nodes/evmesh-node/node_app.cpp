@@ -112,6 +112,12 @@ std::string render_metrics(const node& n, double uptime_seconds) {
     sample(out, "evmesh_beacons_total{" + id + ",outcome=\"received\"}", static_cast<double>(c.beacons_received));
     sample(out, "evmesh_beacons_total{" + id + ",outcome=\"rejected\"}", static_cast<double>(c.beacons_rejected));
     sample(out, "evmesh_beacons_total{" + id + ",outcome=\"foreign_mesh\"}", static_cast<double>(c.beacons_foreign));
+    sample(out, "evmesh_beacons_total{" + id + ",outcome=\"unauthenticated\"}", static_cast<double>(c.beacons_unauthenticated));
+    sample(out, "evmesh_beacons_total{" + id + ",outcome=\"replayed\"}", static_cast<double>(c.beacons_replayed));
+    sample(out, "evmesh_beacons_total{" + id + ",outcome=\"not_allowed\"}", static_cast<double>(c.peers_not_allowed));
+    metric(out, "evmesh_auth_total", "counter", "Incoming mesh connections checked against the allow-list.");
+    sample(out, "evmesh_auth_total{" + id + ",result=\"accepted\"}", static_cast<double>(c.auth_accepted));
+    sample(out, "evmesh_auth_total{" + id + ",result=\"rejected\"}", static_cast<double>(c.auth_rejected));
     metric(out, "evmesh_peer_changes_total", "counter", "Peer table changes, by kind.");
     sample(out, "evmesh_peer_changes_total{" + id + ",kind=\"joined\"}", static_cast<double>(c.peers_joined));
     sample(out, "evmesh_peer_changes_total{" + id + ",kind=\"left\"}", static_cast<double>(c.peers_left));

@@ -1,6 +1,15 @@
 #include "inspector.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
 #include <thread>
+
+#include <toml++/toml.h>
 
 #include <msgpack.hpp>
 
@@ -23,6 +32,22 @@ std::unique_ptr<node> join_mesh(const mesh_options& o) {
     if (o.scope == "lan" && !o.interface_address.empty()) {
         n.mesh_bind_address = o.interface_address;
     }
+    if (!o.key_file.empty() || !o.mesh_secret_file.empty()) {
+        // an observer of a secured mesh: its key must be on the nodes' allow-lists; it trusts
+        // every node whose beacon is authenticated with the mesh secret
+        n.security.enabled = true;
+        n.security.trust_authenticated_beacons = true;
+        try {
+            auto keys = toml::parse_file(o.key_file);
+            n.security.public_key = keys["public"].value_or(std::string());
+            n.security.secret_key = keys["secret"].value_or(std::string());
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "mesh-inspector: cannot read key file '%s': %s\n", o.key_file.c_str(), e.what());
+            return nullptr;
+        }
+        std::ifstream f(o.mesh_secret_file);
+        std::getline(f, n.security.mesh_secret);
+    }
     auto r = node::create(n);
     if (!r) {
         std::fprintf(stderr, "mesh-inspector: cannot join mesh '%s': %s\n", o.mesh.c_str(),
@@ -31,6 +56,35 @@ std::unique_ptr<node> join_mesh(const mesh_options& o) {
         return nullptr;
     }
     return std::move(*r);
+}
+
+int run_keygen(const std::string& path) {
+    char pub[41] = {}, sec[41] = {};
+    if (zmq_curve_keypair(pub, sec) != 0) {
+        std::fprintf(stderr, "mesh-inspector: this libzmq has no CURVE support\n");
+        return exit_usage;
+    }
+    const auto key_path = path + ".key";
+    const auto pub_path = path + ".pub";
+    const int fd = ::open(key_path.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+    if (fd < 0) {
+        std::fprintf(stderr, "mesh-inspector: cannot create '%s': %s\n", key_path.c_str(), std::strerror(errno));
+        return exit_usage;
+    }
+    const std::string key_text = "# evmesh CURVE key pair: keep this file private (mode 0600)\npublic = \""
+                                 + std::string(pub) + "\"\nsecret = \"" + std::string(sec) + "\"\n";
+    const bool ok = ::write(fd, key_text.data(), key_text.size()) == static_cast<ssize_t>(key_text.size());
+    ::close(fd);
+    std::ofstream p(pub_path, std::ios::trunc);
+    p << pub << "  # " << path << "\n";
+    if (!ok || !p.flush()) {
+        std::fprintf(stderr, "mesh-inspector: cannot write the key files\n");
+        return exit_usage;
+    }
+    std::printf("%s\n", pub);
+    std::fprintf(stderr, "wrote %s (secret, 0600) and %s (public: add it to the allow-lists)\n",
+                 key_path.c_str(), pub_path.c_str());
+    return exit_ok;
 }
 
 namespace {

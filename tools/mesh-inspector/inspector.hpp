@@ -26,11 +26,16 @@ struct mesh_options {
     std::vector<std::string> seeds;
     bool no_broadcast = false;
     int wait_ms = 2500;  // how long to listen for nodes and their stats
+    std::string key_file;          // secured mesh: the inspector's own key pair
+    std::string mesh_secret_file;  // secured mesh: the mesh secret
     bool json = false;
 };
 
 // Exit codes: 0 ok, 1 nothing found / no answer, 2 usage.
 inline constexpr int exit_ok = 0, exit_not_found = 1, exit_usage = 2;
+
+// Writes PATH.key (key pair, mode 0600) and PATH.pub (public key). Exit code.
+int run_keygen(const std::string& path);
 
 // The inspector's own node: an observer in the mesh, no client endpoints, no stats of its own.
 std::unique_ptr<node> join_mesh(const mesh_options& o);

@@ -27,6 +27,8 @@ int main(int argc, char** argv) {
         c->add_flag("--no-broadcast", o.no_broadcast, "seeds and gossip only");
         c->add_option("--wait-ms", o.wait_ms, "how long to listen for nodes [2500]")->check(CLI::Range(100, 600000));
         c->add_flag("--json", o.json, "machine-readable output");
+        c->add_option("--key-file", o.key_file, "secured mesh: the inspector's key pair (keygen)");
+        c->add_option("--mesh-secret-file", o.mesh_secret_file, "secured mesh: file with the mesh secret");
         c->add_flag_callback("-v,--verbose", [] { spdlog::set_level(spdlog::level::debug); },
                              "log the inspector's own node (peers joining, leaving) to stderr");
     };
@@ -55,6 +57,9 @@ int main(int argc, char** argv) {
     publish->add_option("payload", payload)->required();
     publish->add_option("-H,--header", headers, "key=value; repeatable");
     publish->add_option("--content-type", content_type, "[text/plain]");
+    auto* keygen = app.add_subcommand("keygen", "make a CURVE key pair: PATH.key (0600) and PATH.pub");
+    std::string key_path;
+    keygen->add_option("path", key_path, "e.g. keys/node-a")->required();
     for (auto* c : {nodes, topics, tail, stats, top, graph, ping, publish}) {
         common(c);
     }
@@ -68,6 +73,7 @@ int main(int argc, char** argv) {
         return exit_usage;
     }
     try {
+        if (*keygen) return run_keygen(key_path);
         if (*nodes) return run_nodes(o);
         if (*topics) return run_topics(o);
         if (*tail) return run_tail(o, pattern, count, timeout_s);

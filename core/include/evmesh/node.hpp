@@ -61,6 +61,11 @@ struct node_counters {
     std::uint64_t subscriptions_local = 0;  ///< gauge: distinct topic prefixes subscribed locally
     std::uint64_t subscriptions_mesh = 0;   ///< gauge: distinct prefixes subscribed by peers
     std::uint64_t peers = 0;                ///< gauge: peers currently known
+    std::uint64_t beacons_unauthenticated = 0;  ///< secured mesh: missing or bad MAC (forged, tampered)
+    std::uint64_t beacons_replayed = 0;         ///< secured mesh: stale, future or repeated timestamp
+    std::uint64_t peers_not_allowed = 0;        ///< valid beacons whose key is not on the allow-list
+    std::uint64_t auth_rejected = 0;            ///< mesh connections refused by the allow-list (ZAP)
+    std::uint64_t auth_accepted = 0;            ///< mesh connections accepted by the allow-list
     std::uint64_t stats_sent = 0;           ///< stats events published
     std::uint64_t pings_answered = 0;       ///< `_evmesh.ping` probes answered
     /// Gaps and drops reported by this node's embedded subscriptions (all of them, ever).

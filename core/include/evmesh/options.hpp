@@ -35,6 +35,23 @@ struct discovery_options {
     bool broadcast = true;           ///< false: seeds and gossip only (no broadcast)
 };
 
+/// Mesh security (docs/SECURITY.md): CurveZMQ on every mesh link with an allow-list of node
+/// public keys, and beacons authenticated with a mesh secret.
+struct security_options {
+    bool enabled = false;
+    std::string public_key;   ///< this node's CURVE public key, Z85 (40 characters)
+    std::string secret_key;   ///< this node's CURVE secret key, Z85
+    std::string mesh_secret;  ///< shared by the mesh; beacons carry an HMAC keyed by it
+    std::vector<std::string> allowed_keys;  ///< Z85 public keys of nodes allowed on the mesh
+    /// File with more allowed keys (one Z85 key per line, `#` comments); re-read when it changes,
+    /// so keys can be rotated without restarting the mesh.
+    std::string allow_file;
+    std::chrono::milliseconds beacon_max_age{30000};  ///< older (or future) beacons are replays
+    /// Also trust any key announced by a beacon authenticated with the mesh secret (for
+    /// mesh-inspector, which observes a mesh without being on its allow-lists' side).
+    bool trust_authenticated_beacons = false;
+};
+
 /// Node configuration.
 struct node_options {
     std::string name;                  ///< human name; default "<hostname>-<pid>"
@@ -64,6 +81,7 @@ struct node_options {
     /// An observer (mesh-inspector) announces itself as such; peers list it with `observer`.
     bool observer = false;
     discovery_options discovery;
+    security_options security;
 };
 
 }  // namespace evmesh

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include <msgpack.hpp>
+#include <sodium.h>
 
 #include "codec/msgpack_reader.hpp"
 #include "codec/utf8.hpp"
@@ -21,11 +22,39 @@ constexpr std::size_t max_field = 255;
 
 }  // namespace
 
-std::string encode_beacon(const beacon& b) {
+std::string mesh_key(std::string_view mesh_secret) {
+    std::string key(crypto_hash_sha256_BYTES, '\0');
+    crypto_hash_sha256(reinterpret_cast<unsigned char*>(key.data()),
+                       reinterpret_cast<const unsigned char*>(mesh_secret.data()), mesh_secret.size());
+    return key;
+}
+
+namespace {
+std::string hmac(const std::string& key, std::string_view data) {
+    std::string mac(crypto_auth_hmacsha256_BYTES, '\0');
+    crypto_auth_hmacsha256_state st;
+    crypto_auth_hmacsha256_init(&st, reinterpret_cast<const unsigned char*>(key.data()), key.size());
+    crypto_auth_hmacsha256_update(&st, reinterpret_cast<const unsigned char*>(data.data()), data.size());
+    crypto_auth_hmacsha256_final(&st, reinterpret_cast<unsigned char*>(mac.data()));
+    return mac;
+}
+}  // namespace
+
+bool verify_beacon(const beacon& b, std::string_view datagram, const std::string& key) {
+    if (b.mac.size() != crypto_auth_hmacsha256_BYTES || b.signed_bytes == 0
+        || b.signed_bytes > datagram.size()) {
+        return false;
+    }
+    const auto expected = hmac(key, datagram.substr(0, b.signed_bytes));
+    return sodium_memcmp(expected.data(), b.mac.data(), expected.size()) == 0;
+}
+
+std::string encode_beacon(const beacon& b, const std::string& key) {
     std::string out(beacon_magic);
     string_writer w{out};
     msgpack::packer<string_writer> pk(w);
-    pk.pack_array(beacon_elements + 1);
+    const bool secured = !key.empty();
+    pk.pack_array(beacon_elements + (secured ? 4 : 1));
     pk.pack_uint8(beacon_version);
     pk.pack_uint8(static_cast<std::uint8_t>(b.kind));
     pk.pack(b.mesh);
@@ -40,6 +69,14 @@ std::string encode_beacon(const beacon& b) {
         pk.pack(g);
     }
     pk.pack_uint64(b.flags);
+    if (secured) {
+        pk.pack_bin(static_cast<std::uint32_t>(b.public_key.size()));
+        pk.pack_bin_body(b.public_key.data(), static_cast<std::uint32_t>(b.public_key.size()));
+        pk.pack_uint64(b.time_ms);
+        const auto mac = hmac(key, out);  // covers everything before the MAC element
+        pk.pack_bin(static_cast<std::uint32_t>(mac.size()));
+        pk.pack_bin_body(mac.data(), static_cast<std::uint32_t>(mac.size()));
+    }
     return out;
 }
 
@@ -89,7 +126,19 @@ result<beacon> decode_beacon(std::string_view bytes) {
     if (n > beacon_elements && r.read_uint(b.flags) != errc::ok) {
         return bad(errc::bad_beacon);
     }
-    for (std::uint32_t i = beacon_elements + 1; i < n; ++i) {  // later revisions (security fields)
+    if (n >= beacon_elements + 4) {  // security fields
+        std::string_view pub, mac;
+        if (r.read_bin(pub, 32) != errc::ok || pub.size() != 32 || r.read_uint(b.time_ms) != errc::ok) {
+            return bad(errc::bad_beacon);
+        }
+        b.signed_bytes = 4 + static_cast<std::size_t>(r.position() - (bytes.data() + 4));
+        if (r.read_bin(mac, 32) != errc::ok || mac.size() != 32) {
+            return bad(errc::bad_beacon);
+        }
+        b.public_key = std::string(pub);
+        b.mac = std::string(mac);
+    }
+    for (std::uint32_t i = n >= beacon_elements + 4 ? beacon_elements + 4 : beacon_elements + 1; i < n; ++i) {
         if (r.skip(8) != errc::ok) {
             return bad(errc::bad_beacon);
         }

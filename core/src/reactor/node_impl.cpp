@@ -19,6 +19,7 @@
 
 #include "codec/envelope.hpp"
 #include "discovery/beacon.hpp"
+#include "util/z85.hpp"
 
 namespace evmesh::detail {
 namespace {
@@ -137,6 +138,10 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
     for (auto* m : {&n->topic_, &n->body_, &n->mesh_topic_, &n->mesh_body_, &n->sub_}) {
         zmq_msg_init(m);
     }
+    if (auto r = n->setup_security(); !r) {
+        n->close_all();
+        return tl::unexpected(r.error());
+    }
     if (auto r = n->open_sockets(); !r) {
         n->close_all();
         return tl::unexpected(r.error());
@@ -215,8 +220,21 @@ result<void> node_impl::open_sockets() {
     if (opt.mesh_enabled) {
         const int hb = static_cast<int>(opt.heartbeat_interval.count());
         const int hb_timeout = static_cast<int>(opt.heartbeat_timeout.count());
+        if (secure_) {
+            // the ZAP handler must be bound before the first handshake (same context)
+            zap_ = zmq_socket(ctx->ctx, ZMQ_REP);
+            if (zmq_bind(zap_, "inproc://zeromq.zap.01") != 0) {
+                set_last_error_message("cannot bind the ZAP handler");
+                return fail(errc::io_error);
+            }
+        }
         mesh_out_ = zmq_socket(ctx->ctx, ZMQ_XPUB);
         set_int(mesh_out_, ZMQ_SNDHWM, hwm);
+        if (secure_) {
+            set_int(mesh_out_, ZMQ_CURVE_SERVER, 1);
+            zmq_setsockopt(mesh_out_, ZMQ_CURVE_SECRETKEY, curve_secret_.data(), 32);
+            zmq_setsockopt(mesh_out_, ZMQ_ZAP_DOMAIN, "evmesh", 6);
+        }
         set_int(mesh_out_, ZMQ_XPUB_NODROP,
                 opt.slow_subscriber == overflow_policy::block ? 1 : 0);
         // No pings from this side: each peer's mesh in pings us with a TTL, and libzmq closes a
@@ -232,6 +250,10 @@ result<void> node_impl::open_sockets() {
 
         mesh_in_ = zmq_socket(ctx->ctx, ZMQ_XSUB);
         set_int(mesh_in_, ZMQ_RCVHWM, hwm);
+        if (secure_) {  // the server key is set per peer, right before each connect
+            zmq_setsockopt(mesh_in_, ZMQ_CURVE_PUBLICKEY, curve_public_.data(), 32);
+            zmq_setsockopt(mesh_in_, ZMQ_CURVE_SECRETKEY, curve_secret_.data(), 32);
+        }
         set_int(mesh_in_, ZMQ_SNDHWM, 0);
         set_int(mesh_in_, ZMQ_HEARTBEAT_IVL, hb);
         set_int(mesh_in_, ZMQ_HEARTBEAT_TIMEOUT, hb_timeout);
@@ -346,7 +368,7 @@ void node_impl::remove_ipc_files() {
 }
 
 void node_impl::close_all() {
-    for (void** s : {&local_in_, &client_in_, &local_out_, &mesh_out_, &mesh_in_, &monitor_}) {
+    for (void** s : {&local_in_, &client_in_, &local_out_, &mesh_out_, &mesh_in_, &monitor_, &zap_}) {
         if (*s != nullptr) {
             zmq_close(*s);
             *s = nullptr;
@@ -412,7 +434,7 @@ std::vector<peer_info> node_impl::snapshot_peers() const {
 
 void node_impl::run() {
     std::vector<zmq_pollitem_t> items;
-    enum slot { wake, l_in, c_in, m_in, l_out, m_out, u_b, u_u, mon, count };
+    enum slot { wake, l_in, c_in, m_in, l_out, m_out, u_b, u_u, mon, zap, count };
     std::array<int, count> idx{};
     idx.fill(-1);
     auto add = [&](slot s, void* sock, int fd) {
@@ -431,6 +453,7 @@ void node_impl::run() {
     add(u_b, nullptr, udp_bcast_);
     add(u_u, nullptr, udp_uni_);
     add(mon, monitor_, -1);
+    add(zap, zap_, -1);
     auto ready = [&](slot s) { return idx[s] >= 0 && (items[static_cast<std::size_t>(idx[s])].revents & ZMQ_POLLIN) != 0; };
     auto set_input_polling = [&](bool on) {
         for (slot s : {l_in, c_in, m_in}) {
@@ -496,6 +519,13 @@ void node_impl::run() {
         if (ready(mon)) {
             on_monitor();
         }
+        if (ready(zap)) {
+            on_zap();
+        }
+        if (secure_ && clock::now() >= next_allow_check_) {
+            reload_allow_file(false);
+            next_allow_check_ = clock::now() + std::chrono::seconds(1);
+        }
         if (opt.stats_interval.count() > 0 && clock::now() >= next_stats_) {
             publish_stats();
             next_stats_ = clock::now() + opt.stats_interval;
@@ -540,7 +570,7 @@ void node_impl::run() {
             set_int(s, ZMQ_LINGER, linger);
         }
     }
-    for (void* s : {local_in_, client_in_, mesh_in_, monitor_}) {
+    for (void* s : {local_in_, client_in_, mesh_in_, monitor_, zap_}) {
         if (s != nullptr) {
             set_int(s, ZMQ_LINGER, 0);
         }
@@ -801,7 +831,7 @@ void node_impl::send_beacon_to(const std::string& bytes, const void* addr, unsig
     }
 }
 
-void node_impl::send_beacon(bool goodbye) {
+std::string node_impl::make_beacon(bool goodbye) {
     const auto& d = opt.discovery;
     discovery::beacon b;
     b.kind = goodbye ? discovery::beacon_kind::goodbye : discovery::beacon_kind::hello;
@@ -822,7 +852,16 @@ void node_impl::send_beacon(bool goodbye) {
             b.gossip.push_back(p.info.beacon_address);
         }
     }
-    const auto bytes = discovery::encode_beacon(b);
+    if (secure_) {
+        b.public_key = curve_public_;
+        b.time_ms = static_cast<std::uint64_t>(now_ns() / 1'000'000);
+    }
+    return discovery::encode_beacon(b, secure_ ? mesh_key_ : std::string());
+}
+
+void node_impl::send_beacon(bool goodbye) {
+    const auto& d = opt.discovery;
+    const auto bytes = make_beacon(goodbye);
     if (d.broadcast) {
         sockaddr_in a{};
         parse_addr((d.scope == discovery_scope::host ? std::string("127.255.255.255")
@@ -886,8 +925,44 @@ void node_impl::on_datagrams(int fd) {
             ++c.beacons_foreign;
             continue;
         }
-        ++c.beacons_received;
         const std::string key(reinterpret_cast<const char*>(b->node_id.data()), 16);
+        if (secure_) {
+            const std::string_view datagram(buf.data(), static_cast<std::size_t>(n));
+            if (b->mac.empty() || !discovery::verify_beacon(*b, datagram, mesh_key_)) {
+                ++c.beacons_unauthenticated;
+                reject("not authenticated with this mesh's secret (forged or tampered)");
+                continue;
+            }
+            const auto now_ms = static_cast<std::uint64_t>(now_ns() / 1'000'000);
+            const auto max_age = static_cast<std::uint64_t>(opt.security.beacon_max_age.count());
+            auto& last = beacon_last_ms_[key];
+            if (b->time_ms + max_age < now_ms || b->time_ms > now_ms + max_age || b->time_ms <= last) {
+                ++c.beacons_replayed;
+                reject("replayed or stale (timestamp)");
+                continue;
+            }
+            last = b->time_ms;
+            if (beacon_last_ms_.size() > 4096) {
+                beacon_last_ms_.clear();  // bounded; timestamps still have to be fresh
+            }
+            if (opt.security.trust_authenticated_beacons && allowed_.size() < 4096) {
+                allowed_.insert(b->public_key);
+                allowed_static_.insert(b->public_key);
+            }
+            if (allowed_.count(b->public_key) == 0) {
+                ++c.peers_not_allowed;
+                std::uint64_t suppressed = 0;
+                if (auth_log_.allow(suppressed)) {
+                    detail::log()->warn("evmesh node '{}': node '{}' at {} is not on the allow-list "
+                                        "({} similar suppressed)", name, b->name, addr_text(from), suppressed);
+                }
+                if (peers_.count(key) != 0) {
+                    remove_peer(key, "key no longer allowed");
+                }
+                continue;
+            }
+        }
+        ++c.beacons_received;
         if (b->kind == discovery::beacon_kind::goodbye) {
             if (peers_.count(key) != 0) {
                 ++c.peers_left;
@@ -913,6 +988,10 @@ void node_impl::on_datagrams(int fd) {
             p.info.incarnation = b->incarnation;
             p.info.observer = (b->flags & discovery::beacon_flag_observer) != 0;
             p.info.state = peer_info::link_state::connecting;
+            p.curve_key = b->public_key;
+            if (secure_) {
+                zmq_setsockopt(mesh_in_, ZMQ_CURVE_SERVERKEY, b->public_key.data(), 32);
+            }
             zmq_connect(mesh_in_, endpoint.c_str());
             it = peers_.emplace(key, std::move(p)).first;
             ++c.peers_joined;
@@ -921,11 +1000,15 @@ void node_impl::on_datagrams(int fd) {
             detail::log()->log(it->second.info.observer ? spdlog::level::debug : spdlog::level::info,
                                "evmesh node '{}': peer '{}' joined at {}", name, b->name, endpoint);
         } else if (it->second.info.incarnation != b->incarnation
-                   || it->second.info.endpoint != endpoint) {
+                   || it->second.info.endpoint != endpoint || it->second.curve_key != b->public_key) {
             detail::log()->info("evmesh node '{}': peer '{}' restarted or moved: {} -> {}", name,
                          b->name, it->second.info.endpoint, endpoint);
             zmq_disconnect(mesh_in_, it->second.info.endpoint.c_str());
+            if (secure_) {
+                zmq_setsockopt(mesh_in_, ZMQ_CURVE_SERVERKEY, b->public_key.data(), 32);
+            }
             zmq_connect(mesh_in_, endpoint.c_str());
+            it->second.curve_key = b->public_key;
             it->second.info.endpoint = endpoint;
             it->second.info.incarnation = b->incarnation;
             it->second.info.name = b->name;
@@ -940,20 +1023,7 @@ void node_impl::on_datagrams(int fd) {
         it->second.last_seen_steady = clock::now();
         if (reply && fd == udp_bcast_) {
             // answer a newcomer directly so it does not wait for our next interval
-            send_beacon_to(
-                [&] {
-                    discovery::beacon me;
-                    me.mesh = opt.mesh;
-                    me.node_id = id;
-                    me.name = name;
-                    me.incarnation = incarnation;
-                    me.mesh_host = opt.mesh_advertise_address;
-                    me.flags = opt.observer ? discovery::beacon_flag_observer : 0;
-                    me.mesh_port = static_cast<std::uint16_t>(
-                        std::stoi(mesh_ep.substr(mesh_ep.rfind(':') + 1)));
-                    return discovery::encode_beacon(me);
-                }(),
-                &from, sizeof(from));
+            send_beacon_to(make_beacon(false), &from, sizeof(from));
         }
         for (const auto& g : b->gossip) {
             sockaddr_in a{};

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -98,6 +99,7 @@ private:
 
 struct peer_entry {
     peer_info info;
+    std::string curve_key;  // 32-byte public key from its (authenticated) beacon; secured mesh
     std::chrono::steady_clock::time_point last_seen_steady;
 };
 
@@ -155,6 +157,10 @@ private:
     void expire_peers();
     void remove_peer(const std::string& key, const char* why);
     void drain_on_stop();
+    result<void> setup_security();
+    void reload_allow_file(bool initial);
+    void on_zap();
+    std::string make_beacon(bool goodbye);
     void sample_latency();
     void publish_stats();
     void answer_ping();
@@ -173,6 +179,7 @@ private:
     void* mesh_out_ = nullptr;   // XPUB: peers' mesh_in connect here
     void* mesh_in_ = nullptr;    // XSUB: connects to every peer's mesh_out
     void* monitor_ = nullptr;    // PAIR: mesh_in socket events
+    void* zap_ = nullptr;        // REP: ZAP handler (secured mesh), checks the allow-list
     int udp_bcast_ = -1;         // bound to the shared beacon port
     int udp_uni_ = -1;           // this node's own beacon socket (sends, unicast replies)
     std::string uni_address_;    // "ip:port" of udp_uni_
@@ -193,6 +200,14 @@ private:
     flow_counter sources_;        // received from the mesh, per source node (edges of the graph)
     std::uint32_t latency_tick_ = 0;
     std::string stats_topic_, ping_topic_;
+    bool secure_ = false;
+    std::string curve_public_, curve_secret_;  // 32 bytes each
+    std::string mesh_key_;                     // beacon MAC key
+    std::set<std::string> allowed_, allowed_static_;  // 32-byte public keys
+    std::int64_t allow_mtime_ns_ = -1;
+    std::chrono::steady_clock::time_point next_allow_check_{};
+    std::unordered_map<std::string, std::uint64_t> beacon_last_ms_;  // replay guard, per node id
+    log_limiter auth_log_;
     std::uint64_t stats_seq_ = 0, pong_seq_ = 0;
     std::chrono::steady_clock::time_point started_{}, next_stats_{}, last_stats_{};
     node_counters prev_c_;

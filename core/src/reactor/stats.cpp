@@ -224,6 +224,9 @@ std::string node_impl::encode_stats(double elapsed) {
         {"peers_left", c.peers_left},             {"peers_expired", c.peers_expired},
         {"peers_link_lost", c.peers_link_lost},   {"stats_sent", c.stats_sent},
         {"pings_answered", c.pings_answered},     {"subscriber_received", c.subscriber_received},
+        {"beacons_unauthenticated", c.beacons_unauthenticated}, {"beacons_replayed", c.beacons_replayed},
+        {"peers_not_allowed", c.peers_not_allowed}, {"auth_rejected", c.auth_rejected},
+        {"auth_accepted", c.auth_accepted},
         {"subscriber_gaps", c.subscriber_gaps}};
     pk.pack_map(static_cast<std::uint32_t>(std::size(counters)));
     for (const auto& [k, v] : counters) {
