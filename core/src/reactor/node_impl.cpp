@@ -156,6 +156,11 @@ result<std::unique_ptr<node_impl>> node_impl::create(node_options o) {
         n->close_all();
         return fail(errc::io_error);
     }
+    if (!n->secure_ && n->opt.mesh_enabled && !n->opt.observer) {
+        detail::log()->warn("evmesh node '{}': SECURITY IS OFF: mesh links are neither encrypted nor "
+                            "authenticated and anyone who can reach the beacon port can join "
+                            "(development only; see docs/SECURITY.md)", n->name);
+    }
     // log before the I/O thread exists: spdlog's registry is initialised here, not concurrently
     detail::log()->info("evmesh node '{}' ({}) started in mesh '{}', mesh endpoint {}", n->name,
                  n->id_text, n->opt.mesh, n->mesh_ep.empty() ? "(none)" : n->mesh_ep);

@@ -16,12 +16,7 @@ namespace evmesh::detail {
 result<void> node_impl::setup_security() {
     const auto& s = opt.security;
     if (!s.enabled) {
-        if (opt.mesh_enabled && !opt.observer) {
-            log()->warn("evmesh node '{}': SECURITY IS OFF: mesh links are neither encrypted nor "
-                        "authenticated and anyone who can reach the beacon port can join (development "
-                        "only; see docs/SECURITY.md)", opt.name);
-        }
-        return {};
+        return {};  // the warning is logged once the node has started (create)
     }
     if (zmq_has("curve") == 0) {
         set_last_error_message("this libzmq has no CURVE support");
