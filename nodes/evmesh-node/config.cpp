@@ -130,6 +130,10 @@ app_config default_config() {
     return c;
 }
 
+namespace {
+bool load_table(toml::table& root, const std::string& path, app_config& cfg, std::string& error);
+}  // namespace
+
 bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
     toml::table root;
     try {
@@ -139,6 +143,23 @@ bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
                 + std::string(e.description());
         return false;
     }
+    return load_table(root, path, cfg, error);
+}
+
+bool load_toml_text(std::string_view text, const std::string& source, app_config& cfg, std::string& error) {
+    toml::table root;
+    try {
+        root = toml::parse(text, source);
+    } catch (const toml::parse_error& e) {
+        error = source + ": line " + std::to_string(e.source().begin.line) + ": "
+                + std::string(e.description());
+        return false;
+    }
+    return load_table(root, source, cfg, error);
+}
+
+namespace {
+bool load_table(toml::table& root, const std::string& path, app_config& cfg, std::string& error) {
     auto& n = cfg.node;
     table_reader top(root, "", error);
     top.str("name", n.name);
@@ -229,6 +250,7 @@ bool load_toml(const std::string& path, app_config& cfg, std::string& error) {
     }
     return true;
 }
+}  // namespace
 
 namespace {
 bool private_file(const std::string& path, const char* what, std::string& error) {

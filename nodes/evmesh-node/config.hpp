@@ -30,6 +30,9 @@ app_config default_config();
 // Loads `path` over `cfg`. Errors carry one message naming the file, line and key.
 bool load_toml(const std::string& path, app_config& cfg, std::string& error);
 
+// The same for TOML text already in memory; `source` names it in messages.
+bool load_toml_text(std::string_view text, const std::string& source, app_config& cfg, std::string& error);
+
 // Checks values that the TOML and flag parsers cannot (endpoint syntax, enums, ranges).
 bool validate(const app_config& cfg, std::string& error);
 

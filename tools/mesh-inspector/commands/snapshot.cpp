@@ -18,7 +18,8 @@ json mesh_snapshot(node& self, const stats_collector& stats) {
             ids.emplace_back(p.id, p.name);
         }
     }
-    for (const auto& [id, s] : latest) {
+    for (const auto& [stats_id, s] : latest) {
+        const std::string id = stats_id;  // clang 14 cannot capture structured bindings
         if (std::none_of(ids.begin(), ids.end(), [&](const auto& e) { return e.first == id; })) {
             ids.emplace_back(id, s.value("name", ""));
         }
