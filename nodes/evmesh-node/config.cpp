@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <set>
 
@@ -168,6 +169,18 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         table_reader r(*t, "endpoints", error);
         r.strings("pub", n.pub_endpoints);
         r.strings("sub", n.sub_endpoints);
+        std::string mode;
+        r.str("ipc_mode", mode);
+        if (!mode.empty()) {
+            char* end = nullptr;
+            const auto m = std::strtoul(mode.c_str(), &end, 8);
+            if (*end != '\0' || m == 0 || m > 0777) {
+                r.fail_at(*t->get("ipc_mode"), "ipc_mode", "must be an octal mode such as \"0660\"");
+            } else {
+                n.ipc_mode = static_cast<std::uint32_t>(m);
+            }
+        }
+        r.str("ipc_group", n.ipc_group);
         r.check_unknown();
     }
     if (const auto* t = top.table("mesh_link")) {

@@ -2,6 +2,7 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include <CLI/CLI.hpp>
 
@@ -27,7 +28,7 @@ int main(int argc, char** argv) {
     int mesh_port = 0, beacon_port = 0, interval = 0, missed = 0, hwm = 0, drain = 0, hb = 0, hb_timeout = 0,
         max_event = 0, linger = 0, stats_ms = -1;
     bool no_broadcast = false, no_discovery = false, no_mesh = false, security = false;
-    std::string key_file, secret_file, allow_file;
+    std::string key_file, secret_file, allow_file, ipc_mode, ipc_group;
     std::vector<std::string> allow_keys;
     auto* o_name = cli.add_option("--name", name, "node name (default <hostname>-<pid>)");
     auto* o_mesh = cli.add_option("--mesh", mesh, "mesh name; nodes join peers of the same mesh only [evmesh]");
@@ -53,6 +54,8 @@ int main(int argc, char** argv) {
     auto* o_maxev = cli.add_option("--max-event-bytes", max_event, "larger client events are rejected [1048576]")->check(CLI::Range(64, 256 * 1024 * 1024));
     auto* o_linger = cli.add_option("--linger-ms", linger, "at stop, time to hand over queued events [500]")->check(CLI::Range(0, 60000));
     auto* o_stats = cli.add_option("--stats-interval-ms", stats_ms, "period of the stats event for mesh-inspector, 0 = off [1000]")->check(CLI::Range(0, 3600000));
+    auto* o_ipcm = cli.add_option("--ipc-mode", ipc_mode, "octal permissions of ipc:// socket files, e.g. 0660");
+    auto* o_ipcg = cli.add_option("--ipc-group", ipc_group, "group owning ipc:// socket files");
     auto* o_sec = cli.add_flag("--security", security, "CurveZMQ mesh links, allow-list, authenticated beacons");
     auto* o_key = cli.add_option("--key-file", key_file, "CURVE key pair from 'mesh-inspector keygen' (mode 0600)");
     auto* o_secret = cli.add_option("--mesh-secret-file", secret_file, "file with the mesh secret (mode 0600)");
@@ -113,6 +116,16 @@ int main(int argc, char** argv) {
     if (*o_maxev) n.max_event_bytes = static_cast<std::uint32_t>(max_event);
     if (*o_linger) n.linger = std::chrono::milliseconds(linger);
     if (*o_stats) n.stats_interval = std::chrono::milliseconds(stats_ms);
+    if (*o_ipcm) {
+        char* end = nullptr;
+        const auto m = std::strtoul(ipc_mode.c_str(), &end, 8);
+        if (*end != '\0' || m == 0 || m > 0777) {
+            std::fprintf(stderr, "evmesh-node: invalid arguments: --ipc-mode must be octal, e.g. 0660\n");
+            return 2;
+        }
+        n.ipc_mode = static_cast<std::uint32_t>(m);
+    }
+    if (*o_ipcg) n.ipc_group = ipc_group;
     if (*o_sec) n.security.enabled = true;
     if (*o_key) cfg.key_file = key_file;
     if (*o_secret) cfg.mesh_secret_file = secret_file;

@@ -8,6 +8,7 @@
 #include <zmq.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -300,9 +301,26 @@ result_row evmesh_one_node(const std::string& transport, std::size_t size) {
     return {got / std::chrono::duration<double>(t1 - t0).count(), count - got};
 }
 
+// Fills `o.security` for a CURVE-secured two-node mesh (both keys allowed on both nodes).
+void secure(evmesh::node_options& o, int which) {
+    static std::array<std::array<char, 41>, 2> pub{}, sec{};
+    static bool made = false;
+    if (!made) {
+        for (int i = 0; i < 2; ++i) {
+            zmq_curve_keypair(pub[static_cast<std::size_t>(i)].data(), sec[static_cast<std::size_t>(i)].data());
+        }
+        made = true;
+    }
+    o.security.enabled = true;
+    o.security.public_key = pub[static_cast<std::size_t>(which)].data();
+    o.security.secret_key = sec[static_cast<std::size_t>(which)].data();
+    o.security.mesh_secret = "benchmark mesh secret";
+    o.security.allowed_keys = {pub[0].data(), pub[1].data()};
+}
+
 // evmesh, two nodes: embedded publisher on A, embedded subscriber on B, mesh link over tcp.
-result_row evmesh_two_nodes(std::size_t size) {
-    const std::string mesh = "bench2-" + std::to_string(getpid()) + "-" + std::to_string(clk::now().time_since_epoch().count() % 100000);
+result_row evmesh_two_nodes(std::size_t size, bool curve = false) {
+    const std::string mesh = "bench2-" + std::to_string(getpid()) + (curve ? "c-" : "p-") + std::to_string(clk::now().time_since_epoch().count() % 100000);
     auto opts = [&](const char* name) {
         evmesh::node_options o;
         o.name = name;
@@ -310,6 +328,9 @@ result_row evmesh_two_nodes(std::size_t size) {
         o.hwm = g_hwm;
         o.slow_subscriber = evmesh::overflow_policy::block;
         o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+        if (curve) {
+            secure(o, name[0] == 'A' ? 0 : 1);
+        }
         return o;
     };
     auto a = evmesh::node::create(opts("A"));
@@ -424,8 +445,8 @@ lat_row raw_latency(int hops, int rate, int total) {
     return percentiles(us);
 }
 
-lat_row evmesh_latency(bool two_nodes, int rate, int total) {
-    const std::string mesh = "lat-" + std::to_string(getpid()) + std::to_string(rate) + (two_nodes ? "2" : "1");
+lat_row evmesh_latency(bool two_nodes, int rate, int total, bool curve = false) {
+    const std::string mesh = "lat-" + std::to_string(getpid()) + std::to_string(rate) + (two_nodes ? "2" : "1") + (curve ? "c" : "p");
     auto opts = [&](const char* name) {
         evmesh::node_options o;
         o.name = name;
@@ -434,6 +455,9 @@ lat_row evmesh_latency(bool two_nodes, int rate, int total) {
         o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
         o.pub_endpoints = {"tcp://127.0.0.1:*"};
         o.sub_endpoints = {"tcp://127.0.0.1:*"};
+        if (curve) {
+            secure(o, name[0] == 'A' ? 0 : 1);
+        }
         return o;
     };
     auto a = evmesh::node::create(opts("A"));
@@ -588,6 +612,18 @@ int main(int argc, char** argv) {
     std::printf("%-28s %8.1f %8.1f %8.1f\n", "evmesh, one node", e1.p50, e1.p99, e1.p999);
     std::printf("%-28s %8.1f %8.1f %8.1f\n", "raw, two chained proxies", r2.p50, r2.p99, r2.p999);
     std::printf("%-28s %8.1f %8.1f %8.1f\n", "evmesh, two nodes", e2.p50, e2.p99, e2.p999);
+    std::printf("\nSecurity: two nodes, mesh link with CURVE off vs on (same run)\n");
+    std::printf("%-7s %14s %14s %8s\n", "payload", "plain ev/s", "CURVE ev/s", "ratio");
+    for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
+        auto plain = best_of([&] { return evmesh_two_nodes(size, false); });
+        auto curve = best_of([&] { return evmesh_two_nodes(size, true); });
+        failures += plain.lost + curve.lost;
+        std::printf("%-7zu %14.0f %14.0f %7.2fx\n", size, plain.eps, curve.eps, curve.eps / plain.eps);
+    }
+    auto lp = evmesh_latency(true, rate, total, false);
+    auto lc = evmesh_latency(true, rate, total, true);
+    std::printf("latency at %d ev/s (us)   plain p50 %.1f p99 %.1f   CURVE p50 %.1f p99 %.1f\n", rate, lp.p50,
+                lp.p99, lc.p50, lc.p99);
     join_time(quick ? 5 : 20);
     if (failures != 0) {
         std::printf("\nFAILED: %d events lost in lossless runs\n", failures);

@@ -204,6 +204,13 @@ class Security(NodeTestCase):
         self.assertEqual(len(self.deliver(b2, a, "orders.created", b"still fine")), 20)
         self.assertIsNone(a.proc.poll())
 
+    def test_ipc_endpoints_get_restrictive_permissions(self):
+        path = os.path.join(self.tmp, "local.pub")
+        a = self.start_node("A", "--no-mesh", "--pub-endpoint", f"ipc://{path}", "--ipc-mode", "0600")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        a.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(a.proc.wait(5), 0)
+
     def test_bad_security_config_is_refused(self):
         self.keygen("a")
         key = os.path.join(self.tmp, "a.key")

@@ -61,6 +61,9 @@ struct node_options {
     std::vector<std::string> pub_endpoints;
     /// Extra endpoints where client subscribers connect.
     std::vector<std::string> sub_endpoints;
+    /// Permissions of ipc:// socket files after binding (e.g. 0660); 0 = leave the umask's.
+    std::uint32_t ipc_mode = 0;
+    std::string ipc_group;  ///< group that owns ipc:// socket files (empty = unchanged)
     int hwm = 10000;                   ///< per-connection high-water mark, in events
     /// Local subscribers and peers that cannot keep up: drop for them (they count the gap) or
     /// block (hold events, push back to publishers; one slow receiver slows the node).

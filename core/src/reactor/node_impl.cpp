@@ -2,7 +2,9 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <grp.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -181,6 +183,20 @@ result<void> node_impl::open_sockets() {
         if (zmq_bind(s, ep.c_str()) != 0) {
             set_last_error_message("cannot bind endpoint '" + ep + "': " + zmq_strerror(zmq_errno()));
             return fail(errc::bad_endpoint);
+        }
+        if (ep.rfind("ipc://", 0) == 0 && ep.size() > 6 && ep[6] != '@') {
+            const auto path = ep.substr(6);
+            if (opt.ipc_mode != 0 && ::chmod(path.c_str(), static_cast<mode_t>(opt.ipc_mode)) != 0) {
+                set_last_error_message("cannot chmod '" + path + "': " + std::strerror(errno));
+                return fail(errc::bad_endpoint);
+            }
+            if (!opt.ipc_group.empty()) {
+                const group* g = ::getgrnam(opt.ipc_group.c_str());
+                if (g == nullptr || ::chown(path.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
+                    set_last_error_message("cannot give '" + path + "' to group '" + opt.ipc_group + "'");
+                    return fail(errc::bad_endpoint);
+                }
+            }
         }
         return last_endpoint(s);
     };
