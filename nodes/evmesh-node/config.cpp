@@ -1,6 +1,7 @@
 #include "config.hpp"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <fstream>
@@ -273,7 +274,7 @@ bool private_file(const std::string& path, const char* what, std::string& error)
         return false;
     }
     if ((st.st_mode & 077) != 0) {
-        error = std::string(what) + " '" + path + "' is readable by others: chmod 600 it";
+        error = std::string(what) + " '" + path + "' is accessible by group or others: chmod 600 it";
         return false;
     }
     return true;
@@ -305,6 +306,19 @@ bool load_security(app_config& cfg, std::string& error) {
     std::getline(f, s.mesh_secret);
     while (!s.mesh_secret.empty() && (s.mesh_secret.back() == '\r' || s.mesh_secret.back() == ' ')) {
         s.mesh_secret.pop_back();
+    }
+    // the checks node::create would make, here so --check-config catches them (exit 2)
+    if (s.public_key.size() != 40 || s.secret_key.size() != 40) {
+        error = "key file '" + cfg.key_file + "' must hold 40-character Z85 'public' and 'secret' keys";
+        return false;
+    }
+    if (s.mesh_secret.size() < 16) {
+        error = "mesh secret in '" + cfg.mesh_secret_file + "' must be at least 16 characters";
+        return false;
+    }
+    if (!s.allow_file.empty() && ::access(s.allow_file.c_str(), R_OK) != 0) {
+        error = "allow file '" + s.allow_file + "' cannot be read";
+        return false;
     }
     return true;
 }
