@@ -125,6 +125,16 @@ private:
 
 }  // namespace
 
+bool parse_file_mode(const std::string& text, std::uint32_t& mode) {
+    char* end = nullptr;
+    const auto m = std::strtoul(text.c_str(), &end, 8);
+    if (text.empty() || *end != '\0' || m == 0 || m > 0777) {
+        return false;
+    }
+    mode = static_cast<std::uint32_t>(m);
+    return true;
+}
+
 app_config default_config() {
     app_config c;
     c.node.pub_endpoints = {"tcp://127.0.0.1:7450"};
@@ -172,14 +182,8 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.strings("sub", n.sub_endpoints);
         std::string mode;
         r.str("ipc_mode", mode);
-        if (!mode.empty()) {
-            char* end = nullptr;
-            const auto m = std::strtoul(mode.c_str(), &end, 8);
-            if (*end != '\0' || m == 0 || m > 0777) {
-                r.fail_at(*t->get("ipc_mode"), "ipc_mode", "must be an octal mode such as \"0660\"");
-            } else {
-                n.ipc_mode = static_cast<std::uint32_t>(m);
-            }
+        if (!mode.empty() && !parse_file_mode(mode, n.ipc_mode)) {
+            r.fail_at(*t->get("ipc_mode"), "ipc_mode", "must be an octal mode such as \"0660\"");
         }
         r.str("ipc_group", n.ipc_group);
         r.check_unknown();

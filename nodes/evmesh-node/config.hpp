@@ -1,6 +1,7 @@
 // evmesh-node configuration: a TOML file (docs/CONFIG.md) overridden by command-line flags.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,9 @@ struct app_config {
     std::string key_file;          // [security] CURVE key pair (mesh-inspector keygen), mode 0600
     std::string mesh_secret_file;  // [security] the mesh secret, mode 0600
 };
+
+// Parses an octal file mode such as "0660" (1..0777). False when malformed.
+bool parse_file_mode(const std::string& text, std::uint32_t& mode);
 
 // Reads key_file and mesh_secret_file into cfg.node.security when security is enabled.
 bool load_security(app_config& cfg, std::string& error);

@@ -116,14 +116,9 @@ int main(int argc, char** argv) {
     if (*o_maxev) n.max_event_bytes = static_cast<std::uint32_t>(max_event);
     if (*o_linger) n.linger = std::chrono::milliseconds(linger);
     if (*o_stats) n.stats_interval = std::chrono::milliseconds(stats_ms);
-    if (*o_ipcm) {
-        char* end = nullptr;
-        const auto m = std::strtoul(ipc_mode.c_str(), &end, 8);
-        if (*end != '\0' || m == 0 || m > 0777) {
-            std::fprintf(stderr, "evmesh-node: invalid arguments: --ipc-mode must be octal, e.g. 0660\n");
-            return 2;
-        }
-        n.ipc_mode = static_cast<std::uint32_t>(m);
+    if (*o_ipcm && !app::parse_file_mode(ipc_mode, n.ipc_mode)) {
+        std::fprintf(stderr, "evmesh-node: invalid arguments: --ipc-mode must be octal, e.g. 0660\n");
+        return 2;
     }
     if (*o_ipcg) n.ipc_group = ipc_group;
     if (*o_sec) n.security.enabled = true;
