@@ -22,7 +22,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
-from evmesh_testlib import NODE, read_line  # noqa: E402
+from evmesh_testlib import NODE, free_port, read_line  # noqa: E402
 
 procs = []
 
@@ -52,18 +52,10 @@ def stop_all():
     procs.clear()
 
 
-def free_udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def sigkill_detection(tries):
     times = []
     for t in range(tries):
-        mesh, port = f"kill-{os.getpid()}-{t}", free_udp()
+        mesh, port = f"kill-{os.getpid()}-{t}", free_port(socket.SOCK_DGRAM)
         common = ["--mesh", mesh, "--beacon-port", str(port), "--pub-endpoint", "tcp://127.0.0.1:*",
                   "--sub-endpoint", "tcp://127.0.0.1:*", "--log-level", "warn"]
         _, a = start(["--name", "watcher", "--http", "127.0.0.1:0"] + common)
@@ -175,7 +167,7 @@ def cut_link_detection(tries, extra, load):
 
 
 def idle_cost(n, seconds, extra=(), watch=False):
-    mesh, port = f"idle-{os.getpid()}", free_udp()
+    mesh, port = f"idle-{os.getpid()}", free_port(socket.SOCK_DGRAM)
     pids = []
     for i in range(n):
         p, _ = start(["--name", f"idle{i}", "--mesh", mesh, "--beacon-port", str(port),

@@ -88,10 +88,9 @@ int run_keygen(const std::string& path) {
 }
 
 namespace {
-subscription subscribe_stats(node& n, stats_collector* self,
+subscription subscribe_stats(node& n,
                              std::mutex& mu, std::map<std::string, json>& latest,
                              std::map<std::string, std::chrono::steady_clock::time_point>& seen) {
-    (void)self;
     auto s = n.subscribe("_evmesh.stats.>", [&mu, &latest, &seen](const event_view& ev) {
         try {
             auto j = msgpack_to_json(ev.payload);
@@ -114,7 +113,7 @@ subscription subscribe_stats(node& n, stats_collector* self,
 }
 }  // namespace
 
-stats_collector::stats_collector(node& n) : sub_(subscribe_stats(n, this, mu_, latest_, seen_)) {}
+stats_collector::stats_collector(node& n) : sub_(subscribe_stats(n, mu_, latest_, seen_)) {}
 
 std::map<std::string, json> stats_collector::latest() const {
     std::lock_guard lock(mu_);
