@@ -20,3 +20,5 @@ else()
     message(FATAL_ERROR "msgpack-cxx not found (apt-get install libmsgpack-cxx-dev)")
 endif()
 pkg_check_modules(sodium REQUIRED IMPORTED_TARGET libsodium)                  # libsodium-dev
+find_package(CURL REQUIRED)                         # libcurl4-openssl-dev (webhook, email channels)
+find_package(SQLite3 REQUIRED)                      # libsqlite3-dev (the channel outbox)

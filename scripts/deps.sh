@@ -8,11 +8,11 @@ packages=(
   # libraries (all found by find_package/pkg-config in cmake/evmesh_deps.cmake)
   libzmq3-dev cppzmq-dev libmsgpack-cxx-dev libspdlog-dev libexpected-dev libcli11-dev
   libtomlplusplus-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev zlib1g-dev libbrotli-dev
-  libgtest-dev libgmock-dev libsodium-dev
+  libgtest-dev libgmock-dev libsodium-dev libcurl4-openssl-dev libsqlite3-dev
   # fuzzing (libFuzzer ships in clang's runtime package)
   clang libclang-rt-14-dev
   # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)
-  python3 python3-zmq python3-msgpack curl iproute2 procps graphviz bsdutils tcpdump
+  python3 python3-zmq python3-msgpack python3-aiosmtpd curl iproute2 procps graphviz bsdutils tcpdump
 )
 missing=()
 for p in "${packages[@]}"; do

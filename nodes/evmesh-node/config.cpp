@@ -5,7 +5,9 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <climits>
 #include <set>
+#include <sstream>
 
 #include <toml++/toml.h>
 
@@ -96,6 +98,63 @@ public:
         }
     }
 
+    // A duration: integer milliseconds, or a string with a unit ("5s", "5m", "2h").
+    void duration(std::string_view key, std::chrono::milliseconds& out) {
+        seen_.insert(std::string(key));
+        if (const auto* n = t_.get(key)) {
+            if (!duration_node(*n, key, out)) {
+                return;
+            }
+        }
+    }
+
+    bool duration_node(const toml::node& n, std::string_view key, std::chrono::milliseconds& out) {
+        if (n.is_integer() && *n.value<std::int64_t>() >= 0) {
+            out = std::chrono::milliseconds(*n.value<std::int64_t>());
+            return true;
+        }
+        if (n.is_string() && parse_duration(*n.value<std::string>(), out)) {
+            return true;
+        }
+        fail_at(n, key, "must be a duration: milliseconds, or a string such as \"500ms\", \"5s\", \"5m\", \"2h\"");
+        return false;
+    }
+
+    void durations(std::string_view key, std::vector<std::chrono::milliseconds>& out) {
+        seen_.insert(std::string(key));
+        if (const auto* n = t_.get(key)) {
+            const auto* arr = n->as_array();
+            if (arr == nullptr) {
+                fail_at(*n, key, "must be an array of durations");
+                return;
+            }
+            out.clear();
+            for (const auto& e : *arr) {
+                std::chrono::milliseconds d{};
+                if (!duration_node(e, key, d)) {
+                    return;
+                }
+                out.push_back(d);
+            }
+        }
+    }
+
+    void real(std::string_view key, double& out, double lo, double hi) {
+        seen_.insert(std::string(key));
+        if (const auto* n = t_.get(key)) {
+            if (!n->is_number()) {
+                fail_at(*n, key, "must be a number");
+                return;
+            }
+            const double v = n->is_integer() ? static_cast<double>(*n->value<std::int64_t>()) : *n->value<double>();
+            if (v < lo || v > hi) {
+                fail_at(*n, key, "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
+                return;
+            }
+            out = v;
+        }
+    }
+
     const toml::table* table(std::string_view key) {
         seen_.insert(std::string(key));
         if (const auto* n = t_.get(key)) {
@@ -106,6 +165,8 @@ public:
         }
         return nullptr;
     }
+
+    void seen(std::string_view key) { seen_.insert(std::string(key)); }
 
     void check_unknown() {
         for (const auto& [k, v] : t_) {
@@ -132,6 +193,41 @@ bool parse_file_mode(const std::string& text, std::uint32_t& mode) {
         return false;
     }
     mode = static_cast<std::uint32_t>(m);
+    return true;
+}
+
+bool parse_duration(std::string_view text, std::chrono::milliseconds& out) {
+    std::size_t i = 0;
+    std::int64_t v = 0;
+    while (i < text.size() && text[i] >= '0' && text[i] <= '9') {
+        if (v > (INT64_MAX / 10) - 10) {
+            return false;
+        }
+        v = v * 10 + (text[i] - '0');
+        ++i;
+    }
+    if (i == 0) {
+        return false;
+    }
+    const auto unit = text.substr(i);
+    std::int64_t mult = 0;
+    if (unit.empty() || unit == "ms") {
+        mult = 1;
+    } else if (unit == "s") {
+        mult = 1000;
+    } else if (unit == "m") {
+        mult = 60'000;
+    } else if (unit == "h") {
+        mult = 3'600'000;
+    } else if (unit == "d") {
+        mult = 86'400'000;
+    } else {
+        return false;
+    }
+    if (v > INT64_MAX / mult) {
+        return false;
+    }
+    out = std::chrono::milliseconds(v * mult);
     return true;
 }
 
@@ -253,6 +349,75 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.str("format", cfg.log_format);
         r.check_unknown();
     }
+    if (const auto* t = top.table("outbox")) {
+        table_reader r(*t, "outbox", error);
+        auto& o = cfg.channels;
+        r.str("path", o.outbox_path);
+        std::string sync = o.synchronous_full ? "full" : "normal";
+        r.str("synchronous", sync);
+        if (sync != "normal" && sync != "full" && error.empty()) {
+            error = "key 'outbox.synchronous' must be \"normal\" or \"full\"";
+        }
+        o.synchronous_full = sync == "full";
+        r.duration("dedupe_window", o.dedupe_window);
+        r.integer("log_keep", o.log_keep, 0, 100'000'000);
+        r.strings("plugin_dirs", o.plugin_dirs);
+        r.check_unknown();
+    }
+    top.seen("channel");
+    if (const auto* node = root.get("channel"); node != nullptr && error.empty()) {
+        const auto* arr = node->as_array();
+        if (arr == nullptr || !arr->is_array_of_tables()) {
+            error = "line " + std::to_string(node->source().begin.line) + ": 'channel' must be an array of tables ([[channel]])";
+        } else {
+            for (const auto& e : *arr) {
+                const auto& t = *e.as_table();
+                channels::channel_config c;
+                table_reader r(t, "channel", error);
+                r.str("name", c.name);
+                const std::string prefix = "channel '" + c.name + "'";
+                r.str("plugin", c.plugin);
+                r.strings("topics", c.topics);
+                r.integer("concurrency", c.concurrency, 1, 256);
+                if (const auto* rt = r.table("retry")) {
+                    table_reader rr(*rt, "channel.retry", error);
+                    rr.durations("schedule", c.retry.schedule);
+                    std::chrono::milliseconds initial{0}, max_delay{3'600'000};
+                    double factor = 2.0;
+                    int attempts = 0;
+                    rr.duration("initial", initial);
+                    rr.duration("max_delay", max_delay);
+                    rr.real("multiplier", factor, 1.0, 100.0);
+                    rr.integer("attempts", attempts, 1, 100);
+                    if (attempts > 0) {
+                        if (rt->get("schedule") != nullptr && error.empty()) {
+                            error = prefix + ": give either retry.schedule or retry.attempts (exponential), not both";
+                        }
+                        if (initial.count() == 0) {
+                            initial = std::chrono::milliseconds(1000);
+                        }
+                        c.retry.schedule = channels::exponential_schedule(initial, factor, max_delay, attempts);
+                    }
+                    rr.real("jitter", c.retry.jitter, 0.0, 1.0);
+                    rr.duration("max_retry_after", c.retry.max_retry_after);
+                    rr.check_unknown();
+                }
+                if (const auto* st = r.table("settings")) {
+                    std::ostringstream os;
+                    os << toml::json_formatter{*st};
+                    c.settings_json = os.str();
+                }
+                r.check_unknown();
+                if (error.empty() && c.name.empty()) {
+                    error = "line " + std::to_string(t.source().begin.line) + ": [[channel]] needs a name";
+                }
+                if (!error.empty()) {
+                    break;
+                }
+                cfg.channels.channels.push_back(std::move(c));
+            }
+        }
+    }
     if (const auto* t = top.table("run")) {
         table_reader r(*t, "run", error);
         r.str("pid_file", cfg.pid_file);
@@ -328,6 +493,10 @@ bool load_security(app_config& cfg, std::string& error) {
 }
 
 bool validate(const app_config& cfg, std::string& error) {
+    if (!cfg.channels.channels.empty() && cfg.channels.outbox_path.empty()) {
+        error = "key 'outbox.path' is required when channels are configured (the durable outbox file)";
+        return false;
+    }
     auto endpoint_ok = [&](const std::string& ep, const char* key) {
         if (ep.rfind("tcp://", 0) != 0 && ep.rfind("ipc://", 0) != 0) {
             error = "endpoint '" + ep + "' (" + key + ") must start with tcp:// or ipc://";

@@ -1,10 +1,12 @@
 // evmesh-node configuration: a TOML file (docs/CONFIG.md) overridden by command-line flags.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include <evmesh/channels.hpp>
 #include <evmesh/error.hpp>
 #include <evmesh/options.hpp>
 
@@ -20,6 +22,7 @@ struct app_config {
     int drain_ms = 2000;       // bound on a graceful stop (SIGTERM/SIGINT)
     std::string key_file;          // [security] CURVE key pair (mesh-inspector keygen), mode 0600
     std::string mesh_secret_file;  // [security] the mesh secret, mode 0600
+    channels::runtime_options channels;  // [outbox] and [[channel]]; no channels = no outbox
 };
 
 // Parses an octal file mode such as "0660" (1..0777). False when malformed.
@@ -36,6 +39,9 @@ bool load_toml(const std::string& path, app_config& cfg, std::string& error);
 
 // The same for TOML text already in memory; `source` names it in messages.
 bool load_toml_text(std::string_view text, const std::string& source, app_config& cfg, std::string& error);
+
+// Parses a duration: an integer (milliseconds) or text with a unit, "250ms", "5s", "5m", "2h", "1d".
+bool parse_duration(std::string_view text, std::chrono::milliseconds& out);
 
 // Checks values that the TOML and flag parsers cannot (endpoint syntax, enums, ranges).
 bool validate(const app_config& cfg, std::string& error);

@@ -67,6 +67,10 @@ int main(int argc, char** argv) {
     auto* o_ready = cli.add_option("--ready-file", ready_file, "write the READY JSON here once all endpoints are bound");
     auto* o_http = cli.add_option("--http", http, "serve /healthz, /metrics, /peers on host:port (port 0 = any)");
     auto* o_drain = cli.add_option("--drain-ms", drain, "bound on a graceful stop [2000]")->check(CLI::Range(0, 600000));
+    std::string outbox;
+    std::vector<std::string> plugin_dirs;
+    auto* o_outbox = cli.add_option("--outbox", outbox, "the channels' durable outbox (SQLite file); see [outbox]");
+    auto* o_pdirs = cli.add_option("--plugin-dir", plugin_dirs, "directory searched for channel plugins; repeatable");
     try {
         cli.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -80,7 +84,8 @@ int main(int argc, char** argv) {
     std::string error;
     if (!check_file.empty()) {
         if (!app::load_toml(check_file, cfg, error) || !app::validate(cfg, error)
-            || !app::load_security(cfg, error)) {
+            || !app::load_security(cfg, error)
+            || (!cfg.channels.channels.empty() && !channels::channel_runtime::check(cfg.channels, error))) {
             std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
             return 2;
         }
@@ -132,7 +137,10 @@ int main(int argc, char** argv) {
     if (*o_ready) cfg.ready_file = ready_file;
     if (*o_http) cfg.http_address = http;
     if (*o_drain) cfg.drain_ms = drain;
-    if (!app::validate(cfg, error) || !app::load_security(cfg, error)) {
+    if (*o_outbox) cfg.channels.outbox_path = outbox;
+    if (*o_pdirs) cfg.channels.plugin_dirs = plugin_dirs;
+    if (!app::validate(cfg, error) || !app::load_security(cfg, error) ||
+        (!cfg.channels.channels.empty() && !channels::channel_runtime::check(cfg.channels, error))) {
         std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
         return 2;
     }

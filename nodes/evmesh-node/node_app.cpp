@@ -154,6 +154,84 @@ std::string render_metrics(const node& n, double uptime_seconds) {
     return out;
 }
 
+std::string render_channel_metrics(const std::string& node_name, const std::vector<channels::channel_stats>& stats) {
+    std::string out;
+    if (stats.empty()) {
+        return out;
+    }
+    auto lbl = [&](const channels::channel_stats& c) {
+        return "{node=\"" + node_name + "\",channel=\"" + c.name + "\",plugin=\"" + c.plugin + "\"";
+    };
+    auto counter = [&](const char* name, const char* help, auto get) {
+        metric(out, name, "counter", help);
+        for (const auto& c : stats) {
+            sample(out, std::string(name) + lbl(c) + "}", static_cast<double>(get(c)));
+        }
+    };
+    auto gauge = [&](const char* name, const char* help, auto get) {
+        metric(out, name, "gauge", help);
+        for (const auto& c : stats) {
+            sample(out, std::string(name) + lbl(c) + "}", static_cast<double>(get(c)));
+        }
+    };
+    counter("evmesh_channel_accepted_total", "Events persisted in the outbox for the channel.",
+            [](const auto& c) { return c.accepted; });
+    counter("evmesh_channel_duplicates_total", "Events refused because their id was already in the outbox.",
+            [](const auto& c) { return c.duplicates; });
+    counter("evmesh_channel_attempts_total", "Delivery attempts.", [](const auto& c) { return c.attempts; });
+    counter("evmesh_channel_delivered_total", "Events delivered.", [](const auto& c) { return c.delivered; });
+    counter("evmesh_channel_retried_total", "Failed attempts scheduled again.", [](const auto& c) { return c.retried; });
+    counter("evmesh_channel_failed_total", "Failed attempts (retried or final).", [](const auto& c) { return c.failed; });
+    counter("evmesh_channel_dead_lettered_total", "Deliveries moved to the dead-letter store.",
+            [](const auto& c) { return c.dead_lettered; });
+    counter("evmesh_channel_replayed_total", "Dead letters put back into the outbox.",
+            [](const auto& c) { return c.replayed; });
+    counter("evmesh_channel_recovered_total",
+            "Deliveries claimed when the node last stopped without a drain (crash), delivered again.",
+            [](const auto& c) { return c.recovered; });
+    gauge("evmesh_channel_pending", "Events in the outbox not delivered yet (outbox depth).",
+          [](const auto& c) { return c.pending; });
+    gauge("evmesh_channel_in_flight", "Deliveries in progress.", [](const auto& c) { return c.in_flight; });
+    gauge("evmesh_channel_dead", "Events in the dead-letter store.", [](const auto& c) { return c.dead; });
+    gauge("evmesh_channel_oldest_pending_age_seconds", "Age of the oldest pending event.",
+          [](const auto& c) { return c.oldest_pending_age_s; });
+    gauge("evmesh_channel_disabled", "1 when the endpoint disabled the channel (HTTP 410).",
+          [](const auto& c) { return c.disabled ? 1 : 0; });
+    counter("evmesh_channel_attempt_latency_microseconds_total", "Sum of attempt durations (divide by attempts).",
+            [](const auto& c) { return c.attempt_latency_sum_us; });
+    counter("evmesh_channel_delivery_latency_microseconds_total",
+            "Sum of outbox-to-delivered times of delivered events (divide by delivered).",
+            [](const auto& c) { return c.delivery_latency_sum_us; });
+    return out;
+}
+
+std::string render_channels(const std::vector<channels::channel_stats>& stats) {
+    auto arr = nlohmann::json::array();
+    for (const auto& c : stats) {
+        arr.push_back({{"name", c.name},
+                       {"plugin", c.plugin},
+                       {"disabled", c.disabled},
+                       {"disabled_reason", c.disabled_reason},
+                       {"accepted", c.accepted},
+                       {"duplicates", c.duplicates},
+                       {"attempts", c.attempts},
+                       {"delivered", c.delivered},
+                       {"retried", c.retried},
+                       {"failed", c.failed},
+                       {"dead_lettered", c.dead_lettered},
+                       {"replayed", c.replayed},
+                       {"recovered", c.recovered},
+                       {"pending", c.pending},
+                       {"in_flight", c.in_flight},
+                       {"dead", c.dead},
+                       {"oldest_pending_age_s", c.oldest_pending_age_s},
+                       {"attempt_latency_avg_us", c.attempts > 0 ? c.attempt_latency_sum_us / c.attempts : 0},
+                       {"attempt_latency_max_us", c.attempt_latency_max_us},
+                       {"delivery_latency_avg_us", c.delivered > 0 ? c.delivery_latency_sum_us / c.delivered : 0}});
+    }
+    return arr.dump();
+}
+
 std::string render_peers(const node& n) {
     auto arr = nlohmann::json::array();
     for (const auto& p : n.peers()) {
@@ -204,6 +282,17 @@ int node_app::start() {
         return 3;
     }
     node_ = std::move(*n);
+    if (!cfg_.channels.channels.empty()) {
+        std::string error;
+        auto rt = channels::channel_runtime::start(*node_, cfg_.channels, error);
+        if (!rt) {
+            const bool config = rt.error() == make_error_code(errc::bad_option);
+            std::fprintf(stderr, "evmesh-node: %s: %s\n", config ? "invalid config" : "cannot start", error.c_str());
+            node_->stop();
+            return config ? 2 : 3;
+        }
+        channels_ = std::move(*rt);
+    }
     if (!cfg_.http_address.empty()) {
         http_ = std::make_unique<http>();
         const auto colon = cfg_.http_address.rfind(':');
@@ -221,9 +310,87 @@ int node_app::start() {
             res.status = up ? 200 : 503;
             res.set_content(up ? "ok\n" : "stopping\n", "text/plain");
         });
-        http_->server.Get("/metrics", [nd, started](const httplib::Request&, httplib::Response& res) {
+        auto* chs = channels_.get();
+        http_->server.Get("/metrics", [nd, chs, started](const httplib::Request&, httplib::Response& res) {
             const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-            res.set_content(render_metrics(*nd, up), "text/plain; version=0.0.4");
+            auto text = render_metrics(*nd, up);
+            if (chs != nullptr) {
+                text += render_channel_metrics(nd->name(), chs->stats());
+            }
+            res.set_content(text, "text/plain; version=0.0.4");
+        });
+        // Channel administration (docs/CHANNELS.md). The HTTP endpoint binds loopback by default;
+        // anyone who can reach it can replay and enable channels.
+        http_->server.Get("/channels", [chs](const httplib::Request&, httplib::Response& res) {
+            res.set_content(chs != nullptr ? render_channels(chs->stats()) : "[]", "application/json");
+        });
+        auto limit_of = [](const httplib::Request& req) {
+            std::size_t limit = 100;
+            if (req.has_param("limit")) {
+                try {
+                    limit = static_cast<std::size_t>(std::stoul(req.get_param_value("limit")));
+                } catch (const std::exception&) {
+                    limit = 100;
+                }
+            }
+            return std::min<std::size_t>(limit, 100000);
+        };
+        auto answer_error = [](httplib::Response& res, const std::error_code& ec) {
+            res.status = ec == make_error_code(errc::bad_option) ? 404 : 503;
+            res.set_content(nlohmann::json({{"error", res.status == 404 ? "no such channel or event" : ec.message()}}).dump(),
+                            "application/json");
+        };
+        http_->server.Get(R"(/channels/([A-Za-z0-9_.-]+)/log)", [chs, limit_of, answer_error](const httplib::Request& req, httplib::Response& res) {
+            if (chs == nullptr) {
+                return answer_error(res, make_error_code(errc::bad_option));
+            }
+            auto r = chs->delivery_log(req.matches[1].str(), limit_of(req));
+            if (!r) {
+                return answer_error(res, r.error());
+            }
+            auto arr = nlohmann::json::array();
+            for (const auto& a : *r) {
+                arr.push_back({{"event_id", a.event_id}, {"topic", a.topic}, {"attempt", a.attempt},
+                               {"time_ms", a.time_ms}, {"latency_us", a.latency_us}, {"outcome", a.outcome},
+                               {"code", a.code}, {"detail", a.detail}});
+            }
+            res.set_content(arr.dump(), "application/json");
+        });
+        http_->server.Get(R"(/channels/([A-Za-z0-9_.-]+)/dead)", [chs, limit_of, answer_error](const httplib::Request& req, httplib::Response& res) {
+            if (chs == nullptr) {
+                return answer_error(res, make_error_code(errc::bad_option));
+            }
+            auto r = chs->dead_letters(req.matches[1].str(), limit_of(req));
+            if (!r) {
+                return answer_error(res, r.error());
+            }
+            auto arr = nlohmann::json::array();
+            for (const auto& d : *r) {
+                arr.push_back({{"event_id", d.event_id}, {"topic", d.topic}, {"attempts", d.attempts},
+                               {"accepted_ms", d.accepted_ms}, {"dead_ms", d.dead_ms}, {"last_code", d.last_code},
+                               {"last_detail", d.last_detail}});
+            }
+            res.set_content(arr.dump(), "application/json");
+        });
+        http_->server.Post(R"(/channels/([A-Za-z0-9_.-]+)/replay)", [chs, answer_error](const httplib::Request& req, httplib::Response& res) {
+            if (chs == nullptr) {
+                return answer_error(res, make_error_code(errc::bad_option));
+            }
+            auto r = chs->replay(req.matches[1].str(), req.has_param("id") ? req.get_param_value("id") : std::string());
+            if (!r) {
+                return answer_error(res, r.error());
+            }
+            res.set_content(nlohmann::json({{"replayed", *r}}).dump(), "application/json");
+        });
+        http_->server.Post(R"(/channels/([A-Za-z0-9_.-]+)/enable)", [chs, answer_error](const httplib::Request& req, httplib::Response& res) {
+            if (chs == nullptr) {
+                return answer_error(res, make_error_code(errc::bad_option));
+            }
+            auto r = chs->enable(req.matches[1].str());
+            if (!r) {
+                return answer_error(res, r.error());
+            }
+            res.set_content(R"({"enabled":true})", "application/json");
         });
         http_->server.Get("/peers", [nd](const httplib::Request&, httplib::Response& res) {
             res.set_content(render_peers(*nd), "application/json");
@@ -232,6 +399,9 @@ int node_app::start() {
         if (http_->port <= 0) {
             std::fprintf(stderr, "evmesh-node: cannot start: cannot bind http endpoint '%s'\n",
                          cfg_.http_address.c_str());
+            if (channels_) {
+                channels_->stop();
+            }
             node_->stop();
             return 3;
         }
@@ -269,6 +439,10 @@ int node_app::start() {
 
 void node_app::stop() {
     g_stopping = true;  // /healthz answers 503 while the node drains
+    if (channels_) {
+        // stops intake and deliveries; the object stays until the admin endpoints are gone
+        channels_->stop(std::chrono::milliseconds(cfg_.drain_ms / 2));
+    }
     if (node_) {
         node_->stop();
     }
@@ -279,6 +453,7 @@ void node_app::stop() {
         }
         http_.reset();
     }
+    channels_.reset();
     remove_files();
 }
 

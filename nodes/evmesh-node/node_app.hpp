@@ -6,6 +6,7 @@
 #include <string>
 #include <thread>
 
+#include <evmesh/channels.hpp>
 #include <evmesh/node.hpp>
 
 #include "config.hpp"
@@ -14,6 +15,12 @@ namespace evmesh::app {
 
 // Prometheus text exposition of a node's counters (docs/CONFIG.md lists the metrics).
 std::string render_metrics(const node& n, double uptime_seconds);
+
+// Prometheus text of the channels' counters and gauges (appended to /metrics).
+std::string render_channel_metrics(const std::string& node_name, const std::vector<channels::channel_stats>& stats);
+
+// JSON array of the channels' counters and gauges (GET /channels).
+std::string render_channels(const std::vector<channels::channel_stats>& stats);
 
 // JSON array of peers.
 std::string render_peers(const node& n);
@@ -34,12 +41,14 @@ public:
     int run_until_signal();
 
     node* get() { return node_.get(); }
+    channels::channel_runtime* channels() { return channels_.get(); }
 
 private:
     void remove_files();  // pid and ready files
 
     app_config cfg_;
     std::unique_ptr<node> node_;
+    std::unique_ptr<channels::channel_runtime> channels_;
     struct http;
     std::unique_ptr<http> http_;
     std::chrono::steady_clock::time_point started_;

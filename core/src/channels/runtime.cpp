@@ -1,0 +1,1260 @@
+// The channel runtime (docs/CHANNELS.md): intake from subscriptions, the SQLite outbox, the
+// scheduler and one worker pool per channel instance.
+//
+// Threads and ownership:
+//   - subscription dispatcher threads (one per pattern) encode matching events and queue them
+//     for intake; they block when the intake queue is full (backpressure to the node's policy);
+//   - the store thread owns the only database connection: it inserts accepted events, applies
+//     the outcome of attempts, loads due deliveries into each channel's ready queue and runs
+//     admin commands, each batch in one transaction;
+//   - each channel has `concurrency` workers that take from its ready queue and call the plugin,
+//     so a slow or dead endpoint only ever occupies its own workers.
+// A delivery row is "claimed" while it sits in a ready queue or in flight; rows still claimed at
+// start-up were cut off by a crash, are counted as `recovered` and delivered again.
+
+#include <evmesh/channel.h>
+#include <evmesh/channels.hpp>
+#include <evmesh/codec.hpp>
+#include <evmesh/node.hpp>
+
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <future>
+#include <map>
+#include <mutex>
+#include <random>
+#include <regex>
+#include <thread>
+#include <unordered_set>
+
+#include "channels/sqlite.hpp"
+#include "util/log.hpp"
+
+namespace evmesh::channels {
+
+using namespace std::chrono_literals;
+using detail::database;
+using detail::sqlite_error;
+using detail::statement;
+using detail::transaction;
+
+std::vector<milliseconds> standard_webhooks_schedule() {
+    using std::chrono::hours;
+    using std::chrono::minutes;
+    using std::chrono::seconds;
+    return {0ms, seconds(5), minutes(5), minutes(30), hours(2), hours(5), hours(10), hours(14), hours(20), hours(24)};
+}
+
+std::vector<milliseconds> exponential_schedule(milliseconds initial, double factor, milliseconds max_delay,
+                                               int attempts) {
+    std::vector<milliseconds> s;
+    if (attempts <= 0) {
+        return s;
+    }
+    s.push_back(0ms);
+    double d = static_cast<double>(initial.count());
+    for (int i = 1; i < attempts; ++i) {
+        s.push_back(milliseconds(static_cast<std::int64_t>(std::min(d, static_cast<double>(max_delay.count())))));
+        d *= factor;
+    }
+    return s;
+}
+
+std::vector<std::string> default_plugin_dirs() {
+    std::vector<std::string> dirs;
+    std::error_code ec;
+    const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+    if (!ec) {
+        const auto bin = exe.parent_path();
+        dirs.push_back((bin.parent_path() / "channels").string());
+        dirs.push_back((bin.parent_path() / "lib" / "evmesh" / "channels").string());
+    }
+    return dirs;
+}
+
+namespace {
+
+std::int64_t wall_ms() {
+    return std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::int64_t steady_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+const char* status_name(int s) {
+    switch (s) {
+    case EVMESH_DELIVERED: return "delivered";
+    case EVMESH_RETRY: return "retry";
+    case EVMESH_FAIL: return "failed";
+    case EVMESH_DISABLE: return "disabled";
+    default: return "invalid";
+    }
+}
+
+std::string id_text(std::string_view blob) {
+    event_id id{};
+    if (blob.size() == id.size()) {
+        std::memcpy(id.data(), blob.data(), id.size());
+    }
+    return to_string(id);
+}
+
+// A loaded plugin library (shared by the instances that use it).
+struct plugin_lib {
+    void* handle = nullptr;
+    const evmesh_channel_plugin* api = nullptr;
+    std::string path;
+    ~plugin_lib() {
+        if (handle != nullptr) {
+            dlclose(handle);
+        }
+    }
+};
+
+struct work_item {
+    std::int64_t row = 0;
+    std::string event_id;  // 16 bytes
+    std::string topic;
+    std::string body;
+    std::uint32_t attempt = 1;  // the attempt this item is for
+    std::int64_t accepted_ms = 0;
+};
+
+struct intake_item {
+    std::size_t channel = 0;
+    event_id id{};
+    std::string topic;
+    std::string body;
+    std::int64_t accepted_ms = 0;
+};
+
+struct completion {
+    std::size_t channel = 0;
+    std::int64_t row = 0;
+    std::string event_id;
+    std::string topic;
+    std::uint32_t attempt = 0;
+    std::int64_t accepted_ms = 0;
+    bool released = false;  // not attempted (channel disabled or stopping): unclaim only
+    int status = EVMESH_RETRY;
+    std::int32_t code = 0;
+    std::int64_t retry_after_ms = -1;
+    std::string detail;
+    std::int64_t latency_us = 0;
+    std::int64_t end_ms = 0;
+};
+
+struct channel_counters {
+    std::atomic<std::uint64_t> accepted{0}, duplicates{0}, attempts{0}, delivered{0}, retried{0}, failed{0},
+        dead_lettered{0}, replayed{0}, recovered{0}, pending{0}, in_flight{0}, dead{0};
+    std::atomic<std::uint64_t> attempt_latency_sum_us{0}, attempt_latency_max_us{0}, delivery_latency_sum_us{0};
+    std::atomic<std::int64_t> oldest_pending_ms{0};  // 0 = none
+};
+
+}  // namespace
+
+struct channel_runtime::impl {
+    struct channel {
+        channel_config cfg;
+        std::shared_ptr<plugin_lib> lib;
+        evmesh_channel* instance = nullptr;
+        std::size_t index = 0;
+        std::size_t ready_cap = 16;
+        std::vector<subscription> subs;
+        channel_counters c;
+        std::atomic<bool> disabled{false};
+        std::string disabled_reason;  // guarded by impl::stats_m
+
+        // ready queue, shared with the workers
+        std::mutex m;
+        std::condition_variable cv;
+        std::deque<work_item> ready;
+        bool stopping = false;
+        std::vector<std::thread> workers;
+        std::atomic<int> workers_running{0};
+
+        // store thread only
+        std::unordered_set<std::int64_t> known;  // rows in the ready queue or in flight
+        bool backlog = true;                     // due rows may be in the database only
+        std::int64_t next_due_ms = 0;            // earliest scheduled retry not yet loaded
+    };
+
+    node* n;  // null while only checking a configuration
+    runtime_options opts;
+    std::vector<std::unique_ptr<channel>> channels;
+    std::map<std::string, std::size_t, std::less<>> by_name;
+
+    database db;
+    std::mutex m;  // intake, completions, commands
+    std::condition_variable cv;        // wakes the store thread
+    std::condition_variable space_cv;  // wakes intake producers
+    std::deque<intake_item> intake;
+    std::deque<completion> completions;
+    std::deque<std::function<void()>> commands;
+    bool stopping = false;
+    bool store_done = false;
+    std::thread store;
+    mutable std::mutex stats_m;
+    std::mt19937_64 rng{std::random_device{}()};
+    bool stopped = false;
+    bool leak = false;  // a worker outlived stop(): keep everything it may touch alive
+
+    static constexpr std::size_t intake_cap = 65536;
+
+    impl(node* nn, runtime_options o) : n(nn), opts(std::move(o)) {}
+
+    // ---------------------------------------------------------------- setup
+
+    static std::string find_plugin(const runtime_options& o, const std::string& plugin) {
+        if (plugin.find('/') != std::string::npos) {
+            return plugin;
+        }
+        std::vector<std::string> dirs = o.plugin_dirs;
+        if (const char* env = std::getenv("EVMESH_CHANNEL_PATH")) {
+            std::string s(env);
+            std::size_t pos = 0;
+            while (pos <= s.size()) {
+                const auto end = std::min(s.find(':', pos), s.size());
+                if (end > pos) {
+                    dirs.push_back(s.substr(pos, end - pos));
+                }
+                pos = end + 1;
+            }
+        }
+        for (auto& d : default_plugin_dirs()) {
+            dirs.push_back(d);
+        }
+        for (const auto& d : dirs) {
+            const auto p = std::filesystem::path(d) / ("evmesh_channel_" + plugin + ".so");
+            std::error_code ec;
+            if (std::filesystem::exists(p, ec)) {
+                return p.string();
+            }
+        }
+        return {};
+    }
+
+    static std::shared_ptr<plugin_lib> load_plugin(const std::string& path, std::string& error) {
+        auto lib = std::make_shared<plugin_lib>();
+        lib->path = path;
+        lib->handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+        if (lib->handle == nullptr) {
+            const char* e = dlerror();
+            error = "cannot load " + path + ": " + (e != nullptr ? e : "dlopen failed");
+            return nullptr;
+        }
+        auto* sym = dlsym(lib->handle, EVMESH_CHANNEL_ENTRY);
+        if (sym == nullptr) {
+            error = path + " is not an evmesh channel plugin (no symbol " EVMESH_CHANNEL_ENTRY ")";
+            return nullptr;
+        }
+        evmesh_channel_entry_fn entry = nullptr;
+        static_assert(sizeof(entry) == sizeof(sym));
+        std::memcpy(&entry, &sym, sizeof(entry));
+        lib->api = entry();
+        if (lib->api == nullptr) {
+            error = path + ": " EVMESH_CHANNEL_ENTRY " returned null";
+            return nullptr;
+        }
+        if (lib->api->abi_version != EVMESH_CHANNEL_ABI_VERSION) {
+            error = path + ": plugin ABI version " + std::to_string(lib->api->abi_version) + ", this node speaks " +
+                    std::to_string(EVMESH_CHANNEL_ABI_VERSION);
+            return nullptr;
+        }
+        if (lib->api->struct_size < sizeof(evmesh_channel_plugin) || lib->api->create == nullptr ||
+            lib->api->deliver == nullptr || lib->api->destroy == nullptr) {
+            error = path + ": incomplete plugin table";
+            return nullptr;
+        }
+        return lib;
+    }
+
+    static void host_log(void* ctx, int level, const char* message) {
+        const auto* ch = static_cast<const channel*>(ctx);
+        const auto lvl = level >= EVMESH_LOG_ERROR ? spdlog::level::err
+                         : level == EVMESH_LOG_WARN ? spdlog::level::warn
+                         : level == EVMESH_LOG_INFO ? spdlog::level::info
+                                                    : spdlog::level::debug;
+        evmesh::detail::log()->log(lvl, "channel {}: {}", ch->cfg.name, message != nullptr ? message : "");
+    }
+
+    bool validate(std::string& error) {
+        static const std::regex name_re("[A-Za-z0-9_.-]{1,64}");
+        if (opts.outbox_path.empty()) {
+            error = "channels: outbox path is required";
+            return false;
+        }
+        std::map<std::string, int> seen;
+        for (const auto& c : opts.channels) {
+            const std::string where = "channel '" + c.name + "': ";
+            if (!std::regex_match(c.name, name_re)) {
+                error = "channel name '" + c.name + "' must be 1..64 of [A-Za-z0-9_.-]";
+                return false;
+            }
+            if (seen[c.name]++ > 0) {
+                error = where + "name is used twice";
+                return false;
+            }
+            if (c.plugin.empty()) {
+                error = where + "plugin is required";
+                return false;
+            }
+            if (c.topics.empty()) {
+                error = where + "topics must name at least one pattern";
+                return false;
+            }
+            for (const auto& t : c.topics) {
+                if (!topic_pattern::parse(t)) {
+                    error = where + "bad topic pattern '" + t + "'";
+                    return false;
+                }
+            }
+            if (c.concurrency < 1 || c.concurrency > 256) {
+                error = where + "concurrency must be between 1 and 256";
+                return false;
+            }
+            if (c.retry.schedule.empty() || c.retry.schedule.size() > 100) {
+                error = where + "retry schedule must have 1..100 entries";
+                return false;
+            }
+            for (auto d : c.retry.schedule) {
+                if (d.count() < 0) {
+                    error = where + "retry delays must not be negative";
+                    return false;
+                }
+            }
+            if (c.retry.jitter < 0 || c.retry.jitter > 1) {
+                error = where + "retry jitter must be between 0 and 1";
+                return false;
+            }
+        }
+        return true;
+    }
+
+    void open_outbox() {
+        std::error_code ec;
+        const auto parent = std::filesystem::path(opts.outbox_path).parent_path();
+        if (!parent.empty()) {
+            std::filesystem::create_directories(parent, ec);
+        }
+        db.open(opts.outbox_path);
+        db.exec("PRAGMA journal_mode=WAL");
+        db.exec(opts.synchronous_full ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
+        db.exec(
+            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT OR IGNORE INTO meta VALUES('schema', '1');"
+            // state: 0 pending, 1 dead letter, 2 delivered (kept for dedupe_window; body emptied)
+            "CREATE TABLE IF NOT EXISTS outbox("
+            " id INTEGER PRIMARY KEY, channel TEXT NOT NULL, event_id BLOB NOT NULL, topic TEXT NOT NULL,"
+            " body BLOB NOT NULL, accepted_ms INTEGER NOT NULL, state INTEGER NOT NULL DEFAULT 0,"
+            " attempts INTEGER NOT NULL DEFAULT 0, next_ms INTEGER NOT NULL, claimed INTEGER NOT NULL DEFAULT 0,"
+            " last_code INTEGER NOT NULL DEFAULT 0, last_detail TEXT NOT NULL DEFAULT '', dead_ms INTEGER NOT NULL DEFAULT 0,"
+            " UNIQUE(channel, event_id));"
+            "CREATE INDEX IF NOT EXISTS outbox_due ON outbox(channel, state, next_ms);"
+            "CREATE TABLE IF NOT EXISTS attempts("
+            " id INTEGER PRIMARY KEY, channel TEXT NOT NULL, event_id BLOB NOT NULL, topic TEXT NOT NULL,"
+            " attempt INTEGER NOT NULL, time_ms INTEGER NOT NULL, latency_us INTEGER NOT NULL,"
+            " outcome TEXT NOT NULL, code INTEGER NOT NULL, detail TEXT NOT NULL);"
+            "CREATE INDEX IF NOT EXISTS attempts_channel ON attempts(channel, id);"
+            "CREATE TABLE IF NOT EXISTS channel_state("
+            " name TEXT PRIMARY KEY, disabled INTEGER NOT NULL, reason TEXT NOT NULL, since_ms INTEGER NOT NULL);");
+        {
+            statement s(db, "SELECT value FROM meta WHERE key='schema'");
+            if (!s.step() || s.text(0) != "1") {
+                throw sqlite_error("outbox " + opts.outbox_path + " has an unknown schema version");
+            }
+        }
+        // Gauges and crash recovery.
+        statement counts(db, "SELECT state, COUNT(*), SUM(claimed), MIN(accepted_ms) FROM outbox WHERE channel=? GROUP BY state");
+        statement st(db, "SELECT disabled, reason FROM channel_state WHERE name=?");
+        for (auto& ch : channels) {
+            counts.bind(1, ch->cfg.name);
+            while (counts.step()) {
+                const auto state = counts.i64(0);
+                const auto n_rows = static_cast<std::uint64_t>(counts.i64(1));
+                if (state == 0) {
+                    ch->c.pending = n_rows;
+                    ch->c.recovered = static_cast<std::uint64_t>(counts.i64(2));
+                    ch->c.oldest_pending_ms = counts.i64(3);
+                } else if (state == 1) {
+                    ch->c.dead = n_rows;
+                }
+            }
+            counts.reset();
+            st.bind(1, ch->cfg.name);
+            if (st.step() && st.i64(0) != 0) {
+                ch->disabled = true;
+                ch->disabled_reason = std::string(st.text(1));
+            }
+            st.reset();
+            if (ch->c.recovered > 0) {
+                evmesh::detail::log()->warn(
+                    "channel {}: {} deliveries were claimed when the node stopped without a drain; delivering them "
+                    "again (receivers may see them twice; the webhook-id / event id deduplicates)",
+                    ch->cfg.name, ch->c.recovered.load());
+            }
+            if (ch->disabled) {
+                evmesh::detail::log()->warn("channel {}: disabled ({}); {} events held in the outbox", ch->cfg.name,
+                                            ch->disabled_reason, ch->c.pending.load());
+            }
+        }
+        db.exec("UPDATE outbox SET claimed=0 WHERE claimed=1");
+    }
+
+    bool create_instances(std::string& error) {
+        std::map<std::string, std::shared_ptr<plugin_lib>> libs;
+        for (std::size_t i = 0; i < opts.channels.size(); ++i) {
+            auto ch = std::make_unique<channel>();
+            ch->cfg = opts.channels[i];
+            ch->index = i;
+            ch->ready_cap = std::max<std::size_t>(16, 4 * static_cast<std::size_t>(ch->cfg.concurrency));
+            const auto path = find_plugin(opts, ch->cfg.plugin);
+            if (path.empty()) {
+                error = "channel '" + ch->cfg.name + "': plugin '" + ch->cfg.plugin +
+                        "' not found (looked for evmesh_channel_" + ch->cfg.plugin +
+                        ".so in the plugin dirs, $EVMESH_CHANNEL_PATH and next to the executable)";
+                return false;
+            }
+            auto& lib = libs[path];
+            if (!lib) {
+                std::string e;
+                lib = load_plugin(path, e);
+                if (!lib) {
+                    error = "channel '" + ch->cfg.name + "': " + e;
+                    return false;
+                }
+            }
+            ch->lib = lib;
+            evmesh_host host{};
+            host.struct_size = sizeof(host);
+            host.abi_version = EVMESH_CHANNEL_ABI_VERSION;
+            host.instance_name = ch->cfg.name.c_str();
+            host.settings_json = ch->cfg.settings_json.c_str();
+            host.log = &host_log;
+            host.log_ctx = ch.get();
+            char err[512] = {0};
+            try {
+                ch->instance = lib->api->create(&host, err, sizeof(err));
+            } catch (...) {
+                ch->instance = nullptr;
+                std::snprintf(err, sizeof(err), "plugin threw an exception from create");
+            }
+            if (ch->instance == nullptr) {
+                err[sizeof(err) - 1] = 0;
+                error = "channel '" + ch->cfg.name + "': " + (err[0] != 0 ? err : "plugin create failed");
+                return false;
+            }
+            by_name[ch->cfg.name] = i;
+            channels.push_back(std::move(ch));
+        }
+        return true;
+    }
+
+    // Called on subscription dispatcher threads.
+    void on_event(std::size_t ch_index, const event_view& ev) {
+        intake_item item;
+        item.channel = ch_index;
+        item.id = ev.id;
+        item.topic = std::string(ev.topic);
+        encode_event_body(ev.to_event(), item.body);
+        item.accepted_ms = wall_ms();
+        std::unique_lock lk(m);
+        space_cv.wait(lk, [&] { return intake.size() < intake_cap || stopping; });
+        if (stopping) {
+            return;  // the node is stopping: not accepted (never counted)
+        }
+        intake.push_back(std::move(item));
+        if (intake.size() == 1) {
+            cv.notify_one();
+        }
+    }
+
+    bool subscribe(std::string& error) {
+        for (auto& ch : channels) {
+            for (const auto& t : ch->cfg.topics) {
+                const auto idx = ch->index;
+                auto s = n->subscribe(t, [this, idx](const event_view& ev) { on_event(idx, ev); });
+                if (!s) {
+                    error = "channel '" + ch->cfg.name + "': cannot subscribe to '" + t + "': " + s.error().message();
+                    return false;
+                }
+                ch->subs.push_back(std::move(*s));
+            }
+        }
+        return true;
+    }
+
+    void start_threads() {
+        store = std::thread([this] { store_loop(); });
+        for (auto& ch : channels) {
+            for (int i = 0; i < ch->cfg.concurrency; ++i) {
+                ch->workers_running++;
+                ch->workers.emplace_back([this, c = ch.get()] { worker_loop(*c); });
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- workers
+
+    void worker_loop(channel& ch) {
+        std::vector<evmesh_header> headers;
+        for (;;) {
+            work_item item;
+            {
+                std::unique_lock lk(ch.m);
+                ch.cv.wait(lk, [&] { return ch.stopping || !ch.ready.empty(); });
+                if (ch.stopping) {
+                    break;
+                }
+                item = std::move(ch.ready.front());
+                ch.ready.pop_front();
+            }
+            completion c;
+            c.channel = ch.index;
+            c.row = item.row;
+            c.attempt = item.attempt;
+            c.accepted_ms = item.accepted_ms;
+            if (ch.disabled) {
+                c.released = true;
+            } else {
+                ch.c.in_flight++;
+                deliver(ch, item, headers, c);
+                ch.c.in_flight--;
+            }
+            c.event_id = std::move(item.event_id);
+            c.topic = std::move(item.topic);
+            {
+                std::lock_guard lk(m);
+                completions.push_back(std::move(c));
+                if (completions.size() == 1) {
+                    cv.notify_one();
+                }
+            }
+        }
+        ch.workers_running--;
+    }
+
+    void deliver(channel& ch, const work_item& item, std::vector<evmesh_header>& headers, completion& c) {
+        auto decoded = decode_event(item.topic, item.body);
+        if (!decoded) {
+            c.status = EVMESH_FAIL;
+            c.detail = "outbox row is not a valid event: " + decoded.error().message();
+            c.end_ms = wall_ms();
+            return;
+        }
+        const auto& v = *decoded;
+        const std::string id_str = to_string(v.id);
+        const std::string topic(v.topic), source(v.source), content_type(v.content_type);
+        headers.clear();
+        v.for_each_header([&](std::string_view k, std::string_view val) {
+            headers.push_back(evmesh_header{k.data(), k.size(), val.data(), val.size()});
+        });
+        evmesh_event e{};
+        e.struct_size = sizeof(e);
+        std::memcpy(e.id, v.id.data(), sizeof(e.id));
+        e.id_text = id_str.c_str();
+        e.topic = topic.c_str();
+        e.topic_len = topic.size();
+        e.source = source.c_str();
+        e.source_len = source.size();
+        e.time_ns = v.time_ns;
+        e.seq = v.seq;
+        e.content_type = content_type.c_str();
+        e.content_type_len = content_type.size();
+        e.headers = headers.empty() ? nullptr : headers.data();
+        e.header_count = headers.size();
+        e.payload = v.payload.data();
+        e.payload_len = v.payload.size();
+        evmesh_attempt a{};
+        a.struct_size = sizeof(a);
+        a.attempt = item.attempt;
+        a.max_attempts = static_cast<std::uint32_t>(ch.cfg.retry.schedule.size());
+        a.accepted_ns = item.accepted_ms * 1000000;
+        evmesh_result r{};
+        r.retry_after_ms = -1;
+        const auto t0 = steady_us();
+        int status = EVMESH_RETRY;
+        try {
+            status = ch.lib->api->deliver(ch.instance, &e, &a, &r);
+        } catch (...) {
+            status = EVMESH_RETRY;
+            std::snprintf(r.detail, sizeof(r.detail), "plugin threw an exception");
+        }
+        c.latency_us = steady_us() - t0;
+        c.end_ms = wall_ms();
+        r.detail[sizeof(r.detail) - 1] = 0;
+        if (status < EVMESH_DELIVERED || status > EVMESH_DISABLE) {
+            std::snprintf(r.detail, sizeof(r.detail), "plugin returned invalid status %d", status);
+            status = EVMESH_RETRY;
+        }
+        c.status = status;
+        c.code = r.code;
+        c.retry_after_ms = r.retry_after_ms;
+        c.detail = r.detail;
+    }
+
+    // ---------------------------------------------------------------- store thread
+
+    struct statements {
+        statement insert, claim, unclaim, done, retry, dead, disable_row, log, due, next_due, oldest, purge, trim,
+            set_state;
+    };
+
+    void store_loop() {
+        try {
+            statements s{
+                statement(db, "INSERT OR IGNORE INTO outbox(channel, event_id, topic, body, accepted_ms, next_ms, claimed)"
+                              " VALUES(?,?,?,?,?,?,?)"),
+                statement(db, "UPDATE outbox SET claimed=1 WHERE id=?"),
+                statement(db, "UPDATE outbox SET claimed=0 WHERE id=?"),
+                statement(db, "UPDATE outbox SET state=2, body=x'', next_ms=?, claimed=0, attempts=?, last_code=? WHERE id=?"),
+                statement(db, "UPDATE outbox SET attempts=?, next_ms=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
+                statement(db, "UPDATE outbox SET state=1, dead_ms=?, attempts=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
+                statement(db, "UPDATE outbox SET attempts=?, next_ms=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
+                statement(db, "INSERT INTO attempts(channel, event_id, topic, attempt, time_ms, latency_us, outcome, code, detail)"
+                              " VALUES(?,?,?,?,?,?,?,?,?)"),
+                statement(db, "SELECT id, event_id, topic, body, attempts, accepted_ms FROM outbox"
+                              " WHERE channel=? AND state=0 AND next_ms<=? ORDER BY next_ms, id LIMIT ?"),
+                statement(db, "SELECT MIN(next_ms) FROM outbox WHERE channel=? AND state=0 AND next_ms>?"),
+                statement(db, "SELECT MIN(accepted_ms) FROM outbox WHERE channel=? AND state=0"),
+                statement(db, "DELETE FROM outbox WHERE channel=? AND state=2 AND next_ms<?"),
+                statement(db, "DELETE FROM attempts WHERE channel=? AND id <= (SELECT MAX(id) FROM attempts WHERE channel=?) - ?"),
+                statement(db, "INSERT OR REPLACE INTO channel_state(name, disabled, reason, since_ms) VALUES(?,?,?,?)"),
+            };
+            run_store(s);
+        } catch (const std::exception& e) {
+            evmesh::detail::log()->critical("channels: outbox failure, deliveries stopped: {}", e.what());
+            std::lock_guard lk(m);
+            store_done = true;
+            stopping = true;
+            space_cv.notify_all();
+        }
+        std::lock_guard lk(m);
+        store_done = true;
+        space_cv.notify_all();
+    }
+
+    statements* cmd_statements = nullptr;  // valid while run_store runs (commands use it)
+
+    void run_store(statements& s) {
+        cmd_statements = &s;
+        std::deque<intake_item> in;
+        std::deque<completion> done;
+        std::deque<std::function<void()>> cmds;
+        std::int64_t last_periodic = 0;
+        for (;;) {
+            bool quit = false;
+            {
+                std::unique_lock lk(m);
+                const auto now = wall_ms();
+                std::int64_t wake = now + 1000;
+                for (auto& ch : channels) {
+                    if (!ch->backlog && ch->next_due_ms > now && !ch->disabled) {
+                        wake = std::min(wake, ch->next_due_ms);
+                    }
+                }
+                cv.wait_for(lk, milliseconds(std::max<std::int64_t>(1, wake - now)), [&] {
+                    return !intake.empty() || !completions.empty() || !commands.empty() || stopping;
+                });
+                in.swap(intake);
+                done.swap(completions);
+                cmds.swap(commands);
+                quit = stopping;
+                space_cv.notify_all();
+            }
+            if (!in.empty()) {
+                insert_batch(s, in);
+                in.clear();
+            }
+            if (!done.empty()) {
+                apply_completions(s, done);
+                done.clear();
+            }
+            for (auto& f : cmds) {
+                f();
+            }
+            cmds.clear();
+            if (quit) {
+                break;
+            }
+            const auto now = wall_ms();
+            for (auto& ch : channels) {
+                refill(s, *ch, now);
+            }
+            if (now - last_periodic >= 1000) {
+                last_periodic = now;
+                periodic(s, now);
+            }
+        }
+        cmd_statements = nullptr;
+    }
+
+    void insert_batch(statements& s, std::deque<intake_item>& in) {
+        struct pushed {
+            channel* ch;
+            work_item item;
+        };
+        std::vector<pushed> push;
+        std::map<std::size_t, std::size_t> room;  // per channel: items we may still push
+        {
+            transaction tx(db);
+            for (auto& it : in) {
+                auto& ch = *channels[it.channel];
+                auto r = room.find(it.channel);
+                if (r == room.end()) {
+                    std::lock_guard lk(ch.m);
+                    const auto have = ch.ready.size();
+                    r = room.emplace(it.channel, ch.backlog || ch.disabled || have >= ch.ready_cap
+                                                     ? 0
+                                                     : ch.ready_cap - have).first;
+                }
+                const bool claim = r->second > 0;
+                s.insert.bind(1, ch.cfg.name)
+                    .bind_blob(2, it.id.data(), it.id.size())
+                    .bind(3, it.topic)
+                    .bind_blob(4, it.body.data(), it.body.size())
+                    .bind(5, it.accepted_ms)
+                    .bind(6, it.accepted_ms)
+                    .bind(7, claim ? 1 : 0);
+                s.insert.run();
+                if (db.changes() == 0) {
+                    ch.c.duplicates++;
+                    continue;
+                }
+                ch.c.accepted++;
+                if (ch.c.pending++ == 0) {
+                    ch.c.oldest_pending_ms = it.accepted_ms;
+                }
+                if (claim) {
+                    --r->second;
+                    work_item w;
+                    w.row = db.last_rowid();
+                    w.event_id.assign(reinterpret_cast<const char*>(it.id.data()), it.id.size());
+                    w.topic = std::move(it.topic);
+                    w.body = std::move(it.body);
+                    w.attempt = 1;
+                    w.accepted_ms = it.accepted_ms;
+                    ch.known.insert(w.row);
+                    push.push_back({&ch, std::move(w)});
+                } else {
+                    ch.backlog = true;
+                }
+            }
+            tx.commit();
+        }
+        for (auto& p : push) {
+            std::lock_guard lk(p.ch->m);
+            p.ch->ready.push_back(std::move(p.item));
+            p.ch->cv.notify_one();
+        }
+    }
+
+    std::int64_t jittered(milliseconds d, double jitter) {
+        if (d.count() == 0 || jitter <= 0) {
+            return d.count();
+        }
+        std::uniform_real_distribution<double> u(-jitter, jitter);
+        return std::max<std::int64_t>(0, static_cast<std::int64_t>(static_cast<double>(d.count()) * (1.0 + u(rng))));
+    }
+
+    void apply_completions(statements& s, std::deque<completion>& done) {
+        transaction tx(db);
+        for (auto& c : done) {
+            auto& ch = *channels[c.channel];
+            ch.known.erase(c.row);
+            if (c.released) {
+                s.unclaim.bind(1, c.row).run();
+                ch.backlog = true;
+                continue;
+            }
+            ch.c.attempts++;
+            ch.c.attempt_latency_sum_us += static_cast<std::uint64_t>(c.latency_us);
+            if (static_cast<std::uint64_t>(c.latency_us) > ch.c.attempt_latency_max_us) {
+                ch.c.attempt_latency_max_us = static_cast<std::uint64_t>(c.latency_us);
+            }
+            const auto& sched = ch.cfg.retry.schedule;
+            std::string outcome = status_name(c.status);
+            if (c.status == EVMESH_DELIVERED) {
+                s.done.bind(1, c.end_ms).bind(2, c.attempt).bind(3, c.code).bind(4, c.row).run();
+                ch.c.delivered++;
+                ch.c.pending--;
+                ch.c.delivery_latency_sum_us += static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.end_ms - c.accepted_ms)) * 1000;
+            } else if (c.status == EVMESH_DISABLE) {
+                ch.c.failed++;
+                s.disable_row.bind(1, c.attempt).bind(2, c.end_ms).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
+                disable(s, ch, "endpoint answered " + std::to_string(c.code) + (c.detail.empty() ? "" : ": " + c.detail),
+                        c.end_ms);
+            } else if (c.status == EVMESH_RETRY && c.attempt < sched.size()) {
+                ch.c.failed++;
+                ch.c.retried++;
+                std::int64_t delay = jittered(sched[c.attempt], ch.cfg.retry.jitter);
+                if (c.retry_after_ms >= 0) {
+                    delay = std::min<std::int64_t>(c.retry_after_ms, ch.cfg.retry.max_retry_after.count());
+                }
+                const auto next = c.end_ms + delay;
+                s.retry.bind(1, c.attempt).bind(2, next).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
+                ch.next_due_ms = ch.next_due_ms == 0 ? next : std::min(ch.next_due_ms, next);
+            } else {
+                // EVMESH_FAIL, or retries exhausted
+                ch.c.failed++;
+                ch.c.dead_lettered++;
+                ch.c.pending--;
+                ch.c.dead++;
+                if (c.status == EVMESH_RETRY) {
+                    c.detail = "retries exhausted after " + std::to_string(c.attempt) + " attempts; last: " + c.detail;
+                }
+                outcome = c.status == EVMESH_FAIL ? "failed" : "dead";
+                s.dead.bind(1, c.end_ms).bind(2, c.attempt).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
+                evmesh::detail::log()->warn("channel {}: event {} dead-lettered: {}", ch.cfg.name, id_text(c.event_id),
+                                            c.detail);
+            }
+            s.log.bind(1, ch.cfg.name)
+                .bind_blob(2, c.event_id.data(), c.event_id.size())
+                .bind(3, c.topic)
+                .bind(4, c.attempt)
+                .bind(5, c.end_ms)
+                .bind(6, c.latency_us)
+                .bind(7, outcome)
+                .bind(8, c.code)
+                .bind(9, c.detail);
+            s.log.run();
+        }
+        tx.commit();
+    }
+
+    // Inside a transaction.
+    void disable(statements& s, channel& ch, const std::string& reason, std::int64_t now) {
+        if (ch.disabled) {
+            return;
+        }
+        ch.disabled = true;
+        {
+            std::lock_guard lk(stats_m);
+            ch.disabled_reason = reason;
+        }
+        s.set_state.bind(1, ch.cfg.name).bind(2, 1).bind(3, reason).bind(4, now).run();
+        std::deque<work_item> back;
+        {
+            std::lock_guard lk(ch.m);
+            back.swap(ch.ready);
+        }
+        for (auto& w : back) {
+            ch.known.erase(w.row);
+            s.unclaim.bind(1, w.row).run();
+        }
+        ch.backlog = true;
+        evmesh::detail::log()->error("channel {}: disabled: {}; {} events held in the outbox until it is enabled again",
+                                     ch.cfg.name, reason, ch.c.pending.load());
+    }
+
+    void refill(statements& s, channel& ch, std::int64_t now) {
+        if (ch.disabled) {
+            return;
+        }
+        std::size_t have = 0;
+        {
+            std::lock_guard lk(ch.m);
+            if (ch.stopping) {
+                return;
+            }
+            have = ch.ready.size();
+        }
+        if (have > ch.ready_cap / 2) {
+            return;
+        }
+        if (!ch.backlog && (ch.next_due_ms == 0 || now < ch.next_due_ms)) {
+            return;
+        }
+        const auto want = ch.ready_cap - have;
+        std::vector<work_item> rows;
+        s.due.bind(1, ch.cfg.name).bind(2, now).bind(3, static_cast<std::int64_t>(want + ch.known.size()));
+        std::size_t seen = 0;
+        while (s.due.step()) {
+            ++seen;
+            const auto row = s.due.i64(0);
+            if (ch.known.count(row) != 0 || rows.size() >= want) {
+                continue;
+            }
+            work_item w;
+            w.row = row;
+            w.event_id = std::string(s.due.blob(1));
+            w.topic = std::string(s.due.text(2));
+            w.body = std::string(s.due.blob(3));
+            w.attempt = static_cast<std::uint32_t>(s.due.i64(4)) + 1;
+            w.accepted_ms = s.due.i64(5);
+            rows.push_back(std::move(w));
+        }
+        s.due.reset();
+        ch.backlog = seen >= want + ch.known.size();
+        if (!ch.backlog) {
+            s.next_due.bind(1, ch.cfg.name).bind(2, now);
+            ch.next_due_ms = s.next_due.step() ? s.next_due.i64(0) : 0;  // NULL reads as 0 = none
+            s.next_due.reset();
+        }
+        if (rows.empty()) {
+            return;
+        }
+        {
+            transaction tx(db);
+            for (auto& w : rows) {
+                s.claim.bind(1, w.row).run();
+                ch.known.insert(w.row);
+            }
+            tx.commit();
+        }
+        std::lock_guard lk(ch.m);
+        for (auto& w : rows) {
+            ch.ready.push_back(std::move(w));
+        }
+        ch.cv.notify_all();
+    }
+
+    void periodic(statements& s, std::int64_t now) {
+        for (auto& ch : channels) {
+            s.oldest.bind(1, ch->cfg.name);
+            ch->c.oldest_pending_ms = s.oldest.step() ? s.oldest.i64(0) : 0;
+            s.oldest.reset();
+            s.purge.bind(1, ch->cfg.name).bind(2, now - opts.dedupe_window.count()).run();
+            s.trim.bind(1, ch->cfg.name).bind(2, ch->cfg.name).bind(3, static_cast<std::int64_t>(opts.log_keep)).run();
+        }
+    }
+
+    // Runs `f` on the store thread (it owns the connection); fails when the store has stopped.
+    template <class F>
+    auto on_store(F f) -> result<decltype(f())> {
+        using R = decltype(f());
+        auto task = std::make_shared<std::packaged_task<R()>>(std::move(f));
+        auto fut = task->get_future();
+        {
+            std::lock_guard lk(m);
+            if (stopping || store_done) {
+                return fail(errc::stopped);
+            }
+            commands.push_back([task] { (*task)(); });
+            cv.notify_one();
+        }
+        try {
+            return fut.get();
+        } catch (const std::exception& e) {
+            evmesh::detail::log()->error("channels: {}", e.what());
+            return fail(errc::io_error);
+        }
+    }
+
+    channel* find(std::string_view name) {
+        auto it = by_name.find(name);
+        return it == by_name.end() ? nullptr : channels[it->second].get();
+    }
+
+    void shutdown(milliseconds drain) {
+        // 1. No more intake: close the subscriptions (joins their dispatchers).
+        {
+            std::lock_guard lk(m);
+            if (stopped) {
+                return;
+            }
+            stopped = true;
+        }
+        for (auto& ch : channels) {
+            for (auto& s : ch->subs) {
+                s.close();
+            }
+        }
+        // 2. Workers finish what they hold, within `drain`; queued items stay claimed rows that the
+        //    store releases below.
+        const auto deadline = std::chrono::steady_clock::now() + drain;
+        for (auto& ch : channels) {
+            std::lock_guard lk(ch->m);
+            ch->stopping = true;
+            ch->ready.clear();
+            ch->cv.notify_all();
+        }
+        bool all_done = true;
+        for (auto& ch : channels) {
+            while (ch->workers_running > 0 && std::chrono::steady_clock::now() < deadline) {
+                std::this_thread::sleep_for(2ms);
+            }
+            if (ch->workers_running > 0) {
+                all_done = false;
+                evmesh::detail::log()->warn("channel {}: {} deliveries still in flight at stop; they are delivered "
+                                            "again after a restart",
+                                            ch->cfg.name, ch->c.in_flight.load());
+            }
+        }
+        // 3. The store commits the remaining intake and outcomes, unclaims what was never started.
+        if (store.joinable()) {
+            if (all_done) {
+                on_store([this] {
+                    if (cmd_statements != nullptr) {
+                        db.exec("UPDATE outbox SET claimed=0 WHERE claimed=1");
+                    }
+                    return 0;
+                }).value_or(0);
+            }
+            {
+                std::lock_guard lk(m);
+                stopping = true;
+                cv.notify_one();
+                space_cv.notify_all();
+            }
+            store.join();
+        }
+        for (auto& ch : channels) {
+            if (ch->workers_running == 0) {
+                for (auto& w : ch->workers) {
+                    w.join();
+                }
+                if (ch->instance != nullptr) {
+                    ch->lib->api->destroy(ch->instance);
+                    ch->instance = nullptr;
+                }
+            } else {
+                // A plugin call outlives the drain: leave it running (the process is usually
+                // exiting); its channel, instance and library stay allocated.
+                for (auto& w : ch->workers) {
+                    w.detach();
+                }
+                leak = true;
+            }
+        }
+        db.close();
+    }
+};
+
+channel_runtime::channel_runtime(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+bool channel_runtime::check(const runtime_options& options, std::string& error) {
+    auto holder = std::make_unique<impl>(nullptr, options);  // validation needs no node
+    auto* p = holder.get();
+    const bool ok = p->validate(error) && p->create_instances(error);
+    for (auto& ch : p->channels) {
+        ch->lib->api->destroy(ch->instance);
+        ch->instance = nullptr;
+    }
+    return ok;
+}
+
+channel_runtime::~channel_runtime() {
+    stop();
+    if (impl_ && impl_->leak) {
+        (void)impl_.release();  // a plugin call is still running on a detached worker
+    }
+}
+
+result<std::unique_ptr<channel_runtime>> channel_runtime::start(node& n, runtime_options options, std::string& error) {
+    auto p = std::make_unique<impl>(&n, std::move(options));
+    if (!p->validate(error)) {
+        return fail(errc::bad_option);
+    }
+    if (!p->create_instances(error)) {
+        for (auto& ch : p->channels) {
+            ch->lib->api->destroy(ch->instance);
+        }
+        return fail(errc::bad_option);
+    }
+    try {
+        p->open_outbox();
+    } catch (const std::exception& e) {
+        error = e.what();
+        for (auto& ch : p->channels) {
+            ch->lib->api->destroy(ch->instance);
+        }
+        return fail(errc::io_error);
+    }
+    p->start_threads();
+    std::unique_ptr<channel_runtime> rt(new channel_runtime(std::move(p)));
+    if (!rt->impl_->subscribe(error)) {
+        rt->stop();
+        return fail(errc::bad_option);
+    }
+    for (auto& ch : rt->impl_->channels) {
+        std::string topics;
+        for (const auto& t : ch->cfg.topics) {
+            topics += (topics.empty() ? "" : ",") + t;
+        }
+        evmesh::detail::log()->info("channel {}: plugin {} ({}), topics {}, concurrency {}, {} attempts, {} pending{}",
+                                    ch->cfg.name, ch->cfg.plugin, ch->lib->path, topics,
+                                    ch->cfg.concurrency, ch->cfg.retry.schedule.size(), ch->c.pending.load(),
+                                    ch->disabled ? ", DISABLED" : "");
+    }
+    return rt;
+}
+
+void channel_runtime::stop(milliseconds drain) {
+    if (impl_) {
+        impl_->shutdown(drain);
+    }
+}
+
+std::vector<channel_stats> channel_runtime::stats() const {
+    std::vector<channel_stats> out;
+    const auto now = wall_ms();
+    std::lock_guard lk(impl_->stats_m);
+    for (const auto& chp : impl_->channels) {
+        if (!chp) {
+            continue;
+        }
+        const auto& ch = *chp;
+        channel_stats s;
+        s.name = ch.cfg.name;
+        s.plugin = ch.cfg.plugin;
+        s.disabled = ch.disabled;
+        s.disabled_reason = ch.disabled_reason;
+        s.accepted = ch.c.accepted;
+        s.duplicates = ch.c.duplicates;
+        s.attempts = ch.c.attempts;
+        s.delivered = ch.c.delivered;
+        s.retried = ch.c.retried;
+        s.failed = ch.c.failed;
+        s.dead_lettered = ch.c.dead_lettered;
+        s.replayed = ch.c.replayed;
+        s.recovered = ch.c.recovered;
+        s.pending = ch.c.pending;
+        s.in_flight = ch.c.in_flight;
+        s.dead = ch.c.dead;
+        const auto oldest = ch.c.oldest_pending_ms.load();
+        s.oldest_pending_age_s = s.pending > 0 && oldest > 0 ? static_cast<double>(now - oldest) / 1000.0 : 0.0;
+        s.attempt_latency_sum_us = ch.c.attempt_latency_sum_us;
+        s.attempt_latency_max_us = ch.c.attempt_latency_max_us;
+        s.delivery_latency_sum_us = ch.c.delivery_latency_sum_us;
+        out.push_back(std::move(s));
+    }
+    return out;
+}
+
+result<std::size_t> channel_runtime::replay(std::string_view name, std::string_view event_id_text) {
+    auto* ch = impl_->find(name);
+    if (ch == nullptr) {
+        return fail(errc::bad_option);
+    }
+    std::string id_blob;
+    if (!event_id_text.empty()) {
+        // UUID text → 16 bytes
+        std::string hex;
+        for (char c : event_id_text) {
+            if (c != '-') {
+                hex += c;
+            }
+        }
+        if (hex.size() != 32 || hex.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos) {
+            return fail(errc::bad_option);
+        }
+        for (std::size_t i = 0; i < 16; ++i) {
+            id_blob += static_cast<char>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+        }
+    }
+    auto* p = impl_.get();
+    return p->on_store([p, ch, id_blob]() -> std::size_t {
+        const auto now = wall_ms();
+        transaction tx(p->db);
+        statement s(p->db, id_blob.empty()
+                               ? "UPDATE outbox SET state=0, attempts=0, next_ms=?, claimed=0, dead_ms=0 WHERE channel=? AND state=1"
+                               : "UPDATE outbox SET state=0, attempts=0, next_ms=?, claimed=0, dead_ms=0 WHERE channel=? AND state=1 AND event_id=?");
+        s.bind(1, now).bind(2, ch->cfg.name);
+        if (!id_blob.empty()) {
+            s.bind_blob(3, id_blob.data(), id_blob.size());
+        }
+        s.run();
+        const auto n = static_cast<std::size_t>(p->db.changes());
+        tx.commit();
+        ch->c.replayed += n;
+        ch->c.dead -= n;
+        ch->c.pending += n;
+        ch->backlog = true;
+        if (n > 0) {
+            evmesh::detail::log()->info("channel {}: {} dead letters replayed", ch->cfg.name, n);
+        }
+        return n;
+    });
+}
+
+result<void> channel_runtime::enable(std::string_view name) {
+    auto* ch = impl_->find(name);
+    if (ch == nullptr) {
+        return fail(errc::bad_option);
+    }
+    auto* p = impl_.get();
+    auto r = p->on_store([p, ch] {
+        statement s(p->db, "DELETE FROM channel_state WHERE name=?");
+        s.bind(1, ch->cfg.name).run();
+        {
+            std::lock_guard lk(p->stats_m);
+            ch->disabled_reason.clear();
+        }
+        ch->disabled = false;
+        ch->backlog = true;
+        evmesh::detail::log()->info("channel {}: enabled; {} events pending", ch->cfg.name, ch->c.pending.load());
+        return 0;
+    });
+    if (!r) {
+        return tl::unexpected(r.error());
+    }
+    return {};
+}
+
+result<std::vector<attempt_record>> channel_runtime::delivery_log(std::string_view name, std::size_t limit) {
+    auto* ch = impl_->find(name);
+    if (ch == nullptr) {
+        return fail(errc::bad_option);
+    }
+    auto* p = impl_.get();
+    return p->on_store([p, ch, limit] {
+        std::vector<attempt_record> out;
+        statement s(p->db, "SELECT event_id, topic, attempt, time_ms, latency_us, outcome, code, detail FROM attempts"
+                           " WHERE channel=? ORDER BY id DESC LIMIT ?");
+        s.bind(1, ch->cfg.name).bind(2, static_cast<std::int64_t>(limit));
+        while (s.step()) {
+            attempt_record r;
+            r.event_id = id_text(s.blob(0));
+            r.topic = std::string(s.text(1));
+            r.attempt = static_cast<std::uint32_t>(s.i64(2));
+            r.time_ms = s.i64(3);
+            r.latency_us = s.i64(4);
+            r.outcome = std::string(s.text(5));
+            r.code = static_cast<std::int32_t>(s.i64(6));
+            r.detail = std::string(s.text(7));
+            out.push_back(std::move(r));
+        }
+        return out;
+    });
+}
+
+result<std::vector<dead_record>> channel_runtime::dead_letters(std::string_view name, std::size_t limit) {
+    auto* ch = impl_->find(name);
+    if (ch == nullptr) {
+        return fail(errc::bad_option);
+    }
+    auto* p = impl_.get();
+    return p->on_store([p, ch, limit] {
+        std::vector<dead_record> out;
+        statement s(p->db, "SELECT event_id, topic, attempts, accepted_ms, dead_ms, last_code, last_detail FROM outbox"
+                           " WHERE channel=? AND state=1 ORDER BY dead_ms, id LIMIT ?");
+        s.bind(1, ch->cfg.name).bind(2, static_cast<std::int64_t>(limit));
+        while (s.step()) {
+            dead_record r;
+            r.event_id = id_text(s.blob(0));
+            r.topic = std::string(s.text(1));
+            r.attempts = static_cast<std::uint32_t>(s.i64(2));
+            r.accepted_ms = s.i64(3);
+            r.dead_ms = s.i64(4);
+            r.last_code = static_cast<std::int32_t>(s.i64(5));
+            r.last_detail = std::string(s.text(6));
+            out.push_back(std::move(r));
+        }
+        return out;
+    });
+}
+
+}  // namespace evmesh::channels
