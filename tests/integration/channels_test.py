@@ -434,6 +434,36 @@ with open({out!r}, "a") as f:
         self.assertIn("timed out", dead[ids["slow"]]["last_detail"])
 
 
+class InspectorTest(ChannelTestCase):
+    def test_stats_event_reports_channels_to_mesh_inspector(self):
+        from evmesh_testlib import INSPECTOR
+        rcv = self.receiver(behave=lambda path, req: (200, {}, b"ok") if path == "/ok" else (500, {}, b"no"))
+        cfg = channel_config(self.tmp, [webhook("good", rcv.url("/ok")),
+                                        webhook("bad", rcv.url("/err"), retry={"schedule": ["0ms", "1h"]})])
+        node = self.start_node("chan-node", "--config", cfg)
+        pub = self.publisher(node)
+        for i in range(7):
+            pub.publish("orders.x", b"{}")
+        self.assertTrue(wait_for(lambda: channels(node)["good"]["delivered"] == 7 and channels(node)["bad"]["retried"] == 7,
+                                 timeout=10), channels(node))
+        p = subprocess.run([INSPECTOR, "stats", "chan-node", "--json", "--mesh", self.mesh,
+                            "--beacon-port", str(self.beacon_port)], capture_output=True, timeout=30)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        doc = json.loads(p.stdout)
+        stats = doc[0] if isinstance(doc, list) else doc
+        chans = {c["name"]: c for c in stats["channels"]}
+        self.assertEqual(chans["good"]["plugin"], "webhook")
+        self.assertEqual(chans["good"]["delivered"], 7)
+        self.assertEqual(chans["good"]["pending"], 0)
+        self.assertEqual(chans["bad"]["pending"], 7)
+        self.assertEqual(chans["bad"]["retried"], 7)
+        self.assertGreater(chans["bad"]["oldest_pending_age_ms"], 0)
+        p = subprocess.run([INSPECTOR, "stats", "chan-node", "--mesh", self.mesh,
+                            "--beacon-port", str(self.beacon_port)], capture_output=True, timeout=30, text=True)
+        self.assertRegex(p.stdout, r"chan\s+good\s+webhook\s+ok\s+delivered 7, pending 0")
+        self.assertRegex(p.stdout, r"chan\s+bad\s+webhook\s+ok\s+delivered 0, pending 7")
+
+
 class ConfigTest(ChannelTestCase):
     def run_node(self, cfg_text):
         path = os.path.join(self.tmp, "bad.toml")

@@ -214,6 +214,12 @@ public:
     /// Current counters (a snapshot taken by the I/O thread).
     node_counters counters() const;
 
+    /// Sets the source of the `channels` element of this node's stats events (PROTOCOL.md
+    /// section 10): a function returning one complete msgpack array, called on the I/O thread
+    /// once per stats event, so it must be quick and must not call back into the node. The
+    /// channel runtime installs one; an empty function restores the empty array.
+    void set_channel_stats(std::function<std::string()> source);
+
 private:
     explicit node(std::unique_ptr<detail::node_impl> impl);
     std::unique_ptr<detail::node_impl> impl_;

@@ -36,6 +36,8 @@
 #include <thread>
 #include <unordered_set>
 
+#include <msgpack.hpp>
+
 #include "channels/sqlite.hpp"
 #include "util/log.hpp"
 
@@ -931,6 +933,76 @@ struct channel_runtime::impl {
         }
     }
 
+    std::vector<channel_stats> snapshot() const {
+        std::vector<channel_stats> out;
+        const auto now = wall_ms();
+        std::lock_guard lk(stats_m);
+        for (const auto& chp : channels) {
+            if (!chp) {
+                continue;
+            }
+            const auto& ch = *chp;
+            channel_stats s;
+            s.name = ch.cfg.name;
+            s.plugin = ch.cfg.plugin;
+            s.disabled = ch.disabled;
+            s.disabled_reason = ch.disabled_reason;
+            s.accepted = ch.c.accepted;
+            s.duplicates = ch.c.duplicates;
+            s.attempts = ch.c.attempts;
+            s.delivered = ch.c.delivered;
+            s.retried = ch.c.retried;
+            s.failed = ch.c.failed;
+            s.dead_lettered = ch.c.dead_lettered;
+            s.replayed = ch.c.replayed;
+            s.recovered = ch.c.recovered;
+            s.pending = ch.c.pending;
+            s.in_flight = ch.c.in_flight;
+            s.dead = ch.c.dead;
+            const auto oldest = ch.c.oldest_pending_ms.load();
+            s.oldest_pending_age_s = s.pending > 0 && oldest > 0 ? static_cast<double>(now - oldest) / 1000.0 : 0.0;
+            s.attempt_latency_sum_us = ch.c.attempt_latency_sum_us;
+            s.attempt_latency_max_us = ch.c.attempt_latency_max_us;
+            s.delivery_latency_sum_us = ch.c.delivery_latency_sum_us;
+            out.push_back(std::move(s));
+        }
+        return out;
+    }
+
+    // The `channels` element of the node's stats event (PROTOCOL.md section 10).
+    std::string encode_stats() const {
+        const auto all = snapshot();
+        msgpack::sbuffer buf;
+        msgpack::packer<msgpack::sbuffer> pk(buf);
+        pk.pack_array(static_cast<std::uint32_t>(all.size()));
+        auto kv = [&](const char* k, auto v) {
+            pk.pack(std::string_view(k));
+            pk.pack(v);
+        };
+        for (const auto& c : all) {
+            pk.pack_map(18);
+            kv("name", std::string_view(c.name));
+            kv("plugin", std::string_view(c.plugin));
+            kv("disabled", c.disabled);
+            kv("accepted", c.accepted);
+            kv("duplicates", c.duplicates);
+            kv("attempts", c.attempts);
+            kv("delivered", c.delivered);
+            kv("retried", c.retried);
+            kv("failed", c.failed);
+            kv("dead_lettered", c.dead_lettered);
+            kv("replayed", c.replayed);
+            kv("recovered", c.recovered);
+            kv("pending", c.pending);
+            kv("in_flight", c.in_flight);
+            kv("dead", c.dead);
+            kv("oldest_pending_age_ms", static_cast<std::uint64_t>(c.oldest_pending_age_s * 1000.0));
+            kv("attempt_latency_avg_us", c.attempts > 0 ? c.attempt_latency_sum_us / c.attempts : std::uint64_t{0});
+            kv("delivery_latency_avg_us", c.delivered > 0 ? c.delivery_latency_sum_us / c.delivered : std::uint64_t{0});
+        }
+        return std::string(buf.data(), buf.size());
+    }
+
     // Runs `f` on the store thread (it owns the connection); fails when the store has stopped.
     template <class F>
     auto on_store(F f) -> result<decltype(f())> {
@@ -966,6 +1038,9 @@ struct channel_runtime::impl {
                 return;
             }
             stopped = true;
+        }
+        if (n != nullptr) {
+            n->set_channel_stats({});  // returns once no stats call is running
         }
         for (auto& ch : channels) {
             for (auto& s : ch->subs) {
@@ -1079,6 +1154,7 @@ result<std::unique_ptr<channel_runtime>> channel_runtime::start(node& n, runtime
         rt->stop();
         return fail(errc::bad_option);
     }
+    n.set_channel_stats([p = rt->impl_.get()] { return p->encode_stats(); });
     for (auto& ch : rt->impl_->channels) {
         std::string topics;
         for (const auto& t : ch->cfg.topics) {
@@ -1098,41 +1174,7 @@ void channel_runtime::stop(milliseconds drain) {
     }
 }
 
-std::vector<channel_stats> channel_runtime::stats() const {
-    std::vector<channel_stats> out;
-    const auto now = wall_ms();
-    std::lock_guard lk(impl_->stats_m);
-    for (const auto& chp : impl_->channels) {
-        if (!chp) {
-            continue;
-        }
-        const auto& ch = *chp;
-        channel_stats s;
-        s.name = ch.cfg.name;
-        s.plugin = ch.cfg.plugin;
-        s.disabled = ch.disabled;
-        s.disabled_reason = ch.disabled_reason;
-        s.accepted = ch.c.accepted;
-        s.duplicates = ch.c.duplicates;
-        s.attempts = ch.c.attempts;
-        s.delivered = ch.c.delivered;
-        s.retried = ch.c.retried;
-        s.failed = ch.c.failed;
-        s.dead_lettered = ch.c.dead_lettered;
-        s.replayed = ch.c.replayed;
-        s.recovered = ch.c.recovered;
-        s.pending = ch.c.pending;
-        s.in_flight = ch.c.in_flight;
-        s.dead = ch.c.dead;
-        const auto oldest = ch.c.oldest_pending_ms.load();
-        s.oldest_pending_age_s = s.pending > 0 && oldest > 0 ? static_cast<double>(now - oldest) / 1000.0 : 0.0;
-        s.attempt_latency_sum_us = ch.c.attempt_latency_sum_us;
-        s.attempt_latency_max_us = ch.c.attempt_latency_max_us;
-        s.delivery_latency_sum_us = ch.c.delivery_latency_sum_us;
-        out.push_back(std::move(s));
-    }
-    return out;
-}
+std::vector<channel_stats> channel_runtime::stats() const { return impl_->snapshot(); }
 
 result<std::size_t> channel_runtime::replay(std::string_view name, std::string_view event_id_text) {
     auto* ch = impl_->find(name);

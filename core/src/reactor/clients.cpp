@@ -538,6 +538,10 @@ std::vector<peer_info> node::peers() const {
     return out;
 }
 
+void node::set_channel_stats(std::function<std::string()> source) {
+    impl_->set_channel_stats(std::move(source));
+}
+
 node_counters node::counters() const {
     node_counters out;
     if (!impl_->call([&] {

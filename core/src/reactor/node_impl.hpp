@@ -136,6 +136,12 @@ struct node_impl {
     // Distinct prefixes the local in XSUB forwards to publishers (local and peers' subscriptions).
     std::size_t upstream_subscription_count() const;
 
+    // node::set_channel_stats: the source of the stats event's `channels` (any thread).
+    void set_channel_stats(std::function<std::string()> source) {
+        std::lock_guard lk(channel_stats_mu_);
+        channel_stats_ = std::move(source);
+    }
+
 private:
     node_impl() = default;
     result<void> open_sockets();
@@ -200,6 +206,8 @@ private:
     flow_counter sources_;        // received from the mesh, per source node (edges of the graph)
     std::uint32_t latency_tick_ = 0;
     std::string stats_topic_, ping_topic_;
+    std::mutex channel_stats_mu_;
+    std::function<std::string()> channel_stats_;  // `channels` of the stats event (node::set_channel_stats)
     bool secure_ = false;
     std::string curve_public_, curve_secret_;  // 32 bytes each
     std::string mesh_key_;                     // beacon MAC key

@@ -322,7 +322,19 @@ std::string node_impl::encode_stats(double elapsed) {
     pk.pack(reject_topics_);
 
     key(pk, "channels");
-    pk.pack_array(0);  // delivery channels (issue 5) report here
+    std::string arr;
+    {
+        // called under the lock, so set_channel_stats() returns only when no call is running
+        std::lock_guard lk(channel_stats_mu_);
+        if (channel_stats_) {
+            arr = channel_stats_();
+        }
+    }
+    if (arr.empty()) {
+        pk.pack_array(0);
+    } else {
+        out += arr;  // a complete msgpack array from the channel runtime
+    }
     return out;
 }
 

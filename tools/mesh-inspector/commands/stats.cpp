@@ -92,7 +92,19 @@ int run_stats(const mesh_options& o, const std::string& node_name) {
         const auto p = s["latency_percentiles_us"];
         std::printf("  latency (event time to local delivery) p50 <= %.0f us, p99 <= %.0f us, p99.9 <= %.0f us\n",
                     p.value("p50", 0.0), p.value("p99", 0.0), p.value("p999", 0.0));
-        std::printf("  channels %s\n", s.value("channels", json::array()).empty() ? "none" : s["channels"].dump().c_str());
+        const auto chans = s.value("channels", json::array());
+        if (chans.empty()) {
+            std::printf("  channels none\n");
+        }
+        for (const auto& ch : chans) {
+            auto u = [&](const char* k) { return static_cast<unsigned long long>(ch.value(k, 0ULL)); };
+            std::printf("  chan  %-20s %-8s %s delivered %llu, pending %llu (oldest %.1f s), in flight %llu, "
+                        "retried %llu, dead %llu, avg attempt %llu us\n",
+                        ch.value("name", "").c_str(), ch.value("plugin", "").c_str(),
+                        ch.value("disabled", false) ? "DISABLED" : "ok      ", u("delivered"), u("pending"),
+                        static_cast<double>(u("oldest_pending_age_ms")) / 1000.0, u("in_flight"), u("retried"),
+                        u("dead"), u("attempt_latency_avg_us"));
+        }
     }
     return exit_ok;
 }
