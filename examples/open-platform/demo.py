@@ -4,15 +4,20 @@
 Three evmesh-node sidecars discover each other (host-only beacons), an embedded C++ service joins
 with its own node, the Python orders service publishes orders.<region>.created on the first
 sidecar, a C++ partner subscribes to orders.*.created on the second and a Python audit log to
-orders.> on the third. Every line is prefixed with who printed it. Ends after DEMO_SECONDS
+orders.> on the third. The partner node also delivers orders.*.created to the partner's webhook
+endpoint through a channel (durable outbox, Standard Webhooks signatures checked by the
+receiver). Every line is prefixed with who printed it. Ends after DEMO_SECONDS
 (default 12) or Ctrl-C; every process it started is stopped by PID.
 """
+import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -23,9 +28,10 @@ NODE = os.path.join(BUILD, "nodes", "evmesh-node")
 seconds = float(os.environ.get("DEMO_SECONDS", "12"))
 mesh = f"demo-{os.getpid()}"
 COLORS = {"inspector": 92, "orders-node": 33, "partner-node": 35, "audit-node": 36, "orders-service": 32,
-          "partner(C++)": 95, "audit(Python)": 96, "embedded(C++)": 94, "demo": 1}
+          "partner(C++)": 95, "audit(Python)": 96, "embedded(C++)": 94, "demo": 1, "partner-webhook": 91}
 procs = []
 lock = threading.Lock()
+tmp = tempfile.mkdtemp(prefix="evmesh-demo-")
 
 
 def say(who, line):
@@ -67,10 +73,37 @@ def free_udp_port():
     return port
 
 
-def start_node(name, beacon_port):
+def free_tcp_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def webhook_channel(url, secret):
+    """The partner node's config: one webhook channel with its outbox in the demo's temp dir."""
+    path = os.path.join(tmp, "partner-node.toml")
+    with open(path, "w") as f:
+        f.write(f"""[outbox]
+path = "{os.path.join(tmp, 'partner-outbox.db')}"
+
+[[channel]]
+name = "partner-webhook"
+plugin = "webhook"
+topics = ["orders.*.created"]
+[channel.settings]
+url = "{url}"
+secret = "{secret}"
+allow_private = true   # the demo's receiver is on loopback
+""")
+    return path
+
+
+def start_node(name, beacon_port, *extra):
     p = spawn(name, [NODE, "--name", name, "--mesh", mesh, "--beacon-port", str(beacon_port),
                      "--pub-endpoint", "tcp://127.0.0.1:*", "--sub-endpoint", "tcp://127.0.0.1:*",
-                     "--http", "127.0.0.1:0"], quiet_stdout=True)
+                     "--http", "127.0.0.1:0", *extra], quiet_stdout=True)
     line = p.stdout.readline().decode()
     if not line.startswith("READY "):
         raise SystemExit(f"{name} failed to start")
@@ -95,7 +128,16 @@ def metric(ready, name, **labels):
 def main():
     beacon_port = free_udp_port()
     say("demo", f"mesh '{mesh}', host-only discovery on UDP {beacon_port}; running {seconds:.0f} s")
-    nodes = {n: start_node(n, beacon_port) for n in ("orders-node", "partner-node", "audit-node")}
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    hook_port = free_tcp_port()
+    receiver = spawn("partner-webhook", ["/usr/bin/python3", os.path.join(ROOT, "examples", "open-platform",
+                                                                          "webhook_receiver.py"), str(hook_port), secret],
+                     quiet_stdout=True)
+    say("partner-webhook", receiver.stdout.readline().decode().rstrip())
+    threading.Thread(target=pump, args=("partner-webhook", receiver.stdout), daemon=True).start()
+    cfg = webhook_channel(f"http://127.0.0.1:{hook_port}/hooks/evmesh", secret)
+    nodes = {n: start_node(n, beacon_port, *(["--config", cfg] if n == "partner-node" else []))
+             for n in ("orders-node", "partner-node", "audit-node")}
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         if all(len(json.loads(get(r, "/peers"))) == 2 for r in nodes.values()):
@@ -135,6 +177,10 @@ def main():
                     f" | out: local {metric(r, 'evmesh_events_out_total', output='local'):4}"
                     f"  mesh {metric(r, 'evmesh_events_out_total', output='mesh'):4}"
                     f" | peers {metric(r, 'evmesh_peers')} | rejected {metric(r, 'evmesh_client_events_rejected_total')}")
+    for ch in json.loads(get(nodes["partner-node"], "/channels")):
+        say("demo", f"  channel {ch['name']} ({ch['plugin']}): accepted {ch['accepted']}, delivered {ch['delivered']}, "
+                    f"pending {ch['pending']}, retried {ch['retried']}, dead {ch['dead']}, "
+                    f"avg attempt {ch['attempt_latency_avg_us']} us")
 
 
 def cleanup():
@@ -147,6 +193,7 @@ def cleanup():
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
     say("demo", "all processes stopped; bye")
 
 

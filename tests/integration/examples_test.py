@@ -40,6 +40,15 @@ class Examples(unittest.TestCase):
         # the embedded service joined the mesh and saw the orders service's events
         done = [l for l in out.splitlines() if "embedded(C++) | done" in l][0]
         self.assertGreater(int(re.search(r"; (\d+) from peers", done).group(1)), 0, done)
+        # the partner node's webhook channel delivered every order to the partner's endpoint,
+        # whose own signature check accepted each one
+        hooks = [l for l in lines if "partner-webhook | webhook orders." in l and "signature ok" in l]
+        orders = {re.search(r'"order_id": "(o-\d+)"', l).group(1) for l in hooks if '"order_id"' in l}
+        self.assertEqual(len(orders), 30, out)
+        self.assertNotIn("REJECTED", out)
+        summary = [l for l in lines if "channel partner-webhook (webhook)" in l]
+        self.assertTrue(summary, out)
+        self.assertRegex(summary[0], r"pending 0, retried 0, dead 0")
 
 
 if __name__ == "__main__":
