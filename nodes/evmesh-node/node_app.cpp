@@ -186,6 +186,8 @@ std::string render_channel_metrics(const std::string& node_name, const std::vect
             [](const auto& c) { return c.dead_lettered; });
     counter("evmesh_channel_replayed_total", "Dead letters put back into the outbox.",
             [](const auto& c) { return c.replayed; });
+    counter("evmesh_channel_lost_total", "Matching events refused because the outbox had failed.",
+            [](const auto& c) { return c.lost; });
     counter("evmesh_channel_recovered_total",
             "Deliveries claimed when the node last stopped without a drain (crash), delivered again.",
             [](const auto& c) { return c.recovered; });
@@ -221,6 +223,7 @@ std::string render_channels(const std::vector<channels::channel_stats>& stats) {
                        {"dead_lettered", c.dead_lettered},
                        {"replayed", c.replayed},
                        {"recovered", c.recovered},
+                       {"lost", c.lost},
                        {"pending", c.pending},
                        {"in_flight", c.in_flight},
                        {"dead", c.dead},
@@ -305,12 +308,13 @@ int node_app::start() {
             int yes = 1;
             setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
         });
-        http_->server.Get("/healthz", [nd](const httplib::Request&, httplib::Response& res) {
-            const bool up = nd->running() && !g_stopping;
-            res.status = up ? 200 : 503;
-            res.set_content(up ? "ok\n" : "stopping\n", "text/plain");
-        });
         auto* chs = channels_.get();
+        http_->server.Get("/healthz", [nd, chs](const httplib::Request&, httplib::Response& res) {
+            const bool up = nd->running() && !g_stopping;
+            const bool outbox_ok = chs == nullptr || chs->healthy();
+            res.status = up && outbox_ok ? 200 : 503;
+            res.set_content(!up ? "stopping\n" : outbox_ok ? "ok\n" : "outbox failed\n", "text/plain");
+        });
         http_->server.Get("/metrics", [nd, chs, started](const httplib::Request&, httplib::Response& res) {
             const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
             auto text = render_metrics(*nd, up);
@@ -333,7 +337,7 @@ int node_app::start() {
                     limit = 100;
                 }
             }
-            return std::min<std::size_t>(limit, 100000);
+            return std::min<std::size_t>(limit, 10000);  // the store thread serves these reads
         };
         auto answer_error = [](httplib::Response& res, const std::error_code& ec) {
             res.status = ec == make_error_code(errc::bad_option) ? 404 : 503;

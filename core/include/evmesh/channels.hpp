@@ -85,6 +85,7 @@ struct channel_stats {
     std::uint64_t attempt_latency_sum_us = 0;  ///< plugin call time, all attempts
     std::uint64_t attempt_latency_max_us = 0;
     std::uint64_t delivery_latency_sum_us = 0; ///< accepted → delivered, delivered events
+    std::uint64_t lost = 0;            ///< matching events refused because the outbox had failed
 };
 
 /// One row of the delivery log.
@@ -126,14 +127,19 @@ public:
     channel_runtime& operator=(const channel_runtime&) = delete;
 
     /// Unsubscribes, commits what was accepted, waits up to `drain` for deliveries in flight
-    /// (they are redelivered after a restart if cut off), and unloads the plugins. Idempotent.
+    /// (they are redelivered after a restart if cut off), and unloads the plugins. Idempotent and
+    /// safe from several threads; call it before the node is destroyed, never from a callback.
     void stop(milliseconds drain = milliseconds(2000));
+
+    /// False once the outbox failed (disk full, I/O error, corruption): intake and deliveries have
+    /// stopped and matching events are counted as `lost`. evmesh-node's /healthz then answers 503.
+    bool healthy() const;
 
     std::vector<channel_stats> stats() const;
 
     /// Puts dead letters of `channel` back into the outbox (all of them, or the one with
     /// `event_id`), with a fresh retry schedule. Returns how many. Errors: bad_option (unknown
-    /// channel or id), stopped.
+    /// channel, or no dead letter with that id), stopped.
     [[nodiscard]] result<std::size_t> replay(std::string_view channel, std::string_view event_id = {});
 
     /// Re-enables a channel disabled by its endpoint (HTTP 410). Errors: bad_option, stopped.

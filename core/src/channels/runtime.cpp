@@ -160,7 +160,7 @@ struct completion {
 
 struct channel_counters {
     std::atomic<std::uint64_t> accepted{0}, duplicates{0}, attempts{0}, delivered{0}, retried{0}, failed{0},
-        dead_lettered{0}, replayed{0}, recovered{0}, pending{0}, in_flight{0}, dead{0};
+        dead_lettered{0}, replayed{0}, recovered{0}, pending{0}, in_flight{0}, dead{0}, lost{0};
     std::atomic<std::uint64_t> attempt_latency_sum_us{0}, attempt_latency_max_us{0}, delivery_latency_sum_us{0};
     std::atomic<std::int64_t> oldest_pending_ms{0};  // 0 = none
 };
@@ -183,6 +183,7 @@ struct channel_runtime::impl {
         std::mutex m;
         std::condition_variable cv;
         std::deque<work_item> ready;
+        std::unordered_set<std::int64_t> in_hand;  // taken by a worker, outcome not yet applied
         bool stopping = false;
         std::vector<std::thread> workers;
         std::atomic<int> workers_running{0};
@@ -211,6 +212,8 @@ struct channel_runtime::impl {
     mutable std::mutex stats_m;
     std::mt19937_64 rng{std::random_device{}()};
     bool stopped = false;
+    std::atomic<bool> failed{false};  // the outbox failed (disk full, corruption): see healthy()
+    std::mutex stop_m;                // one shutdown at a time
     bool leak = false;  // a worker outlived stop(): keep everything it may touch alive
 
     static constexpr std::size_t intake_cap = 65536;
@@ -365,6 +368,7 @@ struct channel_runtime::impl {
             " last_code INTEGER NOT NULL DEFAULT 0, last_detail TEXT NOT NULL DEFAULT '', dead_ms INTEGER NOT NULL DEFAULT 0,"
             " UNIQUE(channel, event_id));"
             "CREATE INDEX IF NOT EXISTS outbox_due ON outbox(channel, state, next_ms);"
+            "CREATE INDEX IF NOT EXISTS outbox_pending_age ON outbox(channel, accepted_ms) WHERE state=0;"
             "CREATE TABLE IF NOT EXISTS attempts("
             " id INTEGER PRIMARY KEY, channel TEXT NOT NULL, event_id BLOB NOT NULL, topic TEXT NOT NULL,"
             " attempt INTEGER NOT NULL, time_ms INTEGER NOT NULL, latency_us INTEGER NOT NULL,"
@@ -475,7 +479,10 @@ struct channel_runtime::impl {
         std::unique_lock lk(m);
         space_cv.wait(lk, [&] { return intake.size() < intake_cap || stopping; });
         if (stopping) {
-            return;  // the node is stopping: not accepted (never counted)
+            if (store_done) {
+                channels[ch_index]->c.lost++;  // the outbox failed: never accepted, counted
+            }
+            return;  // the node is stopping: not accepted
         }
         intake.push_back(std::move(item));
         if (intake.size() == 1) {
@@ -485,9 +492,18 @@ struct channel_runtime::impl {
 
     bool subscribe(std::string& error) {
         for (auto& ch : channels) {
+            std::vector<topic_pattern> earlier;  // an event matching several patterns is taken once
             for (const auto& t : ch->cfg.topics) {
                 const auto idx = ch->index;
-                auto s = n->subscribe(t, [this, idx](const event_view& ev) { on_event(idx, ev); });
+                auto s = n->subscribe(t, [this, idx, earlier](const event_view& ev) {
+                    for (const auto& p : earlier) {
+                        if (p.matches(ev.topic)) {
+                            return;  // the subscription of that earlier pattern takes it
+                        }
+                    }
+                    on_event(idx, ev);
+                });
+                earlier.push_back(*topic_pattern::parse(t));
                 if (!s) {
                     error = "channel '" + ch->cfg.name + "': cannot subscribe to '" + t + "': " + s.error().message();
                     return false;
@@ -522,6 +538,7 @@ struct channel_runtime::impl {
                 }
                 item = std::move(ch.ready.front());
                 ch.ready.pop_front();
+                ch.in_hand.insert(item.row);
             }
             completion c;
             c.channel = ch.index;
@@ -623,29 +640,37 @@ struct channel_runtime::impl {
                 statement(db, "UPDATE outbox SET claimed=0 WHERE id=?"),
                 statement(db, "UPDATE outbox SET state=2, body=x'', next_ms=?, claimed=0, attempts=?, last_code=? WHERE id=?"),
                 statement(db, "UPDATE outbox SET attempts=?, next_ms=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
-                statement(db, "UPDATE outbox SET state=1, dead_ms=?, attempts=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
+                statement(db, "UPDATE outbox SET state=1, dead_ms=?1, next_ms=?1, attempts=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
                 statement(db, "UPDATE outbox SET attempts=?, next_ms=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
                 statement(db, "INSERT INTO attempts(channel, event_id, topic, attempt, time_ms, latency_us, outcome, code, detail)"
                               " VALUES(?,?,?,?,?,?,?,?,?)"),
                 statement(db, "SELECT id, event_id, topic, body, attempts, accepted_ms FROM outbox"
-                              " WHERE channel=? AND state=0 AND next_ms<=? ORDER BY next_ms, id LIMIT ?"),
+                              " WHERE channel=? AND state=0 AND next_ms<=? AND claimed=0 ORDER BY next_ms, id LIMIT ?"),
                 statement(db, "SELECT MIN(next_ms) FROM outbox WHERE channel=? AND state=0 AND next_ms>?"),
-                statement(db, "SELECT MIN(accepted_ms) FROM outbox WHERE channel=? AND state=0"),
+                statement(db, "SELECT MIN(accepted_ms) FROM outbox WHERE channel=? AND state=0"),  // outbox_pending_age
                 statement(db, "DELETE FROM outbox WHERE channel=? AND state=2 AND next_ms<?"),
-                statement(db, "DELETE FROM attempts WHERE channel=? AND id <= (SELECT MAX(id) FROM attempts WHERE channel=?) - ?"),
+                statement(db, "DELETE FROM attempts WHERE channel=?1 AND id <= (SELECT id FROM attempts WHERE channel=?1"
+                              " ORDER BY id DESC LIMIT 1 OFFSET ?2)"),
                 statement(db, "INSERT OR REPLACE INTO channel_state(name, disabled, reason, since_ms) VALUES(?,?,?,?)"),
             };
             run_store(s);
         } catch (const std::exception& e) {
-            evmesh::detail::log()->critical("channels: outbox failure, deliveries stopped: {}", e.what());
+            evmesh::detail::log()->critical("channels: outbox failure, intake and deliveries stopped: {}", e.what());
+            failed = true;
+        }
+        std::deque<std::function<void()>> orphans;  // destroyed unrun: their callers get an error
+        {
             std::lock_guard lk(m);
             store_done = true;
             stopping = true;
+            orphans.swap(commands);
             space_cv.notify_all();
         }
-        std::lock_guard lk(m);
-        store_done = true;
-        space_cv.notify_all();
+        for (auto& ch : channels) {  // workers stop too: their outcomes could not be recorded
+            std::lock_guard lk(ch->m);
+            ch->stopping = true;
+            ch->cv.notify_all();
+        }
     }
 
     statements* cmd_statements = nullptr;  // valid while run_store runs (commands use it)
@@ -656,6 +681,9 @@ struct channel_runtime::impl {
         std::deque<completion> done;
         std::deque<std::function<void()>> cmds;
         std::int64_t last_periodic = 0;
+        for (auto& ch : channels) {
+            refill(s, *ch, wall_ms());  // what the outbox held at start is due now or scheduled
+        }
         for (;;) {
             bool quit = false;
             {
@@ -708,36 +736,43 @@ struct channel_runtime::impl {
             channel* ch;
             work_item item;
         };
+        struct delta {
+            std::uint64_t accepted = 0, duplicates = 0;
+            std::int64_t first_ms = 0;
+        };
         std::vector<pushed> push;
-        std::map<std::size_t, std::size_t> room;  // per channel: items we may still push
+        std::map<std::size_t, std::size_t> room;  // per channel: items we may still hand to workers
+        std::map<std::size_t, delta> counts;      // applied after the commit: accepted = persisted
         {
             transaction tx(db);
             for (auto& it : in) {
                 auto& ch = *channels[it.channel];
+                const auto first_delay = ch.cfg.retry.schedule.front().count();
                 auto r = room.find(it.channel);
                 if (r == room.end()) {
                     std::lock_guard lk(ch.m);
                     const auto have = ch.ready.size();
-                    r = room.emplace(it.channel, ch.backlog || ch.disabled || have >= ch.ready_cap
-                                                     ? 0
-                                                     : ch.ready_cap - have).first;
+                    const bool direct = !ch.backlog && !ch.disabled && !ch.stopping && first_delay == 0 &&
+                                        have < ch.ready_cap;
+                    r = room.emplace(it.channel, direct ? ch.ready_cap - have : 0).first;
                 }
                 const bool claim = r->second > 0;
+                const auto next_ms = it.accepted_ms + first_delay;
                 s.insert.bind(1, ch.cfg.name)
                     .bind_blob(2, it.id.data(), it.id.size())
                     .bind(3, it.topic)
                     .bind_blob(4, it.body.data(), it.body.size())
                     .bind(5, it.accepted_ms)
-                    .bind(6, it.accepted_ms)
+                    .bind(6, next_ms)
                     .bind(7, claim ? 1 : 0);
                 s.insert.run();
+                auto& d = counts[it.channel];
                 if (db.changes() == 0) {
-                    ch.c.duplicates++;
+                    d.duplicates++;
                     continue;
                 }
-                ch.c.accepted++;
-                if (ch.c.pending++ == 0) {
-                    ch.c.oldest_pending_ms = it.accepted_ms;
+                if (d.accepted++ == 0) {
+                    d.first_ms = it.accepted_ms;
                 }
                 if (claim) {
                     --r->second;
@@ -750,11 +785,21 @@ struct channel_runtime::impl {
                     w.accepted_ms = it.accepted_ms;
                     ch.known.insert(w.row);
                     push.push_back({&ch, std::move(w)});
+                } else if (first_delay > 0 && !ch.backlog) {
+                    ch.next_due_ms = ch.next_due_ms == 0 ? next_ms : std::min(ch.next_due_ms, next_ms);
                 } else {
                     ch.backlog = true;
                 }
             }
             tx.commit();
+        }
+        for (const auto& [idx, d] : counts) {
+            auto& c = channels[idx]->c;
+            c.duplicates += d.duplicates;
+            c.accepted += d.accepted;
+            if (d.accepted > 0 && c.pending.fetch_add(d.accepted) == 0) {
+                c.oldest_pending_ms = d.first_ms;
+            }
         }
         for (auto& p : push) {
             std::lock_guard lk(p.ch->m);
@@ -776,6 +821,10 @@ struct channel_runtime::impl {
         for (auto& c : done) {
             auto& ch = *channels[c.channel];
             ch.known.erase(c.row);
+            {
+                std::lock_guard lk(ch.m);
+                ch.in_hand.erase(c.row);
+            }
             if (c.released) {
                 s.unclaim.bind(1, c.row).run();
                 ch.backlog = true;
@@ -881,13 +930,14 @@ struct channel_runtime::impl {
         }
         const auto want = ch.ready_cap - have;
         std::vector<work_item> rows;
-        s.due.bind(1, ch.cfg.name).bind(2, now).bind(3, static_cast<std::int64_t>(want + ch.known.size()));
+        // claimed=1 marks exactly the rows this runtime holds (ready queue or in flight)
+        s.due.bind(1, ch.cfg.name).bind(2, now).bind(3, static_cast<std::int64_t>(want));
         std::size_t seen = 0;
         while (s.due.step()) {
             ++seen;
             const auto row = s.due.i64(0);
-            if (ch.known.count(row) != 0 || rows.size() >= want) {
-                continue;
+            if (ch.known.count(row) != 0) {
+                continue;  // cannot happen while claimed and known agree; never load a row twice
             }
             work_item w;
             w.row = row;
@@ -899,7 +949,7 @@ struct channel_runtime::impl {
             rows.push_back(std::move(w));
         }
         s.due.reset();
-        ch.backlog = seen >= want + ch.known.size();
+        ch.backlog = seen >= want;
         if (!ch.backlog) {
             s.next_due.bind(1, ch.cfg.name).bind(2, now);
             ch.next_due_ms = s.next_due.step() ? s.next_due.i64(0) : 0;  // NULL reads as 0 = none
@@ -929,7 +979,7 @@ struct channel_runtime::impl {
             ch->c.oldest_pending_ms = s.oldest.step() ? s.oldest.i64(0) : 0;
             s.oldest.reset();
             s.purge.bind(1, ch->cfg.name).bind(2, now - opts.dedupe_window.count()).run();
-            s.trim.bind(1, ch->cfg.name).bind(2, ch->cfg.name).bind(3, static_cast<std::int64_t>(opts.log_keep)).run();
+            s.trim.bind(1, ch->cfg.name).bind(2, static_cast<std::int64_t>(opts.log_keep)).run();
         }
     }
 
@@ -964,6 +1014,7 @@ struct channel_runtime::impl {
             s.attempt_latency_sum_us = ch.c.attempt_latency_sum_us;
             s.attempt_latency_max_us = ch.c.attempt_latency_max_us;
             s.delivery_latency_sum_us = ch.c.delivery_latency_sum_us;
+        s.lost = ch.c.lost;
             out.push_back(std::move(s));
         }
         return out;
@@ -1031,6 +1082,7 @@ struct channel_runtime::impl {
     }
 
     void shutdown(milliseconds drain) {
+        std::lock_guard stop_lk(stop_m);  // a concurrent stop() returns once this one is done
         // 1. No more intake: close the subscriptions (joins their dispatchers).
         {
             std::lock_guard lk(m);
@@ -1056,28 +1108,33 @@ struct channel_runtime::impl {
             ch->ready.clear();
             ch->cv.notify_all();
         }
-        bool all_done = true;
         for (auto& ch : channels) {
             while (ch->workers_running > 0 && std::chrono::steady_clock::now() < deadline) {
                 std::this_thread::sleep_for(2ms);
             }
             if (ch->workers_running > 0) {
-                all_done = false;
                 evmesh::detail::log()->warn("channel {}: {} deliveries still in flight at stop; they are delivered "
                                             "again after a restart",
                                             ch->cfg.name, ch->c.in_flight.load());
             }
         }
-        // 3. The store commits the remaining intake and outcomes, unclaims what was never started.
+        // 3. The store commits the remaining intake and outcomes, then unclaims every row that no
+        //    worker holds: only deliveries cut off in flight are `recovered` at the next start.
         if (store.joinable()) {
-            if (all_done) {
-                on_store([this] {
-                    if (cmd_statements != nullptr) {
-                        db.exec("UPDATE outbox SET claimed=0 WHERE claimed=1");
+            (void)on_store([this] {
+                transaction tx(db);
+                statement unclaim_all(db, "UPDATE outbox SET claimed=0 WHERE channel=? AND claimed=1");
+                statement reclaim(db, "UPDATE outbox SET claimed=1 WHERE id=?");
+                for (auto& ch : channels) {
+                    unclaim_all.bind(1, ch->cfg.name).run();
+                    std::lock_guard lk(ch->m);
+                    for (auto row : ch->in_hand) {
+                        reclaim.bind(1, row).run();
                     }
-                    return 0;
-                }).value_or(0);
-            }
+                }
+                tx.commit();
+                return 0;
+            });
             {
                 std::lock_guard lk(m);
                 stopping = true;
@@ -1198,7 +1255,7 @@ result<std::size_t> channel_runtime::replay(std::string_view name, std::string_v
         }
     }
     auto* p = impl_.get();
-    return p->on_store([p, ch, id_blob]() -> std::size_t {
+    auto r = p->on_store([p, ch, id_blob]() -> std::size_t {
         const auto now = wall_ms();
         transaction tx(p->db);
         statement s(p->db, id_blob.empty()
@@ -1220,7 +1277,13 @@ result<std::size_t> channel_runtime::replay(std::string_view name, std::string_v
         }
         return n;
     });
+    if (r && *r == 0 && !id_blob.empty()) {
+        return fail(errc::bad_option);  // no dead letter with that id
+    }
+    return r;
 }
+
+bool channel_runtime::healthy() const { return !impl_->failed; }
 
 result<void> channel_runtime::enable(std::string_view name) {
     auto* ch = impl_->find(name);
@@ -1282,7 +1345,7 @@ result<std::vector<dead_record>> channel_runtime::dead_letters(std::string_view 
     return p->on_store([p, ch, limit] {
         std::vector<dead_record> out;
         statement s(p->db, "SELECT event_id, topic, attempts, accepted_ms, dead_ms, last_code, last_detail FROM outbox"
-                           " WHERE channel=? AND state=1 ORDER BY dead_ms, id LIMIT ?");
+                           " WHERE channel=? AND state=1 ORDER BY next_ms, id LIMIT ?");  // next_ms = dead time
         s.bind(1, ch->cfg.name).bind(2, static_cast<std::int64_t>(limit));
         while (s.step()) {
             dead_record r;

@@ -139,7 +139,16 @@ TEST_F(RuntimeTest, OverlappingPatternsDeliverOnce) {
     ASSERT_TRUE(wait_until([&] { return stats().delivered == 1; }));
     std::this_thread::sleep_for(100ms);
     EXPECT_EQ(probe_.calls(id), 1);
-    EXPECT_EQ(stats().duplicates, 2U);  // the other two subscriptions' copies, refused by id
+    EXPECT_EQ(stats().accepted, 1U);
+    EXPECT_EQ(stats().duplicates, 0U);  // taken by the first matching pattern only
+}
+
+TEST_F(RuntimeTest, FirstScheduleEntryDelaysTheFirstAttempt) {
+    start({script("s", {300ms, 10ms})});
+    const auto t0 = std::chrono::steady_clock::now();
+    publish("orders.x", "ok");
+    ASSERT_TRUE(wait_until([&] { return stats().delivered == 1; }));
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, 290ms);
 }
 
 TEST_F(RuntimeTest, RetriesOnTheScheduleThenDeadLettersAndReplays) {
@@ -175,6 +184,7 @@ TEST_F(RuntimeTest, RetriesOnTheScheduleThenDeadLettersAndReplays) {
     EXPECT_EQ(stats().replayed, 1U);
     EXPECT_FALSE(rt_->replay("nope"));
     EXPECT_FALSE(rt_->replay("s", "not-a-uuid"));
+    EXPECT_FALSE(rt_->replay("s", to_string(new_event_id())));  // no such dead letter
 }
 
 TEST_F(RuntimeTest, PermanentFailureDeadLettersAtOnce) {
