@@ -15,8 +15,8 @@
  * returning a pointer to a static evmesh_channel_plugin. The node checks abi_version and
  * struct_size before calling anything else.
  *
- * Threading: create and destroy are called once per channel instance, from the node's control
- * thread. deliver is called from up to `concurrency` worker threads of that instance at the same
+ * Threading: create and destroy are called once per channel instance (from whichever thread
+ * starts or stops the node's channels; never while a deliver call runs). deliver is called from up to `concurrency` worker threads of that instance at the same
  * time (the instance's config), so a plugin must make deliver thread-safe (typically: immutable
  * state after create, or per-call resources). A plugin must not keep pointers into an event or
  * attempt after deliver returns.
@@ -42,7 +42,8 @@ extern "C" {
 
 /* Outcome of one delivery attempt. */
 typedef enum evmesh_status {
-    EVMESH_DELIVERED = 0, /* done; the outbox forgets the event for this channel */
+    EVMESH_DELIVERED = 0, /* done; the outbox marks it delivered (its id is remembered for the
+                             dedupe window, so a re-published copy is not delivered again) */
     EVMESH_RETRY = 1,     /* transient failure: try again per the retry policy, or after
                              result->retry_after_ms when that is >= 0 (e.g. HTTP Retry-After) */
     EVMESH_FAIL = 2,      /* permanent failure of this event (e.g. HTTP 400): dead-letter now */
@@ -90,7 +91,7 @@ typedef struct evmesh_attempt {
 } evmesh_attempt;
 
 /* What the plugin reports besides the status; the node zeroes it and sets retry_after_ms to -1
- * before each call. */
+ * before each call. The node terminates detail itself, so a plugin may fill all 256 bytes. */
 typedef struct evmesh_result {
     int32_t code;            /* protocol status for the delivery log: HTTP status, SMTP reply,
                                 exit code; 0 when there is none (e.g. connection refused) */
@@ -100,7 +101,7 @@ typedef struct evmesh_result {
 
 typedef void (*evmesh_log_fn)(void* log_ctx, int level, const char* message);
 
-/* What the node passes to create. */
+/* What the node passes to create; valid only during the create call (copy what you keep). */
 typedef struct evmesh_host {
     uint32_t struct_size;
     uint32_t abi_version;       /* EVMESH_CHANNEL_ABI_VERSION of the node */
