@@ -38,6 +38,7 @@ struct receiver {
     receiver() {
         server.new_task_queue = [] { return new httplib::ThreadPool(8); };
         server.set_tcp_nodelay(true);
+        server.set_keep_alive_max_count(1000000);  // a production receiver keeps connections open
         server.Post("/hook", [this](const httplib::Request&, httplib::Response& res) {
             received.fetch_add(1, std::memory_order_relaxed);
             res.set_content("ok", "text/plain");

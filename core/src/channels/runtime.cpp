@@ -190,6 +190,7 @@ struct channel_runtime::impl {
 
         // store thread only
         std::unordered_set<std::int64_t> known;  // rows in the ready queue or in flight
+        std::size_t staged_count = 0;            // claimed in the open transaction, not yet queued
         bool backlog = true;                     // due rows may be in the database only
         std::int64_t next_due_ms = 0;            // earliest scheduled retry not yet loaded
     };
@@ -357,6 +358,9 @@ struct channel_runtime::impl {
         db.open(opts.outbox_path);
         db.exec("PRAGMA journal_mode=WAL");
         db.exec(opts.synchronous_full ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
+        // Checkpoints (copying the WAL into the database file, with an fsync) run on their own
+        // thread and connection (checkpoint_loop), not inside the store thread's commits.
+        db.exec("PRAGMA wal_autocheckpoint=0");
         db.exec(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
             "INSERT OR IGNORE INTO meta VALUES('schema', '1');"
@@ -514,7 +518,42 @@ struct channel_runtime::impl {
         return true;
     }
 
+    // Copies the WAL into the database every 200 ms without blocking the writer (PASSIVE), so
+    // the store thread's commits never pay for a checkpoint's fsync.
+    std::thread checkpointer;
+    std::mutex ck_m;
+    std::condition_variable ck_cv;
+    bool ck_stop = false;
+
+    void checkpoint_loop() {
+        database ck;
+        try {
+            ck.open(opts.outbox_path);
+        } catch (const std::exception& e) {
+            evmesh::detail::log()->error("channels: checkpoint connection: {}", e.what());
+            return;
+        }
+        std::unique_lock lk(ck_m);
+        while (!ck_cv.wait_for(lk, 200ms, [&] { return ck_stop; })) {
+            lk.unlock();
+            sqlite3_wal_checkpoint_v2(ck.get(), nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+            lk.lock();
+        }
+    }
+
+    void stop_checkpointer() {
+        {
+            std::lock_guard lk(ck_m);
+            ck_stop = true;
+        }
+        ck_cv.notify_all();
+        if (checkpointer.joinable()) {
+            checkpointer.join();
+        }
+    }
+
     void start_threads() {
+        checkpointer = std::thread([this] { checkpoint_loop(); });
         store = std::thread([this] { store_loop(); });
         for (auto& ch : channels) {
             for (int i = 0; i < ch->cfg.concurrency; ++i) {
@@ -675,14 +714,66 @@ struct channel_runtime::impl {
 
     statements* cmd_statements = nullptr;  // valid while run_store runs (commands use it)
 
+    // Rows claimed in the current transaction, handed to the workers once it commits.
+    struct staged_item {
+        channel* ch;
+        work_item item;
+    };
+    std::vector<staged_item> staged;
+    struct intake_delta {
+        std::uint64_t accepted = 0, duplicates = 0;
+        std::int64_t first_ms = 0;
+    };
+    std::map<std::size_t, intake_delta> intake_counts;  // applied after the commit: accepted = persisted
+
+    void publish_staged() {
+        for (const auto& [idx, d] : intake_counts) {
+            auto& c = channels[idx]->c;
+            c.duplicates += d.duplicates;
+            c.accepted += d.accepted;
+            if (d.accepted > 0 && c.pending.fetch_add(d.accepted) == 0) {
+                c.oldest_pending_ms = d.first_ms;
+            }
+        }
+        intake_counts.clear();
+        // Each run of one channel's items is queued under one lock, then its workers are woken: a
+        // worker that drains the queue between two pushes must not sleep through the rest.
+        for (std::size_t i = 0; i < staged.size();) {
+            channel* ch = staged[i].ch;
+            {
+                std::lock_guard lk(ch->m);
+                for (; i < staged.size() && staged[i].ch == ch; ++i) {
+                    ch->ready.push_back(std::move(staged[i].item));
+                }
+            }
+            ch->cv.notify_all();
+        }
+        for (auto& ch : channels) {
+            ch->staged_count = 0;
+        }
+        staged.clear();
+    }
+
     void run_store(statements& s) {
         cmd_statements = &s;
         std::deque<intake_item> in;
         std::deque<completion> done;
         std::deque<std::function<void()>> cmds;
         std::int64_t last_periodic = 0;
+        std::int64_t last_commit_us = 0;
+        std::size_t workers_total = 0;
         for (auto& ch : channels) {
-            refill(s, *ch, wall_ms());  // what the outbox held at start is due now or scheduled
+            workers_total += static_cast<std::size_t>(ch->cfg.concurrency);
+        }
+        // Group commit: under load, gather the outcomes of up to this many attempts per commit.
+        const std::size_t group = std::clamp<std::size_t>(workers_total, 1, 64);
+        {
+            transaction tx(db);
+            for (auto& ch : channels) {
+                refill(s, *ch, wall_ms());  // what the outbox held at start is due now or scheduled
+            }
+            tx.commit();
+            publish_staged();
         }
         for (;;) {
             bool quit = false;
@@ -698,30 +789,49 @@ struct channel_runtime::impl {
                 cv.wait_for(lk, milliseconds(std::max<std::int64_t>(1, wake - now)), [&] {
                     return !intake.empty() || !completions.empty() || !commands.empty() || stopping;
                 });
+                // Busy (a commit less than 2 ms ago) and only a few outcomes so far: wait up to
+                // 0.5 ms for more, so one commit covers many deliveries. Workers do not wait for
+                // it; only the bookkeeping of finished attempts is deferred.
+                if (!stopping && commands.empty() && intake.empty() && completions.size() < group &&
+                    steady_us() - last_commit_us < 2000) {
+                    cv.wait_for(lk, std::chrono::microseconds(500), [&] {
+                        return completions.size() >= group || !intake.empty() || !commands.empty() || stopping;
+                    });
+                }
                 in.swap(intake);
                 done.swap(completions);
                 cmds.swap(commands);
                 quit = stopping;
                 space_cv.notify_all();
             }
-            if (!in.empty()) {
-                insert_batch(s, in);
-                in.clear();
-            }
-            if (!done.empty()) {
-                apply_completions(s, done);
-                done.clear();
-            }
+            // Admin commands first (replay, enable, the stop's unclaim), so the refill below
+            // already sees what they changed.
             for (auto& f : cmds) {
                 f();
             }
             cmds.clear();
+            const auto now = wall_ms();
+            {
+                transaction tx(db);
+                if (!in.empty()) {
+                    insert_batch(s, in);
+                    in.clear();
+                }
+                if (!done.empty()) {
+                    apply_completions(s, done);
+                    done.clear();
+                }
+                if (!quit) {
+                    for (auto& ch : channels) {
+                        refill(s, *ch, now);
+                    }
+                }
+                tx.commit();
+                last_commit_us = steady_us();
+            }
+            publish_staged();
             if (quit) {
                 break;
-            }
-            const auto now = wall_ms();
-            for (auto& ch : channels) {
-                refill(s, *ch, now);
             }
             if (now - last_periodic >= 1000) {
                 last_periodic = now;
@@ -731,80 +841,55 @@ struct channel_runtime::impl {
         cmd_statements = nullptr;
     }
 
+    // Inside the store's transaction.
     void insert_batch(statements& s, std::deque<intake_item>& in) {
-        struct pushed {
-            channel* ch;
-            work_item item;
-        };
-        struct delta {
-            std::uint64_t accepted = 0, duplicates = 0;
-            std::int64_t first_ms = 0;
-        };
-        std::vector<pushed> push;
         std::map<std::size_t, std::size_t> room;  // per channel: items we may still hand to workers
-        std::map<std::size_t, delta> counts;      // applied after the commit: accepted = persisted
-        {
-            transaction tx(db);
-            for (auto& it : in) {
-                auto& ch = *channels[it.channel];
-                const auto first_delay = ch.cfg.retry.schedule.front().count();
-                auto r = room.find(it.channel);
-                if (r == room.end()) {
-                    std::lock_guard lk(ch.m);
-                    const auto have = ch.ready.size();
-                    const bool direct = !ch.backlog && !ch.disabled && !ch.stopping && first_delay == 0 &&
-                                        have < ch.ready_cap;
-                    r = room.emplace(it.channel, direct ? ch.ready_cap - have : 0).first;
-                }
-                const bool claim = r->second > 0;
-                const auto next_ms = it.accepted_ms + first_delay;
-                s.insert.bind(1, ch.cfg.name)
-                    .bind_blob(2, it.id.data(), it.id.size())
-                    .bind(3, it.topic)
-                    .bind_blob(4, it.body.data(), it.body.size())
-                    .bind(5, it.accepted_ms)
-                    .bind(6, next_ms)
-                    .bind(7, claim ? 1 : 0);
-                s.insert.run();
-                auto& d = counts[it.channel];
-                if (db.changes() == 0) {
-                    d.duplicates++;
-                    continue;
-                }
-                if (d.accepted++ == 0) {
-                    d.first_ms = it.accepted_ms;
-                }
-                if (claim) {
-                    --r->second;
-                    work_item w;
-                    w.row = db.last_rowid();
-                    w.event_id.assign(reinterpret_cast<const char*>(it.id.data()), it.id.size());
-                    w.topic = std::move(it.topic);
-                    w.body = std::move(it.body);
-                    w.attempt = 1;
-                    w.accepted_ms = it.accepted_ms;
-                    ch.known.insert(w.row);
-                    push.push_back({&ch, std::move(w)});
-                } else if (first_delay > 0 && !ch.backlog) {
-                    ch.next_due_ms = ch.next_due_ms == 0 ? next_ms : std::min(ch.next_due_ms, next_ms);
-                } else {
-                    ch.backlog = true;
-                }
+        for (auto& it : in) {
+            auto& ch = *channels[it.channel];
+            const auto first_delay = ch.cfg.retry.schedule.front().count();
+            auto r = room.find(it.channel);
+            if (r == room.end()) {
+                std::lock_guard lk(ch.m);
+                const auto have = ch.ready.size() + ch.staged_count;
+                const bool direct = !ch.backlog && !ch.disabled && !ch.stopping && first_delay == 0 &&
+                                    have < ch.ready_cap;
+                r = room.emplace(it.channel, direct ? ch.ready_cap - have : 0).first;
             }
-            tx.commit();
-        }
-        for (const auto& [idx, d] : counts) {
-            auto& c = channels[idx]->c;
-            c.duplicates += d.duplicates;
-            c.accepted += d.accepted;
-            if (d.accepted > 0 && c.pending.fetch_add(d.accepted) == 0) {
-                c.oldest_pending_ms = d.first_ms;
+            const bool claim = r->second > 0;
+            const auto next_ms = it.accepted_ms + first_delay;
+            s.insert.bind(1, ch.cfg.name)
+                .bind_blob(2, it.id.data(), it.id.size())
+                .bind(3, it.topic)
+                .bind_blob(4, it.body.data(), it.body.size())
+                .bind(5, it.accepted_ms)
+                .bind(6, next_ms)
+                .bind(7, claim ? 1 : 0);
+            s.insert.run();
+            auto& d = intake_counts[it.channel];
+            if (db.changes() == 0) {
+                d.duplicates++;
+                continue;
             }
-        }
-        for (auto& p : push) {
-            std::lock_guard lk(p.ch->m);
-            p.ch->ready.push_back(std::move(p.item));
-            p.ch->cv.notify_one();
+            if (d.accepted++ == 0) {
+                d.first_ms = it.accepted_ms;
+            }
+            if (claim) {
+                --r->second;
+                work_item w;
+                w.row = db.last_rowid();
+                w.event_id.assign(reinterpret_cast<const char*>(it.id.data()), it.id.size());
+                w.topic = std::move(it.topic);
+                w.body = std::move(it.body);
+                w.attempt = 1;
+                w.accepted_ms = it.accepted_ms;
+                ch.known.insert(w.row);
+                ch.staged_count++;
+                staged.push_back({&ch, std::move(w)});
+            } else if (first_delay > 0 && !ch.backlog) {
+                ch.next_due_ms = ch.next_due_ms == 0 ? next_ms : std::min(ch.next_due_ms, next_ms);
+            } else {
+                ch.backlog = true;
+            }
         }
     }
 
@@ -816,8 +901,8 @@ struct channel_runtime::impl {
         return std::max<std::int64_t>(0, static_cast<std::int64_t>(static_cast<double>(d.count()) * (1.0 + u(rng))));
     }
 
+    // Inside the store's transaction.
     void apply_completions(statements& s, std::deque<completion>& done) {
-        transaction tx(db);
         for (auto& c : done) {
             auto& ch = *channels[c.channel];
             ch.known.erase(c.row);
@@ -882,7 +967,6 @@ struct channel_runtime::impl {
                 .bind(9, c.detail);
             s.log.run();
         }
-        tx.commit();
     }
 
     // Inside a transaction.
@@ -901,6 +985,15 @@ struct channel_runtime::impl {
             std::lock_guard lk(ch.m);
             back.swap(ch.ready);
         }
+        for (auto it = staged.begin(); it != staged.end();) {
+            if (it->ch == &ch) {
+                back.push_back(std::move(it->item));
+                it = staged.erase(it);
+            } else {
+                ++it;
+            }
+        }
+        ch.staged_count = 0;
         for (auto& w : back) {
             ch.known.erase(w.row);
             s.unclaim.bind(1, w.row).run();
@@ -910,6 +1003,7 @@ struct channel_runtime::impl {
                                      ch.cfg.name, reason, ch.c.pending.load());
     }
 
+    // Inside the store's transaction: claims due rows and stages them for the workers.
     void refill(statements& s, channel& ch, std::int64_t now) {
         if (ch.disabled) {
             return;
@@ -920,7 +1014,7 @@ struct channel_runtime::impl {
             if (ch.stopping) {
                 return;
             }
-            have = ch.ready.size();
+            have = ch.ready.size() + ch.staged_count;
         }
         if (have > ch.ready_cap / 2) {
             return;
@@ -955,22 +1049,12 @@ struct channel_runtime::impl {
             ch.next_due_ms = s.next_due.step() ? s.next_due.i64(0) : 0;  // NULL reads as 0 = none
             s.next_due.reset();
         }
-        if (rows.empty()) {
-            return;
-        }
-        {
-            transaction tx(db);
-            for (auto& w : rows) {
-                s.claim.bind(1, w.row).run();
-                ch.known.insert(w.row);
-            }
-            tx.commit();
-        }
-        std::lock_guard lk(ch.m);
         for (auto& w : rows) {
-            ch.ready.push_back(std::move(w));
+            s.claim.bind(1, w.row).run();
+            ch.known.insert(w.row);
+            ch.staged_count++;
+            staged.push_back({&ch, std::move(w)});
         }
-        ch.cv.notify_all();
     }
 
     void periodic(statements& s, std::int64_t now) {
@@ -1143,6 +1227,7 @@ struct channel_runtime::impl {
             }
             store.join();
         }
+        stop_checkpointer();
         for (auto& ch : channels) {
             if (ch->workers_running == 0) {
                 for (auto& w : ch->workers) {
@@ -1160,6 +1245,10 @@ struct channel_runtime::impl {
                 }
                 leak = true;
             }
+        }
+        if (db.get() != nullptr) {
+            // leave a small WAL behind: copy it into the database and truncate it
+            sqlite3_wal_checkpoint_v2(db.get(), nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr, nullptr);
         }
         db.close();
     }

@@ -457,6 +457,22 @@ result<std::unique_ptr<detail::subscription_impl>> make_sub(detail::node_impl& n
     if (zmq_connect(s->sock, n.local_out_ep.c_str()) != 0) {
         return fail(errc::bad_endpoint);
     }
+    // No slow joiner on this side either: until the node's XPUB has applied the subscription,
+    // events published now would not reach this subscriber. Subscribe to a unique sync topic after
+    // it; the XPUB applies a pipe's subscriptions in order, so once the node's I/O thread has seen
+    // the sync topic, the real one is in effect. Bounded: at most 2 s.
+    const std::string sync = std::string(detail::node_impl::sync_prefix) + to_string(new_event_id());
+    zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, sync.data(), sync.size());
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    for (bool seen = false; !seen && std::chrono::steady_clock::now() < deadline;) {
+        if (!n.call([&] { seen = n.sync_seen_.erase(sync) > 0; })) {
+            break;  // the node stopped
+        }
+        if (!seen) {
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+    }
+    zmq_setsockopt(s->sock, ZMQ_UNSUBSCRIBE, sync.data(), sync.size());
     return s;
 }
 }  // namespace

@@ -819,6 +819,18 @@ void node_impl::on_subscriptions(void* from, bool from_local) {
             continue;  // not a subscription message
         }
         const std::string prefix(d.substr(1));
+        if (from_local && prefix.starts_with(sync_prefix)) {
+            // A new embedded subscription asks when its subscriptions are in effect: this one was
+            // sent after them on the same pipe, so they are. Noted for make_sub (which asks via
+            // call()); never forwarded upstream, never counted.
+            if (d[0] == 1) {
+                if (sync_seen_.size() >= 1024) {
+                    sync_seen_.clear();  // bound: a subscriber that gave up never collects its entry
+                }
+                sync_seen_.insert(prefix);
+            }
+            continue;
+        }
         if (d[0] == 1) {
             ++set[prefix];
         } else if (auto it = set.find(prefix); it != set.end() && --it->second <= 0) {

@@ -136,6 +136,10 @@ struct node_impl {
     // Distinct prefixes the local in XSUB forwards to publishers (local and peers' subscriptions).
     std::size_t upstream_subscription_count() const;
 
+    // Topic prefix of the subscription handshake (make_sub): `_evmesh.sync.<random>`.
+    static constexpr std::string_view sync_prefix = "_evmesh.sync.";
+    std::set<std::string> sync_seen_;  // I/O thread: sync topics whose subscription arrived
+
     // node::set_channel_stats: the source of the stats event's `channels` (any thread).
     void set_channel_stats(std::function<std::string()> source) {
         std::lock_guard lk(channel_stats_mu_);

@@ -120,7 +120,7 @@ TEST_F(RuntimeTest, DeliversEveryMatchingEventOnce) {
         ids.push_back(publish("orders.x", "ok"));
         publish("other.x", "ok");  // not matched
     }
-    ASSERT_TRUE(wait_until([&] { return stats().delivered == 200; }, 10s)) << stats().delivered;
+    ASSERT_TRUE(wait_until([&] { return stats().delivered == 200; }, 10s)) << stats().delivered << " accepted " << stats().accepted << " pending " << stats().pending << " attempts " << stats().attempts;
     const auto s = stats();
     EXPECT_EQ(s.accepted, 200U);
     EXPECT_EQ(s.attempts, 200U);
