@@ -96,6 +96,25 @@ TEST(Node, NewPublisherDoesNotLoseItsFirstEvent) {
     }
 }
 
+TEST(Node, SubscriptionIsInEffectWhenSubscribeReturns) {
+    // subscribe() returns once the node has applied the subscription, so a publisher made right
+    // after it (which waits for the node's current subscriptions) delivers its first event.
+    auto n = make_node(local_options("subsync"));
+    for (int i = 0; i < 50; ++i) {
+        const auto topic = "sync" + std::to_string(i) + ".x";
+        auto sub = n->subscribe("sync" + std::to_string(i) + ".>");
+        ASSERT_TRUE(sub);
+        auto pub = n->make_publisher();
+        ASSERT_TRUE(pub);
+        ASSERT_TRUE(pub->publish(topic, "first"));
+        auto ev = sub->receive(2s);
+        ASSERT_TRUE(ev) << "subscription " << i << " missed the first event";
+        EXPECT_EQ(ev->topic, topic);
+    }
+    // the handshake topics never become subscriptions of the node
+    EXPECT_TRUE(wait_until([&] { return n->counters().subscriptions_local == 0; }));
+}
+
 TEST(Node, WildcardSubscriptionsDeliverOnlyMatchingEvents) {
     auto n = make_node(local_options("wild"));
     auto star = n->subscribe("orders.*.created");
