@@ -36,7 +36,7 @@ struct receiver {
     std::atomic<std::uint64_t> received{0};
 
     receiver() {
-        server.new_task_queue = [] { return new httplib::ThreadPool(8); };
+        server.new_task_queue = [] { return new httplib::ThreadPool(32); };
         server.set_tcp_nodelay(true);
         server.set_keep_alive_max_count(1000000);  // a production receiver keeps connections open
         server.Post("/hook", [this](const httplib::Request&, httplib::Response& res) {
