@@ -459,6 +459,18 @@ class InspectorTest(ChannelTestCase):
         self.assertRegex(p.stdout, r"chan\s+bad\s+webhook\s+ok\s+delivered 0, pending 7")
 
 
+class ExamplePluginTest(ChannelTestCase):
+    def test_example_c_plugin_delivers_through_the_node(self):
+        # examples/channel-plugin/stdout_channel.c: the whole ABI in plain C, loaded like a built-in
+        node = self.node_with([{"name": "example", "plugin": "stdout-example", "topics": ["orders.>"],
+                                "settings": {"prefix": "ex: "}}])
+        pub = self.publisher(node)
+        ids = [str(uuid.UUID(bytes=pub.publish("orders.x", b"12345"))) for _ in range(3)]
+        lines = [read_line(node.proc, 10).decode() for _ in range(3)]
+        self.assertEqual(sorted(lines), sorted(f"ex: orders.x {i} 5" for i in ids))
+        self.assertTrue(wait_for(lambda: channels(node)["example"]["delivered"] == 3, timeout=5))
+
+
 class ConfigTest(ChannelTestCase):
     def run_node(self, cfg_text):
         path = os.path.join(self.tmp, "bad.toml")
