@@ -12,7 +12,7 @@ packages=(
   # fuzzing (libFuzzer ships in clang's runtime package)
   clang libclang-rt-14-dev
   # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)
-  python3 python3-zmq python3-msgpack python3-aiosmtpd curl iproute2 procps graphviz bsdutils tcpdump
+  python3 python3-zmq python3-msgpack python3-aiosmtpd openssl curl iproute2 procps graphviz bsdutils tcpdump
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -140,6 +140,9 @@ public:
         for (auto& [name, value] : s.string_table("headers")) add_static_header(s, name, value);
         user_agent_ = s.string_or("user_agent", "evmesh-webhook/1");
         if (user_agent_.find_first_of("\r\n") != std::string::npos) s.fail("user_agent", "must not contain CR or LF");
+        // A private CA for https endpoints (PEM bundle); default: the system's trust store.
+        ca_file_ = s.string_or("ca_file", "");
+        if (!ca_file_.empty() && ::access(ca_file_.c_str(), R_OK) != 0) s.fail("ca_file", "cannot be read");
         s.finish();
 
         // The node may also call curl_global_init; the call is reference-counted and, with
@@ -236,6 +239,7 @@ public:
         curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(timeout_ms_));
         curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(connect_timeout_ms_));
         curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
+        if (!ca_file_.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, ca_file_.c_str());
         curl_easy_setopt(c, CURLOPT_OPENSOCKETFUNCTION, &webhook::open_socket);
         curl_easy_setopt(c, CURLOPT_OPENSOCKETDATA, &ctx);
         curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, &webhook::on_body);
@@ -430,6 +434,7 @@ private:
     bool allow_private_ = false;
     std::vector<std::string> static_headers_;
     std::string user_agent_;
+    std::string ca_file_;
 
     std::mutex mutex_;
     std::vector<CURL*> idle_;

@@ -44,7 +44,7 @@ class Receiver:
     """A threaded HTTP server on 127.0.0.1 recording every POST. `behave(path, req)` decides the
     answer: returns (status, headers dict, body) or the string "hang" (sleeps `hang_seconds`)."""
 
-    def __init__(self, port=0, behave=None, hang_seconds=30.0):
+    def __init__(self, port=0, behave=None, hang_seconds=30.0, tls=None):
         self.requests = []  # (time, path, headers, body)
         self.lock = threading.Lock()
         self.behave = behave or (lambda path, req: (200, {}, b"ok"))
@@ -91,11 +91,18 @@ class Receiver:
 
         self.server = Server(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
+        self.scheme = "http"
+        if tls:  # (certfile, keyfile): serve https
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path="/hook"):
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def received(self, path=None):
         with self.lock:

@@ -119,6 +119,29 @@ class WebhookTest(ChannelTestCase):
         self.assertEqual(len(log), 5)
         self.assertTrue(all(r["outcome"] == "delivered" and r["code"] == 200 for r in log), log)
 
+    def test_https_endpoint_with_a_private_ca(self):
+        cert, key = os.path.join(self.tmp, "cert.pem"), os.path.join(self.tmp, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+        rcv = self.receiver(tls=(cert, key))
+        secret = new_secret()
+        node = self.node_with([webhook("trusted", rcv.url("/tls"), secret, ca_file=cert),
+                               webhook("untrusted", rcv.url("/tls"), secret,
+                                       retry={"schedule": ["0ms", "1h"]})])
+        pub = self.publisher(node)
+        ids = {str(uuid.UUID(bytes=pub.publish("orders.x", b'{"tls": true}'))) for _ in range(5)}
+        self.assertTrue(wait_for(lambda: channels(node)["trusted"]["delivered"] == 5, timeout=15), channels(node))
+        got = rcv.received("/tls")
+        self.assertEqual({r["headers"]["webhook-id"] for r in got}, ids)
+        self.assertTrue(all(verify(secret, r["headers"], r["body"]) for r in got))
+        # without the CA the certificate is not trusted: retried, never sent
+        self.assertTrue(wait_for(lambda: channels(node)["untrusted"]["retried"] == 5, timeout=15), channels(node))
+        log = json.loads(node.http("/channels/untrusted/log?limit=1"))
+        self.assertEqual(log[0]["code"], 0)
+        self.assertRegex(log[0]["detail"].lower(), "certificate|ssl")
+        self.assertEqual(len(rcv.received("/tls")), 5)
+
     def test_same_event_id_is_delivered_once(self):
         rcv = self.receiver()
         node = self.node_with([webhook("partner", rcv.url())])
