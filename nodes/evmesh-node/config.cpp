@@ -402,6 +402,13 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
                     rr.duration("max_retry_after", c.retry.max_retry_after);
                     rr.check_unknown();
                 }
+                if (const auto* bt = r.table("breaker")) {
+                    table_reader br(*bt, "channel.breaker", error);
+                    br.integer("failures", c.breaker.failures, 0, 1000000);
+                    br.duration("pause", c.breaker.pause);
+                    br.duration("max_pause", c.breaker.max_pause);
+                    br.check_unknown();
+                }
                 if (const auto* st = r.table("settings")) {
                     std::ostringstream os;
                     os << toml::json_formatter{*st};

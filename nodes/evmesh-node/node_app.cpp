@@ -199,6 +199,10 @@ std::string render_channel_metrics(const std::string& node_name, const std::vect
           [](const auto& c) { return c.oldest_pending_age_s; });
     gauge("evmesh_channel_disabled", "1 when the endpoint disabled the channel (HTTP 410).",
           [](const auto& c) { return c.disabled ? 1 : 0; });
+    gauge("evmesh_channel_paused", "1 while the circuit breaker holds deliveries (endpoint failing).",
+          [](const auto& c) { return c.paused ? 1 : 0; });
+    counter("evmesh_channel_breaker_trips_total", "Times the circuit breaker opened.",
+            [](const auto& c) { return c.breaker_trips; });
     counter("evmesh_channel_attempt_latency_microseconds_total", "Sum of attempt durations (divide by attempts).",
             [](const auto& c) { return c.attempt_latency_sum_us; });
     counter("evmesh_channel_delivery_latency_microseconds_total",
@@ -224,6 +228,8 @@ std::string render_channels(const std::vector<channels::channel_stats>& stats) {
                        {"replayed", c.replayed},
                        {"recovered", c.recovered},
                        {"lost", c.lost},
+                       {"paused", c.paused},
+                       {"breaker_trips", c.breaker_trips},
                        {"pending", c.pending},
                        {"in_flight", c.in_flight},
                        {"dead", c.dead},

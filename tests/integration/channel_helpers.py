@@ -148,17 +148,18 @@ class Publisher:
 
 def channel_config(tmp, channels, outbox="outbox.db"):
     """Writes a node config with [outbox] and [[channel]] tables; `channels` is a list of dicts:
-    name, plugin, topics, settings (dict), retry (dict), concurrency."""
+    name, plugin, topics, settings (dict), retry (dict), breaker (dict), concurrency."""
     lines = ["[outbox]", f'path = {json.dumps(os.path.join(tmp, outbox))}', ""]
     for ch in channels:
         lines += ["[[channel]]", f'name = {json.dumps(ch["name"])}', f'plugin = {json.dumps(ch["plugin"])}',
                   f'topics = {json.dumps(ch["topics"])}']
         if "concurrency" in ch:
             lines.append(f'concurrency = {ch["concurrency"]}')
-        if "retry" in ch:
-            lines.append("[channel.retry]")
-            for k, v in ch["retry"].items():
-                lines.append(f"{k} = {json.dumps(v)}")
+        for table in ("retry", "breaker"):
+            if table in ch:
+                lines.append(f"[channel.{table}]")
+                for k, v in ch[table].items():
+                    lines.append(f"{k} = {json.dumps(v)}")
         lines.append("[channel.settings]")
         for k, v in ch.get("settings", {}).items():
             if isinstance(v, dict):

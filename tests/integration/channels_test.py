@@ -28,7 +28,7 @@ def channels(node):
     return {c["name"]: c for c in json.loads(node.http("/channels"))}
 
 
-def webhook(name, url, secret=None, topics=("orders.>",), retry=None, concurrency=None, **settings):
+def webhook(name, url, secret=None, topics=("orders.>",), retry=None, concurrency=None, breaker=None, **settings):
     s = {"url": url, "allow_private": True, **settings}
     if secret:
         s["secret"] = secret
@@ -37,7 +37,11 @@ def webhook(name, url, secret=None, topics=("orders.>",), retry=None, concurrenc
         ch["retry"] = retry
     if concurrency:
         ch["concurrency"] = concurrency
+    if breaker:
+        ch["breaker"] = breaker
     return ch
+
+NO_BREAKER = {"failures": 0}  # tests of the retry schedule itself
 
 
 class ChannelTestCase(NodeTestCase):
@@ -128,7 +132,7 @@ class WebhookTest(ChannelTestCase):
         secret = new_secret()
         node = self.node_with([webhook("trusted", rcv.url("/tls"), secret, ca_file=cert),
                                webhook("untrusted", rcv.url("/tls"), secret,
-                                       retry={"schedule": ["0ms", "1h"]})])
+                                       retry={"schedule": ["0ms", "1h"]}, breaker=NO_BREAKER)])
         pub = self.publisher(node)
         ids = {str(uuid.UUID(bytes=pub.publish("orders.x", b'{"tls": true}'))) for _ in range(5)}
         self.assertTrue(wait_for(lambda: channels(node)["trusted"]["delivered"] == 5, timeout=15), channels(node))
@@ -172,7 +176,7 @@ class WebhookTest(ChannelTestCase):
         port = free_port()
         schedule = ["0ms", "400ms", "800ms", "1600ms", "3s", "3s", "3s", "3s"]
         node = self.node_with([webhook("later", f"http://127.0.0.1:{port}/hook",
-                                       retry={"schedule": schedule, "jitter": 0})])
+                                       retry={"schedule": schedule, "jitter": 0}, breaker=NO_BREAKER)])
         pub = self.publisher(node)
         ids = {str(uuid.UUID(bytes=pub.publish("orders.x", b'{"n": %d}' % i))) for i in range(20)}
         # The endpoint is down (nothing listens): every event is attempted and rescheduled.
@@ -197,6 +201,26 @@ class WebhookTest(ChannelTestCase):
                 gap = (b["time_ms"] - a["time_ms"] - b["latency_us"] / 1000) / 1000
                 self.assertGreaterEqual(gap, delays[a["attempt"] - 1] - 0.05, (eid, rows))
                 self.assertLess(gap, delays[a["attempt"] - 1] + 1.0, (eid, rows))
+
+    def test_breaker_holds_a_down_endpoint_and_loses_nothing(self):
+        port = free_port()
+        node = self.node_with([webhook("outage", f"http://127.0.0.1:{port}/hook",
+                                       retry={"schedule": ["0ms", "200ms", "200ms"], "jitter": 0},
+                                       breaker={"failures": 5, "pause": "300ms", "max_pause": "600ms"})])
+        pub = self.publisher(node)
+        ids = {str(uuid.UUID(bytes=pub.publish("orders.x", b"{}"))) for _ in range(200)}
+        self.assertTrue(wait_for(lambda: channels(node)["outage"]["paused"], timeout=10), channels(node))
+        time.sleep(1.5)  # down for longer than the three attempts of the schedule
+        st = channels(node)["outage"]
+        self.assertEqual((st["dead"], st["pending"]), (0, 200))  # held, not dead-lettered
+        self.assertLess(st["attempts"], 200)  # most events were never attempted against a dead port
+        self.assertEqual(node.metric("evmesh_channel_paused", channel="outage"), 1)
+        rcv = self.receiver(port=port)
+        self.assertTrue(wait_for(lambda: {r["headers"]["webhook-id"] for r in rcv.received()} == ids, timeout=15),
+                        channels(node))
+        self.assertTrue(wait_for(lambda: not channels(node)["outage"]["paused"], timeout=5))
+        print(f"breaker: 200 events, endpoint down ~2 s: {st['attempts']} attempts during the outage, "
+              f"{channels(node)['outage']['breaker_trips']} trip(s), 0 dead, all delivered after")
 
     def test_retry_after_and_gone(self):
         state = {"limited": 0}
@@ -242,7 +266,8 @@ class WebhookTest(ChannelTestCase):
         state = {"fail": True}
         rcv = self.receiver(behave=lambda path, req: (500, {}, b"boom") if state["fail"] else (200, {}, b"ok"))
         node = self.node_with([webhook("flaky", rcv.url("/h"), topics=["orders.>"],
-                                       retry={"schedule": ["0ms", "50ms", "100ms"], "jitter": 0}),
+                                       retry={"schedule": ["0ms", "50ms", "100ms"], "jitter": 0},
+                                       breaker=NO_BREAKER),
                                webhook("strict", rcv.url("/bad"), topics=["bad.>"])])
         pub = self.publisher(node)
         ids = {str(uuid.UUID(bytes=pub.publish("orders.x", b"{}"))) for _ in range(10)}
@@ -434,6 +459,7 @@ with open({out!r}, "a") as f:
 """)
         node = self.node_with([{"name": "hook", "plugin": "exec", "topics": ["jobs.>"],
                                 "retry": {"schedule": ["0ms", "100ms", "100ms"], "jitter": 0},
+                                "breaker": {"failures": 0},
                                 "settings": {"command": [PYTHON, script], "timeout_ms": 1000}}])
         pub = self.publisher(node, "jobs.")
         ids = {}
@@ -457,7 +483,8 @@ class InspectorTest(ChannelTestCase):
         from evmesh_testlib import INSPECTOR
         rcv = self.receiver(behave=lambda path, req: (200, {}, b"ok") if path == "/ok" else (500, {}, b"no"))
         cfg = channel_config(self.tmp, [webhook("good", rcv.url("/ok")),
-                                        webhook("bad", rcv.url("/err"), retry={"schedule": ["0ms", "1h"]})])
+                                        webhook("bad", rcv.url("/err"), retry={"schedule": ["0ms", "1h"]},
+                                                breaker=NO_BREAKER)])
         node = self.start_node("chan-node", "--config", cfg)
         pub = self.publisher(node)
         for i in range(7):

@@ -6,6 +6,7 @@
 //   "fail"                permanent failure
 //   "disable"             the endpoint is gone, the first time; then delivered
 //   "sleep:MS"            sleeps MS ms, then delivered
+//   "down-until:UNIX_MS"  retry (code 503) until that wall-clock time, then delivered
 // It also exports evmesh_test_script_calls(id_text) and evmesh_test_script_total() so a test
 // that dlopens the same file reads what the plugin saw. Built with -DEVMESH_TEST_BAD_ABI it
 // announces ABI version 999 (the load must be refused).
@@ -75,6 +76,15 @@ evmesh_status deliver(evmesh_channel*, const evmesh_event* ev, const evmesh_atte
         if (at->attempt == 1) {
             res->code = 410;
             return EVMESH_DISABLE;
+        }
+        return EVMESH_DELIVERED;
+    }
+    if (script.rfind("down-until:", 0) == 0) {
+        const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                             std::chrono::system_clock::now().time_since_epoch()).count();
+        if (now < std::stoll(script.substr(11))) {
+            res->code = 503;
+            return EVMESH_RETRY;
         }
         return EVMESH_DELIVERED;
     }

@@ -39,6 +39,15 @@ struct retry_policy {
     milliseconds max_retry_after{24 * 3600 * 1000};  ///< cap on a plugin's retry-after (HTTP 429/503)
 };
 
+/// The circuit breaker of one endpoint: after `failures` attempts in a row answered "retry",
+/// deliveries pause for `pause`, then one probe is sent; each failed probe doubles the pause up
+/// to `max_pause`; a success resumes. Paused events keep their attempts. failures = 0: off.
+struct breaker_policy {
+    std::uint32_t failures = 5;
+    milliseconds pause{1000};
+    milliseconds max_pause{60000};
+};
+
 /// One channel instance: one endpoint with its own queue and workers.
 struct channel_config {
     std::string name;                 ///< unique per node: [A-Za-z0-9_.-], 1..64 bytes
@@ -46,6 +55,7 @@ struct channel_config {
     std::vector<std::string> topics;  ///< subscription patterns (topic.hpp syntax)
     std::string settings_json = "{}"; ///< passed to the plugin's create()
     retry_policy retry;
+    breaker_policy breaker;
     int concurrency = 4;              ///< parallel deliveries to this endpoint (1..256)
 };
 
@@ -86,6 +96,8 @@ struct channel_stats {
     std::uint64_t attempt_latency_max_us = 0;
     std::uint64_t delivery_latency_sum_us = 0; ///< accepted → delivered, delivered events
     std::uint64_t lost = 0;            ///< matching events refused because the outbox had failed
+    bool paused = false;               ///< the circuit breaker holds deliveries (endpoint failing)
+    std::uint64_t breaker_trips = 0;   ///< times the breaker opened
 };
 
 /// One row of the delivery log.

@@ -132,6 +132,7 @@ struct work_item {
     std::string body;
     std::uint32_t attempt = 1;  // the attempt this item is for
     std::int64_t accepted_ms = 0;
+    bool probe = false;         // the breaker's probe: attempted even while paused
 };
 
 struct intake_item {
@@ -163,6 +164,7 @@ struct channel_counters {
         dead_lettered{0}, replayed{0}, recovered{0}, pending{0}, in_flight{0}, dead{0}, lost{0};
     std::atomic<std::uint64_t> attempt_latency_sum_us{0}, attempt_latency_max_us{0}, delivery_latency_sum_us{0};
     std::atomic<std::int64_t> oldest_pending_ms{0};  // 0 = none
+    std::atomic<std::uint64_t> breaker_trips{0}, paused{0};
 };
 
 }  // namespace
@@ -177,6 +179,7 @@ struct channel_runtime::impl {
         std::vector<subscription> subs;
         channel_counters c;
         std::atomic<bool> disabled{false};
+        std::atomic<bool> hold{false};  // breaker open: workers give back what they take
         std::string disabled_reason;  // guarded by impl::stats_m
 
         // ready queue, shared with the workers
@@ -191,6 +194,10 @@ struct channel_runtime::impl {
         // store thread only
         std::unordered_set<std::int64_t> known;  // rows in the ready queue or in flight
         std::size_t staged_count = 0;            // claimed in the open transaction, not yet queued
+        std::uint32_t fail_streak = 0;           // breaker: consecutive "retry" outcomes
+        std::int64_t paused_until_ms = 0;        // breaker: 0 = closed
+        std::int64_t pause_ms = 0;
+        bool probe_out = false;                  // breaker: the one probe delivery is out
         bool backlog = true;                     // due rows may be in the database only
         std::int64_t next_due_ms = 0;            // earliest scheduled retry not yet loaded
     };
@@ -340,6 +347,10 @@ struct channel_runtime::impl {
                     error = where + "retry delays must not be negative";
                     return false;
                 }
+            }
+            if (c.breaker.failures > 0 && (c.breaker.pause.count() <= 0 || c.breaker.max_pause < c.breaker.pause)) {
+                error = where + "breaker pause must be > 0 and max_pause >= pause";
+                return false;
             }
             if (c.retry.jitter < 0 || c.retry.jitter > 1) {
                 error = where + "retry jitter must be between 0 and 1";
@@ -584,7 +595,7 @@ struct channel_runtime::impl {
             c.row = item.row;
             c.attempt = item.attempt;
             c.accepted_ms = item.accepted_ms;
-            if (ch.disabled) {
+            if (ch.disabled || (ch.hold && !item.probe)) {
                 c.released = true;
             } else {
                 ch.c.in_flight++;
@@ -785,6 +796,9 @@ struct channel_runtime::impl {
                     if (!ch->backlog && ch->next_due_ms > now && !ch->disabled) {
                         wake = std::min(wake, ch->next_due_ms);
                     }
+                    if (ch->paused_until_ms > now && !ch->probe_out) {
+                        wake = std::min(wake, ch->paused_until_ms);
+                    }
                 }
                 cv.wait_for(lk, milliseconds(std::max<std::int64_t>(1, wake - now)), [&] {
                     return !intake.empty() || !completions.empty() || !commands.empty() || stopping;
@@ -852,7 +866,7 @@ struct channel_runtime::impl {
                 std::lock_guard lk(ch.m);
                 const auto have = ch.ready.size() + ch.staged_count;
                 const bool direct = !ch.backlog && !ch.disabled && !ch.stopping && first_delay == 0 &&
-                                    have < ch.ready_cap;
+                                    ch.paused_until_ms == 0 && have < ch.ready_cap;
                 r = room.emplace(it.channel, direct ? ch.ready_cap - have : 0).first;
             }
             const bool claim = r->second > 0;
@@ -916,6 +930,7 @@ struct channel_runtime::impl {
                 continue;
             }
             ch.c.attempts++;
+            on_outcome(s, ch, c.status, c.end_ms);
             ch.c.attempt_latency_sum_us += static_cast<std::uint64_t>(c.latency_us);
             if (static_cast<std::uint64_t>(c.latency_us) > ch.c.attempt_latency_max_us) {
                 ch.c.attempt_latency_max_us = static_cast<std::uint64_t>(c.latency_us);
@@ -980,6 +995,14 @@ struct channel_runtime::impl {
             ch.disabled_reason = reason;
         }
         s.set_state.bind(1, ch.cfg.name).bind(2, 1).bind(3, reason).bind(4, now).run();
+        release_queued(s, ch);
+        evmesh::detail::log()->error("channel {}: disabled: {}; {} events held in the outbox until it is enabled again",
+                                     ch.cfg.name, reason, ch.c.pending.load());
+    }
+
+    // Inside the store's transaction: takes back what waits in the channel's ready queue (and
+    // what is staged for it), unclaimed, so nothing more is attempted until refill loads it.
+    void release_queued(statements& s, channel& ch) {
         std::deque<work_item> back;
         {
             std::lock_guard lk(ch.m);
@@ -999,14 +1022,65 @@ struct channel_runtime::impl {
             s.unclaim.bind(1, w.row).run();
         }
         ch.backlog = true;
-        evmesh::detail::log()->error("channel {}: disabled: {}; {} events held in the outbox until it is enabled again",
-                                     ch.cfg.name, reason, ch.c.pending.load());
+    }
+
+    // The circuit breaker of one endpoint (store thread). After `failures` attempts in a row
+    // answered "retry" (down, timing out, 5xx), the channel pauses: queued deliveries are taken
+    // back and nothing is attempted for `pause`; then exactly one delivery probes the endpoint.
+    // Success closes the breaker; another failure doubles the pause, up to `max_pause`. Events
+    // waiting during a pause do not use up their attempts, so an outage of hours does not
+    // dead-letter everything that arrived during it.
+    void on_outcome(statements& s, channel& ch, int status, std::int64_t now) {
+        const auto& b = ch.cfg.breaker;
+        if (b.failures == 0) {
+            return;
+        }
+        if (status == EVMESH_RETRY) {
+            ++ch.fail_streak;
+            if (ch.paused_until_ms != 0) {
+                if (ch.probe_out) {  // the probe failed: pause longer (attempts that were already
+                                     // in flight when the breaker opened do not count)
+                    ch.pause_ms = std::min<std::int64_t>(ch.pause_ms * 2, b.max_pause.count());
+                    ch.paused_until_ms = now + ch.pause_ms;
+                    ch.probe_out = false;
+                }
+            } else if (ch.fail_streak >= b.failures) {
+                ch.pause_ms = b.pause.count();
+                ch.paused_until_ms = now + ch.pause_ms;
+                ch.probe_out = false;
+                ch.c.breaker_trips++;
+                ch.c.paused = 1;
+                ch.hold = true;
+                release_queued(s, ch);
+                evmesh::detail::log()->warn("channel {}: {} failed attempts in a row; pausing deliveries, probing again "
+                                            "in {} ms ({} events pending)",
+                                            ch.cfg.name, ch.fail_streak, ch.pause_ms, ch.c.pending.load());
+            }
+            return;
+        }
+        ch.fail_streak = 0;  // delivered, or a definite answer: the endpoint is up
+        if (ch.paused_until_ms != 0) {
+            ch.paused_until_ms = 0;
+            ch.probe_out = false;
+            ch.c.paused = 0;
+            ch.hold = false;
+            ch.backlog = true;
+            evmesh::detail::log()->info("channel {}: endpoint answers again; resuming ({} events pending)", ch.cfg.name,
+                                        ch.c.pending.load());
+        }
     }
 
     // Inside the store's transaction: claims due rows and stages them for the workers.
     void refill(statements& s, channel& ch, std::int64_t now) {
         if (ch.disabled) {
             return;
+        }
+        bool probe = false;
+        if (ch.paused_until_ms != 0) {
+            if (now < ch.paused_until_ms || ch.probe_out) {
+                return;  // paused, or the probe has not answered yet
+            }
+            probe = true;
         }
         std::size_t have = 0;
         {
@@ -1022,7 +1096,7 @@ struct channel_runtime::impl {
         if (!ch.backlog && (ch.next_due_ms == 0 || now < ch.next_due_ms)) {
             return;
         }
-        const auto want = ch.ready_cap - have;
+        const auto want = probe ? std::size_t{1} : ch.ready_cap - have;
         std::vector<work_item> rows;
         // claimed=1 marks exactly the rows this runtime holds (ready queue or in flight)
         s.due.bind(1, ch.cfg.name).bind(2, now).bind(3, static_cast<std::int64_t>(want));
@@ -1049,10 +1123,15 @@ struct channel_runtime::impl {
             ch.next_due_ms = s.next_due.step() ? s.next_due.i64(0) : 0;  // NULL reads as 0 = none
             s.next_due.reset();
         }
+        if (probe) {
+            ch.backlog = true;  // the rest waits for the probe's answer
+            ch.probe_out = !rows.empty();
+        }
         for (auto& w : rows) {
             s.claim.bind(1, w.row).run();
             ch.known.insert(w.row);
             ch.staged_count++;
+            w.probe = probe;
             staged.push_back({&ch, std::move(w)});
         }
     }
@@ -1099,6 +1178,8 @@ struct channel_runtime::impl {
             s.attempt_latency_max_us = ch.c.attempt_latency_max_us;
             s.delivery_latency_sum_us = ch.c.delivery_latency_sum_us;
         s.lost = ch.c.lost;
+        s.paused = ch.c.paused != 0;
+        s.breaker_trips = ch.c.breaker_trips;
             out.push_back(std::move(s));
         }
         return out;
@@ -1115,10 +1196,12 @@ struct channel_runtime::impl {
             pk.pack(v);
         };
         for (const auto& c : all) {
-            pk.pack_map(18);
+            pk.pack_map(20);
             kv("name", std::string_view(c.name));
             kv("plugin", std::string_view(c.plugin));
             kv("disabled", c.disabled);
+            kv("paused", c.paused);
+            kv("breaker_trips", c.breaker_trips);
             kv("accepted", c.accepted);
             kv("duplicates", c.duplicates);
             kv("attempts", c.attempts);
@@ -1389,6 +1472,11 @@ result<void> channel_runtime::enable(std::string_view name) {
         }
         ch->disabled = false;
         ch->backlog = true;
+        ch->paused_until_ms = 0;
+        ch->probe_out = false;
+        ch->fail_streak = 0;
+        ch->c.paused = 0;
+        ch->hold = false;
         evmesh::detail::log()->info("channel {}: enabled; {} events pending", ch->cfg.name, ch->c.pending.load());
         return 0;
     });

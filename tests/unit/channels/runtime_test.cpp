@@ -65,6 +65,7 @@ protected:
         c.retry.schedule = std::move(schedule);
         c.retry.jitter = 0;
         c.concurrency = 2;
+        c.breaker.failures = 0;  // off, except in the breaker tests
         return c;
     }
 
@@ -185,6 +186,47 @@ TEST_F(RuntimeTest, RetriesOnTheScheduleThenDeadLettersAndReplays) {
     EXPECT_FALSE(rt_->replay("nope"));
     EXPECT_FALSE(rt_->replay("s", "not-a-uuid"));
     EXPECT_FALSE(rt_->replay("s", to_string(new_event_id())));  // no such dead letter
+}
+
+TEST_F(RuntimeTest, BreakerPausesAFailingEndpointAndKeepsAttempts) {
+    auto c = script("s", {0ms, 3600s});
+    c.breaker = {3, 400ms, 400ms};
+    start({c});
+    for (int i = 0; i < 100; ++i) {
+        publish("orders.x", "retry");
+    }
+    ASSERT_TRUE(wait_until([&] { return stats().paused; }));
+    std::this_thread::sleep_for(200ms);
+    auto s = stats();
+    EXPECT_EQ(s.breaker_trips, 1U);
+    // the streak, plus what the workers took before the store applied it (the ready queue it had
+    // handed out, and one refill); without the breaker all 100 are attempted at once
+    EXPECT_LE(s.attempts, 3U + 2 * 16U + 2U);
+    EXPECT_EQ(s.pending, 100U);      // nobody dead-lettered: paused events keep their attempts
+    EXPECT_EQ(s.dead, 0U);
+    // after the pause exactly one probe goes out, fails, and the pause starts again
+    const auto before = s.attempts;
+    ASSERT_TRUE(wait_until([&] { return stats().attempts == before + 1; }, 2s));
+    std::this_thread::sleep_for(150ms);
+    EXPECT_EQ(stats().attempts, before + 1);
+    EXPECT_TRUE(stats().paused);
+}
+
+TEST_F(RuntimeTest, BreakerResumesWhenTheEndpointRecovers) {
+    auto c = script("s", {0ms, 50ms, 50ms, 50ms});
+    c.breaker = {3, 100ms, 200ms};
+    start({c});
+    const auto up_at = std::chrono::duration_cast<milliseconds>(
+                           std::chrono::system_clock::now().time_since_epoch()).count() + 700;
+    for (int i = 0; i < 30; ++i) {
+        publish("orders.x", "down-until:" + std::to_string(up_at));
+    }
+    ASSERT_TRUE(wait_until([&] { return stats().delivered == 30; }, 10s)) << stats().attempts;
+    const auto s = stats();
+    EXPECT_FALSE(s.paused);
+    EXPECT_GE(s.breaker_trips, 1U);
+    EXPECT_EQ(s.dead, 0U);  // four attempts each would have dead-lettered them without the breaker
+    EXPECT_LT(s.attempts, 90U);  // the schedule alone: 4 attempts x 30 = 120, all dead-lettered
 }
 
 TEST_F(RuntimeTest, PermanentFailureDeadLettersAtOnce) {
