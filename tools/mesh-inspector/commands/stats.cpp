@@ -101,7 +101,8 @@ int run_stats(const mesh_options& o, const std::string& node_name) {
             std::printf("  chan  %-20s %-8s %s delivered %llu, pending %llu (oldest %.1f s), in flight %llu, "
                         "retried %llu, dead %llu, avg attempt %llu us\n",
                         ch.value("name", "").c_str(), ch.value("plugin", "").c_str(),
-                        ch.value("disabled", false) ? "DISABLED" : "ok      ", u("delivered"), u("pending"),
+                        ch.value("disabled", false) ? "DISABLED" : ch.value("paused", false) ? "PAUSED  " : "ok      ",
+                        u("delivered"), u("pending"),
                         static_cast<double>(u("oldest_pending_age_ms")) / 1000.0, u("in_flight"), u("retried"),
                         u("dead"), u("attempt_latency_avg_us"));
         }
