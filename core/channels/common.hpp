@@ -6,6 +6,8 @@
 
 #include <evmesh/channel.h>
 
+#include "codec/utf8.hpp"  // header-only; plugins link no evmesh code
+
 #include <nlohmann/json.hpp>
 #include <sodium.h>
 
@@ -94,41 +96,9 @@ inline std::string_view trim(std::string_view s) noexcept {
     return s;
 }
 
-// Strict UTF-8 validation (no overlongs, no surrogates, nothing above U+10FFFF).
+// Strict UTF-8 validation (RFC 3629), the core codec's header-only validator.
 inline bool valid_utf8(const void* data, size_t len) noexcept {
-    const auto* s = static_cast<const unsigned char*>(data);
-    size_t i = 0;
-    while (i < len) {
-        unsigned char c = s[i];
-        if (c < 0x80) {
-            ++i;
-            continue;
-        }
-        size_t n;
-        uint32_t cp;
-        if ((c & 0xE0) == 0xC0) {
-            n = 1;
-            cp = c & 0x1Fu;
-        } else if ((c & 0xF0) == 0xE0) {
-            n = 2;
-            cp = c & 0x0Fu;
-        } else if ((c & 0xF8) == 0xF0) {
-            n = 3;
-            cp = c & 0x07u;
-        } else {
-            return false;
-        }
-        if (len - i <= n) return false;
-        for (size_t k = 1; k <= n; ++k) {
-            unsigned char cc = s[i + k];
-            if ((cc & 0xC0) != 0x80) return false;
-            cp = (cp << 6) | (cc & 0x3Fu);
-        }
-        if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000)) return false;
-        if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-        i += n + 1;
-    }
-    return true;
+    return codec::valid_utf8(std::string_view(static_cast<const char*>(data), len));
 }
 
 // Valid UTF-8 without control characters other than TAB, CR and LF (and no NUL).
@@ -443,7 +413,7 @@ inline std::string payload_text(const evmesh_event& ev) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// ABI glue: Impl has `static constexpr const char* plugin_name`, a constructor
+// ABI glue: Impl has `static constexpr const char* plugin_name` and `description`, a constructor
 // Impl(const evmesh_host&) that throws config_error, and
 // `evmesh_status deliver(const evmesh_event&, const evmesh_attempt&, evmesh_result&)`.
 
@@ -509,6 +479,12 @@ struct plugin_glue {
         } catch (...) {
         }
     }
+
+    // What the plugin's evmesh_channel_plugin_v1() returns.
+    static constexpr evmesh_channel_plugin table = {
+        EVMESH_CHANNEL_ABI_VERSION, sizeof(evmesh_channel_plugin), Impl::plugin_name, Impl::description,
+        &create, &deliver, &destroy,
+    };
 };
 
 }  // namespace evmesh::channels

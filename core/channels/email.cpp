@@ -139,6 +139,7 @@ std::once_flag curl_once;
 class email {
 public:
     static constexpr const char* plugin_name = "email";
+    static constexpr const char* description = "One e-mail per event over SMTP";
 
     explicit email(const evmesh_host& host) : log_(host) {
         settings s(plugin_name, host.settings_json);
@@ -337,21 +338,9 @@ private:
     int64_t timeout_ms_ = 30000;
 };
 
-using glue = plugin_glue<email>;
-
-const evmesh_channel_plugin plugin = {
-    EVMESH_CHANNEL_ABI_VERSION,
-    sizeof(evmesh_channel_plugin),
-    "email",
-    "One e-mail per event over SMTP",
-    &glue::create,
-    &glue::deliver,
-    &glue::destroy,
-};
-
 }  // namespace
 }  // namespace evmesh::channels
 
 extern "C" EVMESH_CHANNEL_EXPORT const evmesh_channel_plugin* evmesh_channel_plugin_v1(void) {
-    return &evmesh::channels::plugin;
+    return &evmesh::channels::plugin_glue<evmesh::channels::email>::table;
 }

@@ -67,6 +67,7 @@ ssize_t write_no_sigpipe(int fd, const char* data, size_t len) {
 class exec_channel {
 public:
     static constexpr const char* plugin_name = "exec";
+    static constexpr const char* description = "Runs a command per event with the event on stdin";
 
     explicit exec_channel(const evmesh_host& host) : log_(host) {
         settings s(plugin_name, host.settings_json);
@@ -298,21 +299,9 @@ private:
     std::vector<std::pair<std::string, std::string>> env_;
 };
 
-using glue = plugin_glue<exec_channel>;
-
-const evmesh_channel_plugin plugin = {
-    EVMESH_CHANNEL_ABI_VERSION,
-    sizeof(evmesh_channel_plugin),
-    "exec",
-    "Runs a command per event with the event on stdin",
-    &glue::create,
-    &glue::deliver,
-    &glue::destroy,
-};
-
 }  // namespace
 }  // namespace evmesh::channels
 
 extern "C" EVMESH_CHANNEL_EXPORT const evmesh_channel_plugin* evmesh_channel_plugin_v1(void) {
-    return &evmesh::channels::plugin;
+    return &evmesh::channels::plugin_glue<evmesh::channels::exec_channel>::table;
 }

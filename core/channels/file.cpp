@@ -21,6 +21,7 @@ std::string errno_text(int err) {
 class file_channel {
 public:
     static constexpr const char* plugin_name = "file";
+    static constexpr const char* description = "Appends CloudEvents JSON lines to a file, with size-based rotation";
 
     explicit file_channel(const evmesh_host& host) : log_(host) {
         settings s(plugin_name, host.settings_json);
@@ -127,21 +128,9 @@ private:
     int fd_ = -1;
 };
 
-using glue = plugin_glue<file_channel>;
-
-const evmesh_channel_plugin plugin = {
-    EVMESH_CHANNEL_ABI_VERSION,
-    sizeof(evmesh_channel_plugin),
-    "file",
-    "Appends CloudEvents JSON lines to a file, with size-based rotation",
-    &glue::create,
-    &glue::deliver,
-    &glue::destroy,
-};
-
 }  // namespace
 }  // namespace evmesh::channels
 
 extern "C" EVMESH_CHANNEL_EXPORT const evmesh_channel_plugin* evmesh_channel_plugin_v1(void) {
-    return &evmesh::channels::plugin;
+    return &evmesh::channels::plugin_glue<evmesh::channels::file_channel>::table;
 }

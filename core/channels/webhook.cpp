@@ -127,6 +127,7 @@ std::once_flag curl_once;
 class webhook {
 public:
     static constexpr const char* plugin_name = "webhook";
+    static constexpr const char* description = "HTTP(S) POST of CloudEvents, signed per Standard Webhooks";
 
     explicit webhook(const evmesh_host& host) : log_(host) {
         settings s(plugin_name, host.settings_json);
@@ -440,21 +441,9 @@ private:
     std::vector<CURL*> idle_;
 };
 
-using glue = plugin_glue<webhook>;
-
-const evmesh_channel_plugin plugin = {
-    EVMESH_CHANNEL_ABI_VERSION,
-    sizeof(evmesh_channel_plugin),
-    "webhook",
-    "HTTP(S) POST of CloudEvents, signed per Standard Webhooks",
-    &glue::create,
-    &glue::deliver,
-    &glue::destroy,
-};
-
 }  // namespace
 }  // namespace evmesh::channels
 
 extern "C" EVMESH_CHANNEL_EXPORT const evmesh_channel_plugin* evmesh_channel_plugin_v1(void) {
-    return &evmesh::channels::plugin;
+    return &evmesh::channels::plugin_glue<evmesh::channels::webhook>::table;
 }

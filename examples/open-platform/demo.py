@@ -65,16 +65,8 @@ def spawn(who, args, quiet_stdout=False):
     return p
 
 
-def free_udp_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def free_tcp_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def free_port(kind):
+    s = socket.socket(socket.AF_INET, kind)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
@@ -126,10 +118,10 @@ def metric(ready, name, **labels):
 
 
 def main():
-    beacon_port = free_udp_port()
+    beacon_port = free_port(socket.SOCK_DGRAM)
     say("demo", f"mesh '{mesh}', host-only discovery on UDP {beacon_port}; running {seconds:.0f} s")
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    hook_port = free_tcp_port()
+    hook_port = free_port(socket.SOCK_STREAM)
     receiver = spawn("partner-webhook", ["/usr/bin/python3", os.path.join(ROOT, "examples", "open-platform",
                                                                           "webhook_receiver.py"), str(hook_port), secret],
                      quiet_stdout=True)

@@ -677,8 +677,7 @@ struct channel_runtime::impl {
     // ---------------------------------------------------------------- store thread
 
     struct statements {
-        statement insert, claim, unclaim, done, retry, dead, disable_row, log, due, next_due, oldest, purge, trim,
-            set_state;
+        statement insert, claim, unclaim, done, reschedule, dead, log, due, next_due, oldest, purge, trim, set_state;
     };
 
     void store_loop() {
@@ -691,7 +690,6 @@ struct channel_runtime::impl {
                 statement(db, "UPDATE outbox SET state=2, body=x'', next_ms=?, claimed=0, attempts=?, last_code=? WHERE id=?"),
                 statement(db, "UPDATE outbox SET attempts=?, next_ms=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
                 statement(db, "UPDATE outbox SET state=1, dead_ms=?1, next_ms=?1, attempts=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
-                statement(db, "UPDATE outbox SET attempts=?, next_ms=?, claimed=0, last_code=?, last_detail=? WHERE id=?"),
                 statement(db, "INSERT INTO attempts(channel, event_id, topic, attempt, time_ms, latency_us, outcome, code, detail)"
                               " VALUES(?,?,?,?,?,?,?,?,?)"),
                 statement(db, "SELECT id, event_id, topic, body, attempts, accepted_ms FROM outbox"
@@ -723,7 +721,6 @@ struct channel_runtime::impl {
         }
     }
 
-    statements* cmd_statements = nullptr;  // valid while run_store runs (commands use it)
 
     // Rows claimed in the current transaction, handed to the workers once it commits.
     struct staged_item {
@@ -766,7 +763,6 @@ struct channel_runtime::impl {
     }
 
     void run_store(statements& s) {
-        cmd_statements = &s;
         std::deque<intake_item> in;
         std::deque<completion> done;
         std::deque<std::function<void()>> cmds;
@@ -852,7 +848,6 @@ struct channel_runtime::impl {
                 periodic(s, now);
             }
         }
-        cmd_statements = nullptr;
     }
 
     // Inside the store's transaction.
@@ -944,7 +939,7 @@ struct channel_runtime::impl {
                 ch.c.delivery_latency_sum_us += static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.end_ms - c.accepted_ms)) * 1000;
             } else if (c.status == EVMESH_DISABLE) {
                 ch.c.failed++;
-                s.disable_row.bind(1, c.attempt).bind(2, c.end_ms).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
+                s.reschedule.bind(1, c.attempt).bind(2, c.end_ms).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
                 disable(s, ch, "endpoint answered " + std::to_string(c.code) + (c.detail.empty() ? "" : ": " + c.detail),
                         c.end_ms);
             } else if (c.status == EVMESH_RETRY && c.attempt < sched.size()) {
@@ -955,7 +950,7 @@ struct channel_runtime::impl {
                     delay = std::min<std::int64_t>(c.retry_after_ms, ch.cfg.retry.max_retry_after.count());
                 }
                 const auto next = c.end_ms + delay;
-                s.retry.bind(1, c.attempt).bind(2, next).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
+                s.reschedule.bind(1, c.attempt).bind(2, next).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
                 ch.next_due_ms = ch.next_due_ms == 0 ? next : std::min(ch.next_due_ms, next);
             } else {
                 // EVMESH_FAIL, or retries exhausted
