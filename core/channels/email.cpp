@@ -1,6 +1,7 @@
 // The "email" channel plugin: one e-mail per event over SMTP (libcurl), subject and body from
 // templates. Settings and outcome mapping: docs/CHANNELS-BUILTIN.md.
 #include "common.hpp"
+#include "curl_util.hpp"
 
 #include <curl/curl.h>
 
@@ -13,18 +14,6 @@
 
 namespace evmesh::channels {
 namespace {
-
-struct curl_slist_deleter {
-    void operator()(curl_slist* l) const noexcept { curl_slist_free_all(l); }
-};
-using slist_ptr = std::unique_ptr<curl_slist, curl_slist_deleter>;
-
-void append(slist_ptr& list, const std::string& s) {
-    curl_slist* n = curl_slist_append(list.get(), s.c_str());
-    if (!n) throw std::bad_alloc();
-    (void)list.release();
-    list.reset(n);
-}
 
 // The SMTP path of an address: "Name <a@b>" -> "<a@b>", "a@b" -> "<a@b>".
 std::string smtp_path(const std::string& addr) {
@@ -134,8 +123,6 @@ std::string strip_crlf(std::string_view s) {
     return out;
 }
 
-std::once_flag curl_once;
-
 class email {
 public:
     static constexpr const char* plugin_name = "email";
@@ -170,9 +157,7 @@ public:
         timeout_ms_ = s.duration_ms_or("timeout_ms", 30000);
         s.finish();
 
-        // The node may also call curl_global_init; it is reference-counted and thread-safe in
-        // libcurl >= 7.84. Never cleaned up (other users of libcurl may remain).
-        std::call_once(curl_once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+        curl_init_once();
         if (sodium_init() < 0) throw config_error("email: libsodium initialisation failed");
         if (username_ && use_ssl_ != CURLUSESSL_ALL && !smtps)
             log_.log(EVMESH_LOG_WARN, "email %s: credentials configured with tls = \"%s\"; they may be sent in clear",

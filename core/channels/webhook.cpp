@@ -3,6 +3,7 @@
 // connect-time destination check against loopback/private/link-local addresses (SSRF guard).
 // Settings and outcome mapping: docs/CHANNELS-BUILTIN.md.
 #include "common.hpp"
+#include "curl_util.hpp"
 
 #include <curl/curl.h>
 
@@ -54,18 +55,6 @@ const char* classify_v6(const unsigned char b[16]) noexcept {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-struct curl_slist_deleter {
-    void operator()(curl_slist* l) const noexcept { curl_slist_free_all(l); }
-};
-using slist_ptr = std::unique_ptr<curl_slist, curl_slist_deleter>;
-
-void append_header(slist_ptr& list, const std::string& line) {
-    curl_slist* n = curl_slist_append(list.get(), line.c_str());
-    if (!n) throw std::bad_alloc();
-    (void)list.release();
-    list.reset(n);
-}
 
 bool token_char(char c) noexcept {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
@@ -122,8 +111,6 @@ int64_t parse_retry_after(std::string_view v) {
 // ---------------------------------------------------------------------------------------------
 // The channel
 
-std::once_flag curl_once;
-
 class webhook {
 public:
     static constexpr const char* plugin_name = "webhook";
@@ -146,10 +133,7 @@ public:
         if (!ca_file_.empty() && ::access(ca_file_.c_str(), R_OK) != 0) s.fail("ca_file", "cannot be read");
         s.finish();
 
-        // The node may also call curl_global_init; the call is reference-counted and, with
-        // libcurl >= 7.84 on this platform, thread-safe. We never call curl_global_cleanup (the
-        // plugin may be unloaded while others still use libcurl).
-        std::call_once(curl_once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+        curl_init_once();
         if (sodium_init() < 0) throw config_error("webhook: libsodium initialisation failed");
         if (key_.empty())
             log_.log(EVMESH_LOG_WARN, "webhook %s: no secret configured; requests are unsigned",
@@ -191,32 +175,32 @@ public:
         slist_ptr headers;
         if (structured_) {
             body = dump_json(cloudevent_json(ev));
-            append_header(headers, "Content-Type: application/cloudevents+json");
+            append(headers, "Content-Type: application/cloudevents+json");
         } else {
             if (ev.payload && ev.payload_len) body.assign(static_cast<const char*>(ev.payload), ev.payload_len);
             std::string ct = header_safe(view(ev.content_type, ev.content_type_len));
-            append_header(headers, "Content-Type: " + (ct.empty() ? std::string("application/octet-stream") : ct));
-            append_header(headers, "ce-specversion: 1.0");
-            append_header(headers, "ce-id: " + ce_header_value(id));
-            append_header(headers, "ce-source: " + ce_header_value(view(ev.source, ev.source_len)));
-            append_header(headers, "ce-type: " + ce_header_value(view(ev.topic, ev.topic_len)));
-            append_header(headers, "ce-time: " + rfc3339(ev.time_ns));
-            if (ev.seq != 0) append_header(headers, "ce-seq: " + std::to_string(ev.seq));
+            append(headers, "Content-Type: " + (ct.empty() ? std::string("application/octet-stream") : ct));
+            append(headers, "ce-specversion: 1.0");
+            append(headers, "ce-id: " + ce_header_value(id));
+            append(headers, "ce-source: " + ce_header_value(view(ev.source, ev.source_len)));
+            append(headers, "ce-type: " + ce_header_value(view(ev.topic, ev.topic_len)));
+            append(headers, "ce-time: " + rfc3339(ev.time_ns));
+            if (ev.seq != 0) append(headers, "ce-seq: " + std::to_string(ev.seq));
             for (size_t i = 0; ev.headers && i < ev.header_count; ++i) {
                 const evmesh_header& h = ev.headers[i];
                 auto key = view(h.key, h.key_len);
                 if (!ce_extension_header(key)) continue;
                 std::string value = ce_header_value(view(h.value, h.value_len));
                 // "Name;" is curl's spelling of a header with an empty value
-                append_header(headers, "ce-" + std::string(key) + (value.empty() ? ";" : ": " + value));
+                append(headers, "ce-" + std::string(key) + (value.empty() ? ";" : ": " + value));
             }
         }
-        append_header(headers, "Expect:");  // no 100-continue round trip
-        append_header(headers, "webhook-id: " + ce_header_value(id));
+        append(headers, "Expect:");  // no 100-continue round trip
+        append(headers, "webhook-id: " + ce_header_value(id));
         std::string ts = std::to_string(static_cast<long long>(std::time(nullptr)));
-        append_header(headers, "webhook-timestamp: " + ts);
-        if (!key_.empty()) append_header(headers, "webhook-signature: " + sign(key_, id, ts, body));
-        for (const auto& line : static_headers_) append_header(headers, line);
+        append(headers, "webhook-timestamp: " + ts);
+        if (!key_.empty()) append(headers, "webhook-signature: " + sign(key_, id, ts, body));
+        for (const auto& line : static_headers_) append(headers, line);
 
         call_ctx ctx;
         ctx.allow_private = allow_private_;
