@@ -74,6 +74,23 @@ struct node_counters {
     /// with upper bounds `latency_bounds_us` (last bucket: larger).
     std::array<std::uint64_t, 14> latency_buckets{};
     std::uint64_t latency_sum_us = 0;
+    // --- core v2 ---
+    std::uint64_t publish_rejected = 0;   ///< events refused by embedded publishers' limits
+    std::uint64_t mesh_rejected = 0;      ///< mesh frames that are not mesh-protocol-2 events
+    std::uint64_t torn_messages = 0;      ///< multi-frame messages missing a frame (dropped)
+    std::uint64_t peers_refused = 0;      ///< hellos refused (peer table full or join rate)
+    std::uint64_t peers_replaced = 0;     ///< restarted peers that replaced their old entry
+    std::uint64_t peers_incompatible = 0; ///< beacons of nodes speaking an older mesh protocol
+    std::uint64_t links_up = 0, links_down = 0;  ///< mesh link transitions (reconnects included)
+    std::uint64_t stalls = 0;             ///< the node's loop stalled past the expiry window
+    std::uint64_t subscriptions_refused = 0;  ///< beyond max_subscriptions
+    std::uint64_t reserved_rejected = 0;  ///< client events on reserved `_evmesh.` topics
+    /// Repair (lossless links): NAKs sent, events recovered, events reported lost (with a
+    /// range), duplicates dropped, retransmissions served, events held behind gaps (gauge).
+    std::uint64_t repair_naks = 0, repair_recovered = 0, repair_lost = 0, repair_duplicates = 0;
+    std::uint64_t repair_served = 0, repair_held = 0, repair_skipped = 0;
+    /// The retransmit window (gauges): events, bytes, streams.
+    std::uint64_t window_events = 0, window_bytes = 0, window_streams = 0;
 };
 
 /// Upper bounds (microseconds) of `node_counters::latency_buckets`; the last bucket is +Inf.
@@ -108,8 +125,11 @@ public:
     ~publisher();
 
     /// Publishes `payload` on `topic`; fills id (UUIDv7), source, time and sequence.
-    /// Errors: bad_topic, would_block (drop policy or block timeout; the event is counted as
-    /// dropped), stopped.
+    /// Limits are the node's (decode_limits, `max_event_bytes`): an event that any subscriber
+    /// would refuse is refused here and counted (`rejected()`, node counter `publish_rejected`).
+    /// Errors: bad_topic, too_large (body over max_event_bytes, a string over 1024 bytes, more
+    /// than 64 headers), wrong_type (a header or content type that is not UTF-8), would_block
+    /// (drop policy or block timeout; counted as dropped), stopped (also on a moved-from handle).
     [[nodiscard]] result<void> publish(std::string_view topic,
                                        std::string_view payload,
                                        const std::vector<header>& headers = {},
@@ -121,6 +141,7 @@ public:
     const std::string& source() const noexcept;
     std::uint64_t published() const noexcept;
     std::uint64_t dropped() const noexcept;
+    std::uint64_t rejected() const noexcept;  ///< refused by the limits
 
 private:
     friend class node;
@@ -140,7 +161,10 @@ struct subscription_options {
 
 /// A subscription to one pattern. Pull mode (`receive`) is not thread-safe: use it from one
 /// thread. Callback mode runs its own dispatcher thread; destroying the subscription
-/// unsubscribes and joins it. `counters()` is safe from any thread.
+/// unsubscribes and joins it, except from inside its own callback, where `close()` and the
+/// destructor stop delivery at once (no further callback starts) and the dispatcher thread ends
+/// by itself when the callback returns. `counters()` is safe from any thread. A moved-from
+/// subscription receives nothing and reports zero counters.
 class subscription {
 public:
     subscription(subscription&&) noexcept;
@@ -182,7 +206,12 @@ public:
     /// every subscription the node has now (at most 2 s), so its first event is not lost.
     [[nodiscard]] result<publisher> make_publisher(publisher_options options = {});
 
-    /// Pull-mode subscription. Errors: bad_pattern, stopped.
+    /// Pull-mode subscription. Errors: bad_pattern, stopped, too_large (max_subscriptions).
+    /// When it returns, the subscription is in effect at this node: every event that this
+    /// node's embedded publishers and clients send afterwards reaches it. Events from other nodes
+    /// reach it once the subscription has travelled to them (one link's latency); with repair on
+    /// for the topic (node_options::repair), events those nodes published after this call are
+    /// recovered from their windows as well.
     [[nodiscard]] result<subscription> subscribe(std::string_view pattern,
                                                  subscription_options options = {});
 
@@ -192,10 +221,14 @@ public:
                                                  subscription_options options = {});
 
     /// Stops discovery (sends goodbye), drains within `linger`, closes sockets, joins the I/O
-    /// thread and removes ipc files it created. Idempotent.
+    /// thread and removes ipc files it created. Idempotent; concurrent calls all return once the
+    /// node has stopped.
     void stop();
 
     bool running() const noexcept;
+    /// False when the I/O thread has not completed a loop turn within `call_timeout` (a wedged
+    /// loop) or the node is stopped.
+    bool healthy() const noexcept;
     const std::string& name() const noexcept;
     const std::string& id() const noexcept;          ///< UUID text
     std::uint64_t incarnation() const noexcept;       ///< start time in ns (changes on restart)
@@ -208,11 +241,21 @@ public:
     /// Id of the node's I/O thread (callbacks never run on it).
     std::thread::id io_thread_id() const noexcept;
 
-    /// Current peers (a snapshot taken by the I/O thread).
+    /// Current peers (a snapshot taken by the I/O thread; the last one taken when the thread
+    /// does not answer within `call_timeout`).
     std::vector<peer_info> peers() const;
 
-    /// Current counters (a snapshot taken by the I/O thread).
+    /// Current counters (a snapshot taken by the I/O thread; the last one taken when the thread
+    /// does not answer within `call_timeout`).
     node_counters counters() const;
+
+    /// Ranges of events that repair could not recover (newest last, at most 1024 kept): source,
+    /// topic and the missing seq range. Every such event is also counted in `repair_lost`.
+    struct lost_range {
+        std::string source, topic;
+        std::uint64_t from = 0, to = 0;
+    };
+    std::vector<lost_range> lost_ranges() const;
 
     /// Sets the source of the `channels` element of this node's stats events (PROTOCOL.md
     /// section 10): a function returning one complete msgpack array, called on the I/O thread

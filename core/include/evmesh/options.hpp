@@ -33,6 +33,26 @@ struct discovery_options {
     std::string interface_address;  ///< lan: local address to bind sends to (empty = any)
     std::vector<std::string> seeds;  ///< "host:port" beacon addresses contacted by unicast
     bool broadcast = true;           ///< false: seeds and gossip only (no broadcast)
+    /// Peers kept at most; hellos of further nodes are refused and counted (`peers_refused`).
+    std::uint32_t max_peers = 1024;
+    /// New peers admitted per second (a flood of forged hellos on an unsecured mesh is refused
+    /// and counted beyond it; known peers are never limited).
+    std::uint32_t joins_per_second = 100;
+};
+
+/// Lossless links (docs/ARCHITECTURE.md, "Lossless links"): NAK repair per topic pattern. The
+/// publishing node keeps the events of matching topics in a window (the in-memory tail of its
+/// history); a subscribing node that sees a gap in a stream, at its start or after a reconnect
+/// asks for the missing range and delivers in order; what has left the window is reported as
+/// a gap with its range. Both sides need the pattern. Off (no patterns) keeps plain pub/sub.
+struct repair_options {
+    std::vector<std::string> patterns;             ///< e.g. {"orders.>"}; empty = off
+    std::size_t window_bytes = 64U << 20;          ///< retransmit window, bytes of events
+    std::chrono::milliseconds window_age{30000};   ///< retransmit window, age
+    std::chrono::milliseconds nak_interval{100};   ///< between NAKs for one gap
+    std::uint32_t nak_retries = 30;                ///< NAKs per gap before it is reported lost
+    std::chrono::milliseconds heartbeat{200};      ///< stream heartbeats (tail loss detection)
+    std::size_t max_held = 200000;                 ///< events held behind gaps, all streams
 };
 
 /// Mesh security (docs/SECURITY.md): CurveZMQ on every mesh link with an allow-list of node
@@ -76,6 +96,12 @@ struct node_options {
     std::chrono::milliseconds heartbeat_timeout{1000};  ///< link declared dead after this
     std::chrono::milliseconds linger{500};              ///< bounded drain at stop
     std::uint32_t max_event_bytes = 1U << 20;           ///< larger client events are rejected
+    /// Distinct subscription prefixes the node accepts from its subscribers (embedded and
+    /// clients together); further ones are refused and counted (`subscriptions_refused`).
+    std::uint32_t max_subscriptions = 100000;
+    /// A call into the I/O thread (counters(), peers(), subscribe()) waits at most this long;
+    /// a loop that does not answer in time makes `node::healthy()` false.
+    std::chrono::milliseconds call_timeout{2000};
     std::uint32_t batch = 256;         ///< messages moved per socket per poll wake-up
     /// Period of the stats event on `_evmesh.stats.<node id>` (docs/PROTOCOL.md); 0 = off. It
     /// is only sent to the mesh when someone (mesh-inspector) subscribes to it.
@@ -85,6 +111,7 @@ struct node_options {
     bool observer = false;
     discovery_options discovery;
     security_options security;
+    repair_options repair;
 };
 
 }  // namespace evmesh

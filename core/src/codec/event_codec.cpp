@@ -304,6 +304,18 @@ bool peek_source_time(std::string_view body, std::string_view& source, std::int6
            && r.read_int(time_ns) == errc::ok;
 }
 
+bool peek_stream(std::string_view body, std::string_view& source, std::int64_t& time_ns,
+                 std::uint64_t& seq) noexcept {
+    msgpack_reader r(body);
+    std::uint32_t n = 0;
+    std::uint64_t version = 0;
+    std::string_view id;
+    return r.read_array_header(n) == errc::ok && n >= envelope_elements
+           && r.read_uint(version) == errc::ok && version == wire_version
+           && r.read_bin(id, 16) == errc::ok && r.read_str(source, 1024) == errc::ok
+           && r.read_int(time_ns) == errc::ok && r.read_uint(seq) == errc::ok;
+}
+
 void encode_completed(const event_view& v, std::string& out) {
     string_writer w{out};
     msgpack::packer<string_writer> pk(w);

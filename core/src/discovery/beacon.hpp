@@ -42,6 +42,9 @@ std::string mesh_key(std::string_view mesh_secret);
 bool verify_beacon(const beacon& b, std::string_view datagram, const std::string& key);
 
 inline constexpr std::uint64_t beacon_flag_observer = 1;
+// Bit 1 of the flags: the node speaks mesh protocol 2 (one-frame events on mesh links,
+// PROTOCOL.md 8.4). Nodes without it are older releases and are not connected to.
+inline constexpr std::uint64_t beacon_flag_mesh_v2 = 2;
 
 // Encodes `b`; with a non-empty `key` (see mesh_key) it also writes public key, time and MAC.
 std::string encode_beacon(const beacon& b, const std::string& key = {});

@@ -14,6 +14,8 @@
 #include "reactor/node_impl.hpp"
 #include "reactor/sub_registry.hpp"
 #include "util/string_hash.hpp"
+#include "codec/utf8.hpp"
+#include "reactor/zmq_util.hpp"
 
 namespace evmesh {
 namespace detail {
@@ -26,9 +28,10 @@ struct publisher_impl {
     void* sock = nullptr;
     std::string source;
     publisher_options opt;
+    decode_limits limits;  // the node's: what any subscriber would refuse is refused here
     std::unordered_map<std::string, std::uint64_t, string_hash, std::equal_to<>> seq;
-    std::string body;
-    counter published, dropped;
+    std::string frame;  // topic 0x00 body: one frame per event (no torn messages)
+    counter published, dropped, rejected;
     std::uint32_t since_drain = 0;
 
     ~publisher_impl() {
@@ -64,24 +67,63 @@ struct publisher_impl {
         zmq_msg_close(&m);
     }
 
+    result<void> refuse(errc e) {
+        rejected.add();
+        ctx->publish_rejected.fetch_add(1, std::memory_order_relaxed);
+        return fail(e);
+    }
+
+    // The checks of decode_event (PROTOCOL.md 3.4) on what this publisher is about to send.
+    result<void> check(std::string_view topic, std::string_view source_v, std::string_view ct,
+                       const std::vector<header>& headers) {
+        if (!valid_topic(topic, limits.max_topic_bytes)) {
+            return refuse(errc::bad_topic);
+        }
+        if (source_v.size() > limits.max_string_bytes || ct.size() > limits.max_string_bytes
+            || headers.size() > limits.max_headers) {
+            return refuse(errc::too_large);
+        }
+        if (!codec::valid_utf8(source_v) || !codec::valid_utf8(ct)) {
+            return refuse(errc::wrong_type);
+        }
+        for (const auto& [k, v] : headers) {
+            if (k.size() > limits.max_string_bytes || v.size() > limits.max_string_bytes) {
+                return refuse(errc::too_large);
+            }
+            if (!codec::valid_utf8(k) || !codec::valid_utf8(v)) {
+                return refuse(errc::wrong_type);
+            }
+        }
+        return {};
+    }
+
+    void begin_frame(std::string_view topic) {
+        frame.assign(topic);
+        frame.push_back('\0');
+    }
+
     result<void> send(std::string_view topic) {
+        if (frame.size() - topic.size() - 1 > limits.max_event_bytes) {
+            return refuse(errc::too_large);
+        }
         if (++since_drain >= 1024) {
             since_drain = 0;
             drain_subscriptions();
         }
         const int flags = opt.policy == overflow_policy::drop ? ZMQ_DONTWAIT : 0;
-        if (zmq_send(sock, topic.data(), topic.size(), flags | ZMQ_SNDMORE) < 0) {
+        if (zmq_send(sock, frame.data(), frame.size(), flags) < 0) {
             dropped.add();
             return fail(zmq_errno() == ETERM ? errc::stopped : errc::would_block);
         }
-        zmq_send(sock, body.data(), body.size(), 0);
         published.add();
         return {};
     }
 };
 
-struct subscription_impl {
+struct sub_state {
     std::shared_ptr<shared_context> ctx;
+    decode_limits limits;  // the node's
+    std::atomic<bool> stop_requested{false};  // close() from inside the callback
     void* sock = nullptr;
     topic_pattern pattern;
     event_callback callback;
@@ -98,20 +140,32 @@ struct subscription_impl {
     counter& decode_errors = stats->decode_errors;
     counter& callback_errors = stats->callback_errors;
 
-    subscription_impl() {
+    sub_state() {
         zmq_msg_init(&topic);
         zmq_msg_init(&body);
     }
 
-    ~subscription_impl() { close(); }
+    ~sub_state() { release(); }
 
     void close() {
         stats->closed = true;
         if (thread.joinable()) {
+            if (std::this_thread::get_id() == thread.get_id()) {
+                // From inside our own callback: joining would wait for ourselves. No further
+                // callback starts; the thread closes the socket and ends when the callback returns
+                // (it owns a reference to this state).
+                stop_requested = true;
+                thread.detach();
+                return;
+            }
             const std::uint64_t one = 1;
             (void)!write(stop_fd, &one, sizeof(one));
             thread.join();
         }
+        release();
+    }
+
+    void release() {
         if (stop_fd >= 0) {
             ::close(stop_fd);
             stop_fd = -1;
@@ -192,10 +246,13 @@ struct subscription_impl {
             decode_errors.add();
             return std::nullopt;
         }
-        zmq_msg_recv(&body, sock, 0);
+        // never wait for a continuation frame: a torn message is counted and dropped
+        if (zmq_msg_recv(&body, sock, ZMQ_DONTWAIT) < 0) {
+            decode_errors.add();
+            return std::nullopt;
+        }
         if (zmq_msg_more(&body)) {
-            while (zmq_msg_more(&body)) {
-                zmq_msg_recv(&body, sock, 0);
+            while (zmq_msg_more(&body) && zmq_msg_recv(&body, sock, ZMQ_DONTWAIT) >= 0) {
             }
             decode_errors.add();
             return std::nullopt;
@@ -207,7 +264,8 @@ struct subscription_impl {
             return std::nullopt;
         }
         auto v = decode_event(
-            t, std::string_view(static_cast<const char*>(zmq_msg_data(&body)), zmq_msg_size(&body)));
+            t, std::string_view(static_cast<const char*>(zmq_msg_data(&body)), zmq_msg_size(&body)),
+            limits);
         if (!v) {
             decode_errors.add();
             return std::nullopt;
@@ -220,7 +278,7 @@ struct subscription_impl {
     void dispatch_loop() {
         std::array<zmq_pollitem_t, 2> items{zmq_pollitem_t{sock, 0, ZMQ_POLLIN, 0},
                                             zmq_pollitem_t{nullptr, stop_fd, ZMQ_POLLIN, 0}};
-        while (true) {
+        while (!stop_requested) {
             if (zmq_poll(items.data(), 2, -1) < 0) {
                 if (zmq_errno() == EINTR) {
                     continue;
@@ -231,7 +289,7 @@ struct subscription_impl {
                 return;
             }
             // drain what is queued, in a bounded batch per wake-up
-            for (int i = 0; i < 256; ++i) {
+            for (int i = 0; i < 256 && !stop_requested; ++i) {
                 auto v = take();
                 if (!last_take_received_) {
                     break;
@@ -249,6 +307,13 @@ struct subscription_impl {
             }
         }
     }
+};
+
+// The handle's side: the dispatcher thread holds its own reference to the state, so a
+// subscription destroyed from inside its callback never pulls the state from under it.
+struct subscription_impl {
+    std::shared_ptr<sub_state> st = std::make_shared<sub_state>();
+    ~subscription_impl() { st->close(); }
 };
 
 }  // namespace detail
@@ -273,22 +338,29 @@ result<void> publisher::publish(std::string_view topic,
                                 std::string_view payload,
                                 const std::vector<header>& headers,
                                 std::string_view content_type) {
-    auto& p = *impl_;
-    if (!valid_topic(topic)) {
-        return fail(errc::bad_topic);
+    if (!impl_) {
+        return fail(errc::stopped);
     }
-    p.body.clear();
+    auto& p = *impl_;
+    const std::string_view ct = content_type.empty() ? std::string_view(p.opt.content_type) : content_type;
+    if (auto r = p.check(topic, p.source, ct, headers); !r) {
+        return r;
+    }
+    p.begin_frame(topic);
     const auto t = now_ns();
-    encode_event_body(new_event_id(t), p.source, t, p.next_seq(topic),
-                      content_type.empty() ? std::string_view(p.opt.content_type) : content_type,
-                      headers, payload, p.body);
+    encode_event_body(new_event_id(t), p.source, t, p.next_seq(topic), ct, headers, payload, p.frame);
     return p.send(topic);
 }
 
 result<void> publisher::publish(event& ev) {
+    if (!impl_) {
+        return fail(errc::stopped);
+    }
     auto& p = *impl_;
-    if (!valid_topic(ev.topic)) {
-        return fail(errc::bad_topic);
+    if (auto r = p.check(ev.topic, ev.source.empty() ? std::string_view(p.source) : ev.source,
+                         ev.content_type, ev.headers);
+        !r) {
+        return r;
     }
     if (ev.id == event_id{}) {
         ev.id = new_event_id();
@@ -305,21 +377,26 @@ result<void> publisher::publish(event& ev) {
     if (ev.content_type.empty()) {
         ev.content_type = p.opt.content_type;
     }
-    p.body.clear();
-    encode_event_body(ev, p.body);
+    p.begin_frame(ev.topic);
+    encode_event_body(ev, p.frame);
     return p.send(ev.topic);
 }
 
 const std::string& publisher::source() const noexcept {
-    return impl_->source;
+    static const std::string none;
+    return impl_ ? impl_->source : none;
 }
 
 std::uint64_t publisher::published() const noexcept {
-    return impl_->published.get();
+    return impl_ ? impl_->published.get() : 0;
 }
 
 std::uint64_t publisher::dropped() const noexcept {
-    return impl_->dropped.get();
+    return impl_ ? impl_->dropped.get() : 0;
+}
+
+std::uint64_t publisher::rejected() const noexcept {
+    return impl_ ? impl_->rejected.get() : 0;
 }
 
 // ---- subscription ----
@@ -331,15 +408,16 @@ subscription& subscription::operator=(subscription&&) noexcept = default;
 subscription::~subscription() = default;
 
 std::optional<event_view> subscription::receive_view(std::chrono::milliseconds timeout) {
-    if (!impl_ || impl_->callback || impl_->sock == nullptr) {
+    if (!impl_ || impl_->st->callback || impl_->st->sock == nullptr) {
         return std::nullopt;
     }
+    auto& st = *impl_->st;
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (true) {
         const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
             deadline - std::chrono::steady_clock::now());
         const int ms = timeout.count() < 0 ? -1 : static_cast<int>(std::max<std::int64_t>(0, left.count()));
-        if (auto v = impl_->next(ms)) {
+        if (auto v = st.next(ms)) {
             return v;
         }
         if (timeout.count() >= 0 && std::chrono::steady_clock::now() >= deadline) {
@@ -357,16 +435,20 @@ std::optional<event> subscription::receive(std::chrono::milliseconds timeout) {
 
 void subscription::close() {
     if (impl_) {
-        impl_->close();
+        impl_->st->close();
     }
 }
 
 const topic_pattern& subscription::pattern() const noexcept {
-    return impl_->pattern;
+    static const topic_pattern none;
+    return impl_ ? impl_->st->pattern : none;
 }
 
 subscription_counters subscription::counters() const noexcept {
-    const auto& s = *impl_;
+    if (!impl_) {
+        return {};
+    }
+    const auto& s = *impl_->st;
     return {s.received.get(), s.filtered.get(), s.gaps.get(),
             s.out_of_order.get(), s.decode_errors.get(), s.callback_errors.get()};
 }
@@ -391,9 +473,13 @@ result<publisher> node::make_publisher(publisher_options options) {
     if (!impl_->running) {
         return fail(errc::stopped);
     }
+    if (options.name.size() > 255 || options.content_type.size() > 1024 || options.hwm <= 0) {
+        return fail(errc::bad_option);
+    }
     auto p = std::make_unique<detail::publisher_impl>();
     p->ctx = impl_->ctx;
     p->opt = options;
+    p->limits = impl_->limits;
     p->source = impl_->name + "/"
                 + (options.name.empty() ? "pub-" + std::to_string(++impl_->publisher_seq)
                                         : options.name);
@@ -408,26 +494,20 @@ result<publisher> node::make_publisher(publisher_options options) {
     if (zmq_connect(p->sock, impl_->local_in_ep.c_str()) != 0) {
         return fail(errc::bad_endpoint);
     }
-    // No slow joiner: the node's XSUB hands its current subscriptions to a new publisher
-    // asynchronously, and until they arrive ZeroMQ drops its events at the source. Wait (bounded)
-    // until this publisher has them all, so an event published right away reaches every
-    // subscriber that exists now.
-    std::size_t expected = 0;
-    (void)impl_->call([&] { expected = impl_->upstream_subscription_count(); });
-    std::set<std::string> seen;
+    // No slow joiner: the node subscribes its embedded publishers to everything (it filters at
+    // its own XPUBs). Until that subscription arrives ZeroMQ drops at the source, so wait for it
+    // (bounded); from then on every event reaches the node.
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     zmq_msg_t m;
     zmq_msg_init(&m);
-    while (seen.size() < expected && std::chrono::steady_clock::now() < deadline) {
+    for (bool seen = false; !seen && std::chrono::steady_clock::now() < deadline;) {
         zmq_pollitem_t item{p->sock, 0, ZMQ_POLLIN, 0};
         if (zmq_poll(&item, 1, 10) <= 0) {
             continue;
         }
         while (zmq_msg_recv(&m, p->sock, ZMQ_DONTWAIT) >= 0) {
             const auto* d = static_cast<const char*>(zmq_msg_data(&m));
-            if (zmq_msg_size(&m) >= 1 && d[0] == 1) {
-                seen.emplace(d + 1, zmq_msg_size(&m) - 1);
-            }
+            seen = seen || (zmq_msg_size(&m) == 1 && d[0] == 1);
         }
     }
     zmq_msg_close(&m);
@@ -445,8 +525,13 @@ result<std::unique_ptr<detail::subscription_impl>> make_sub(detail::node_impl& n
     if (!n.running) {
         return fail(errc::stopped);
     }
-    auto s = std::make_unique<detail::subscription_impl>();
+    if (o.hwm <= 0) {
+        return fail(errc::bad_option);
+    }
+    auto h = std::make_unique<detail::subscription_impl>();
+    auto* s = h->st.get();
     s->ctx = n.ctx;
+    s->limits = n.limits;
     s->pattern = std::move(*pat);
     s->stats->pattern = s->pattern.text();
     n.subs.add(s->stats);
@@ -466,14 +551,14 @@ result<std::unique_ptr<detail::subscription_impl>> make_sub(detail::node_impl& n
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     for (bool seen = false; !seen && std::chrono::steady_clock::now() < deadline;) {
         if (!n.call([&] { seen = n.sync_seen_.erase(sync) > 0; })) {
-            break;  // the node stopped
+            break;  // the node stopped or does not answer
         }
         if (!seen) {
             std::this_thread::sleep_for(std::chrono::microseconds(200));
         }
     }
     zmq_setsockopt(s->sock, ZMQ_UNSUBSCRIBE, sync.data(), sync.size());
-    return s;
+    return h;
 }
 }  // namespace
 
@@ -495,10 +580,15 @@ result<subscription> node::subscribe(std::string_view pattern,
     if (!s) {
         return tl::unexpected(s.error());
     }
-    auto& impl = **s;
-    impl.callback = std::move(callback);
-    impl.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    impl.thread = std::thread([p = &impl] { p->dispatch_loop(); });
+    auto st = (*s)->st;
+    st->callback = std::move(callback);
+    st->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    st->thread = std::thread([st] {
+        st->dispatch_loop();
+        if (st->stop_requested) {
+            st->release();  // closed from inside the callback: the socket is ours to close
+        }
+    });
     return subscription(std::move(*s));
 }
 
@@ -548,8 +638,13 @@ std::thread::id node::io_thread_id() const noexcept {
 
 std::vector<peer_info> node::peers() const {
     std::vector<peer_info> out;
-    if (!impl_->call([&] { out = impl_->snapshot_peers(); })) {
-        return impl_->final_peers;
+    if (!impl_->call([&] {
+            out = impl_->snapshot_peers();
+            std::lock_guard lk(impl_->snap_mu);
+            impl_->last_peers = out;
+        })) {
+        std::lock_guard lk(impl_->snap_mu);
+        return impl_->last_peers;
     }
     return out;
 }
@@ -561,12 +656,22 @@ void node::set_channel_stats(std::function<std::string()> source) {
 node_counters node::counters() const {
     node_counters out;
     if (!impl_->call([&] {
-            impl_->collect_subscriber_counters();
+            impl_->collect_counters();
             out = impl_->c;
         })) {
-        return impl_->final_counters;  // written before `running` turned false
+        std::lock_guard lk(impl_->snap_mu);
+        return impl_->last_counters;  // the last snapshot (the final one after stop)
     }
     return out;
+}
+
+bool node::healthy() const noexcept {
+    return impl_->healthy();
+}
+
+std::vector<node::lost_range> node::lost_ranges() const {
+    std::lock_guard lk(impl_->snap_mu);
+    return {impl_->lost_log.begin(), impl_->lost_log.end()};
 }
 
 }  // namespace evmesh

@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <deque>
+#include <optional>
 #include <cstdint>
 #include <functional>
 #include <set>
@@ -18,7 +20,13 @@
 
 #include <evmesh/node.hpp>
 
+#include "discovery/peer_table.hpp"
+#include "history/tail.hpp"
+#include "reactor/repair.hpp"
 #include "reactor/sub_registry.hpp"
+#include "util/zmsg.hpp"
+#include <evmesh/codec.hpp>
+#include <evmesh/topic.hpp>
 #include "util/string_hash.hpp"
 
 namespace evmesh::detail {
@@ -27,6 +35,7 @@ namespace evmesh::detail {
 // that outlives its node never blocks context termination.
 struct shared_context {
     void* ctx;
+    std::atomic<std::uint64_t> publish_rejected{0};  // embedded publishers' limit refusals
 
     shared_context() : ctx(zmq_ctx_new()) {}
 
@@ -97,19 +106,15 @@ private:
     std::string last_key_;
 };
 
-struct peer_entry {
-    peer_info info;
-    std::string curve_key;  // 32-byte public key from its (authenticated) beacon; secured mesh
-    std::chrono::steady_clock::time_point last_seen_steady;
-};
-
 struct node_impl {
     static result<std::unique_ptr<node_impl>> create(node_options options);
     ~node_impl();
 
-    // Runs `fn` on the reactor thread and waits for it. Returns false when the node is stopped.
+    // Runs `fn` on the reactor thread and waits for it, at most opt.call_timeout. False when the
+    // node is stopped or the loop did not answer in time (then `fn` never runs).
     bool call(const std::function<void()>& fn);
     void stop();
+    bool healthy() const noexcept;
 
     node_options opt;
     std::shared_ptr<shared_context> ctx;
@@ -122,10 +127,14 @@ struct node_impl {
     std::atomic<bool> running{false};
     std::thread::id io_thread;
     std::atomic<std::uint64_t> publisher_seq{0};
+    std::atomic<std::int64_t> loop_beat_ns{0};       // steady time of the last loop turn
+    decode_limits limits;                            // one set of limits for every decoder
 
-    // snapshots kept after stop
-    node_counters final_counters;
-    std::vector<peer_info> final_peers;
+    // snapshots: the last ones taken (returned when the loop does not answer) and at stop
+    mutable std::mutex snap_mu;
+    node_counters last_counters;
+    std::vector<peer_info> last_peers;
+    std::deque<node::lost_range> lost_log;  // guarded by snap_mu; bounded 1024
 
     sub_registry subs;  // embedded subscriptions' counters (own mutex)
 
@@ -133,8 +142,7 @@ struct node_impl {
     node_counters c;
     std::vector<peer_info> snapshot_peers() const;
     void collect_subscriber_counters();
-    // Distinct prefixes the local in XSUB forwards to publishers (local and peers' subscriptions).
-    std::size_t upstream_subscription_count() const;
+    void collect_counters();
 
     // Topic prefix of the subscription handshake (make_sub): `_evmesh.sync.<random>`.
     static constexpr std::string_view sync_prefix = "_evmesh.sync.";
@@ -148,45 +156,71 @@ struct node_impl {
 
 private:
     node_impl() = default;
+    // --- lifecycle and loop (node_impl.cpp) ---
     result<void> open_sockets();
-    result<void> open_discovery();
     void close_all();
     void remove_ipc_files();
     void run();
     void run_commands();
+    void drain_on_stop();
+
+    // --- router: the hot path (router.cpp) ---
     void forward_local();
     void forward_client();
     void forward_mesh_in();
-    bool deliver(bool to_mesh);
-    bool flush_pending();
+    void deliver_local_origin(zmsg frame);  // to local subscribers and peers
+    void deliver_mesh(zmsg frame);          // to local subscribers only (one hop)
+    bool try_send_local(zmsg& frame);
+    bool flush_holds();
+    bool inputs_open() const { return !hold_mesh_ && ready_.empty(); }
     void on_subscriptions(void* from, bool from_local);
+    bool inject(const std::string& topic, const std::string& body, bool to_mesh);
+    void count_reject(const std::string& reason, std::string_view topic);
+
+    // --- repair: lossless links (router.cpp) ---
+    void setup_repair();
+    bool repaired(std::string_view topic) const;
+    void on_mesh_reserved(std::string_view topic, std::string_view body, zmsg& frame);
+    void serve_nak(std::string_view body);
+    void send_control(const std::string& topic, const std::string& body);
+    void repair_tick();
+    std::int64_t wanted_since(std::string_view topic) const;
+
+    // --- discovery and links (discovery.cpp) ---
+    result<void> open_discovery();
     void on_datagrams(int fd);
     void on_monitor();
     void send_beacon(bool goodbye);
     void send_beacon_to(const std::string& bytes, const void* addr, unsigned addrlen);
     void expire_peers();
     void remove_peer(const std::string& key, const char* why);
-    void drain_on_stop();
+    void link_connect(const std::string& endpoint, const std::string& curve_key);
+    void link_disconnect(const std::string& endpoint);
+    void apply_disconnects();
+    std::string make_beacon(bool goodbye);
+
+    // --- security (security.cpp) ---
     result<void> setup_security();
     void reload_allow_file(bool initial);
     void on_zap();
-    std::string make_beacon(bool goodbye);
-    void sample_latency();
+
+    // --- stats (stats.cpp) ---
+    void sample_latency(std::string_view body);
     void publish_stats();
-    void answer_ping();
-    bool inject(const std::string& topic, const std::string& body, bool to_mesh);
+    void answer_ping(std::string_view topic, std::string_view body);
     std::string encode_stats(double elapsed_s);
 
     std::thread thread_;
+    std::mutex stop_mu_;  // serialises stop()
     std::mutex mu_;
     std::vector<std::function<void()>> commands_;  // guarded by mu_
     int wake_fd_ = -1;
     bool stop_ = false;
 
-    void* local_in_ = nullptr;   // XSUB: embedded publishers (inproc, trusted)
-    void* client_in_ = nullptr;  // XSUB: client publishers (ipc/tcp, validated)
-    void* local_out_ = nullptr;  // XPUB: local subscribers
-    void* mesh_out_ = nullptr;   // XPUB: peers' mesh_in connect here
+    void* local_in_ = nullptr;   // XSUB: embedded publishers (inproc, trusted, one-frame)
+    void* client_in_ = nullptr;  // XSUB: client publishers (ipc/tcp, validated, two-frame v1)
+    void* local_out_ = nullptr;  // XPUB: local subscribers (two-frame v1)
+    void* mesh_out_ = nullptr;   // XPUB: peers' mesh_in connect here (one-frame, mesh protocol 2)
     void* mesh_in_ = nullptr;    // XSUB: connects to every peer's mesh_out
     void* monitor_ = nullptr;    // PAIR: mesh_in socket events
     void* zap_ = nullptr;        // REP: ZAP handler (secured mesh), checks the allow-list
@@ -194,22 +228,36 @@ private:
     int udp_uni_ = -1;           // this node's own beacon socket (sends, unicast replies)
     std::string uni_address_;    // "ip:port" of udp_uni_
 
-    zmq_msg_t topic_{}, body_{}, mesh_topic_{}, mesh_body_{}, sub_{};
-    bool pending_ = false;        // an event waits for a full receiver (block policy)
-    bool pending_mesh_ = false;   // mesh_topic_/mesh_body_ still to go to mesh_out
-    bool pending_local_ = false;  // topic_/body_ still to go to local_out
-
-    std::unordered_map<std::string, int> local_subs_, mesh_subs_;
-    std::unordered_map<std::string, peer_entry> peers_;  // key: 16-byte node id
-    std::vector<std::string> unicast_targets_;          // seeds + gossip ("ip:port")
+    // router state
+    zmsg in_, in2_, sub_;                 // reused receive messages
+    std::optional<zmsg> hold_mesh_;       // block policy: a local event waiting for mesh_out
+    std::deque<zmsg> ready_;              // mesh frames waiting for local_out (in order)
+    std::deque<zmsg> ctl_out_;            // control frames for mesh_out (naks, repairs)
+    std::string frame_buf_;               // building a mesh frame from a client event
+    struct sub_entry {
+        int refs = 0;
+        std::int64_t since_ns = 0;  // when the prefix was first subscribed (repair's `since`)
+    };
+    std::unordered_map<std::string, sub_entry> local_subs_, mesh_subs_;
     std::unordered_map<std::string, std::uint64_t> client_seq_;
     std::string scratch_;
-    log_limiter reject_log_, beacon_log_;
+    log_limiter reject_log_, beacon_log_, compat_log_;
     flow_counter topics_;         // published here (local and client input)
     std::map<std::string, std::uint64_t> reject_reasons_, reject_topics_;  // bounded, see reject
     flow_counter sources_;        // received from the mesh, per source node (edges of the graph)
     std::uint32_t latency_tick_ = 0;
-    std::string stats_topic_, ping_topic_;
+    std::string stats_topic_, ping_topic_, nak_topic_, nak_all_topic_, rtx_topic_;
+
+    // repair
+    std::vector<topic_pattern> repair_patterns_;
+    std::unique_ptr<history_tail> tail_;
+    std::unique_ptr<repair_rx> rx_;
+    std::chrono::steady_clock::time_point next_repair_tick_{};
+
+    // discovery and links
+    discovery::peer_table peers_;
+    std::vector<std::string> disconnects_;  // applied between messages (apply_disconnects)
+
     std::mutex channel_stats_mu_;
     std::function<std::string()> channel_stats_;  // `channels` of the stats event (node::set_channel_stats)
     bool secure_ = false;
@@ -220,7 +268,7 @@ private:
     std::chrono::steady_clock::time_point next_allow_check_{};
     std::unordered_map<std::string, std::uint64_t> beacon_last_ms_;  // replay guard, per node id
     log_limiter auth_log_;
-    std::uint64_t stats_seq_ = 0, pong_seq_ = 0;
+    std::uint64_t stats_seq_ = 0, pong_seq_ = 0, ctl_seq_ = 0;
     std::chrono::steady_clock::time_point started_{}, next_stats_{}, last_stats_{};
     node_counters prev_c_;
     std::chrono::steady_clock::time_point next_beacon_{}, next_expiry_{};

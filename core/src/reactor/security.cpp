@@ -107,7 +107,7 @@ void node_impl::reload_allow_file(bool initial) {
     }
     // a peer whose key was removed is dropped (its next beacon is refused)
     std::vector<std::string> revoked;
-    for (const auto& [k, p] : peers_) {
+    for (const auto& [k, p] : peers_.peers()) {
         if (!p.curve_key.empty() && allowed_.count(p.curve_key) == 0) {
             revoked.push_back(k);
         }

@@ -49,40 +49,28 @@ void kv(packer& pk, std::string_view k, std::string_view v) {
     str(pk, v);
 }
 
-std::string_view view(zmq_msg_t& m) {
-    return {static_cast<const char*>(zmq_msg_data(&m)), zmq_msg_size(&m)};
-}
-
-void set_msg(zmq_msg_t& m, std::string_view data) {
-    zmq_msg_close(&m);
-    zmq_msg_init_size(&m, data.size());
-    std::memcpy(zmq_msg_data(&m), data.data(), data.size());
-}
-
 }  // namespace
 
-void node_impl::sample_latency() {
+void node_impl::sample_latency(std::string_view body) {
     std::string_view source;
     std::int64_t t = 0;
-    if (!codec::peek_source_time(view(body_), source, t)) {
+    if (!codec::peek_source_time(body, source, t)) {
         return;
     }
+    // `t` comes from another process, maybe another host: clamp instead of trusting it (a
+    // negative or far-future time must not overflow the subtraction)
     const auto now = now_ns();
-    const auto us = static_cast<std::uint64_t>(std::max<std::int64_t>(0, (now - t) / 1000));
+    std::int64_t diff = 0;
+    if (t <= 0 || t > now || __builtin_sub_overflow(now, t, &diff)) {
+        diff = 0;
+    }
+    const auto us = static_cast<std::uint64_t>(diff / 1000);
     std::size_t i = 0;
     while (i < latency_bounds_us.size() && us > latency_bounds_us[i]) {
         ++i;
     }
     ++c.latency_buckets[i];
     c.latency_sum_us += us;
-}
-
-std::size_t node_impl::upstream_subscription_count() const {
-    std::size_t n = local_subs_.size();
-    for (const auto& [prefix, refs] : mesh_subs_) {
-        n += local_subs_.count(prefix) == 0 ? 1 : 0;
-    }
-    return n;
 }
 
 void node_impl::collect_subscriber_counters() {
@@ -107,13 +95,25 @@ void node_impl::collect_subscriber_counters() {
     c.subscriber_gaps = gaps;
 }
 
-bool node_impl::inject(const std::string& topic, const std::string& body, bool to_mesh) {
-    if (pending_) {
-        return false;  // block policy is holding an event: skip, the next period will do
+void node_impl::collect_counters() {
+    collect_subscriber_counters();
+    c.publish_rejected = ctx->publish_rejected.load(std::memory_order_relaxed);
+    c.peers = peers_.peers().size();
+    if (rx_) {
+        c.repair_naks = rx_->naks();
+        c.repair_recovered = rx_->recovered();
+        c.repair_lost = rx_->lost();
+        c.repair_duplicates = rx_->duplicates();
+        c.repair_held = rx_->held();
+        c.repair_skipped = rx_->skipped_before_subscription();
     }
-    set_msg(topic_, topic);
-    set_msg(body_, body);
-    return deliver(to_mesh);
+    if (tail_) {
+        c.window_events = tail_->events();
+        c.window_bytes = tail_->bytes();
+        c.window_streams = tail_->streams();
+    }
+    std::lock_guard lk(snap_mu);
+    last_counters = c;
 }
 
 void node_impl::publish_stats() {
@@ -121,7 +121,7 @@ void node_impl::publish_stats() {
     const double elapsed = std::chrono::duration<double>(now - last_stats_).count();
     // Only build it when a subscription that names `_evmesh` covers the stats topic: a client
     // subscribed to everything ("" at the ZeroMQ level) filters reserved topics out anyway.
-    auto wanted = [&](const std::unordered_map<std::string, int>& subs_map) {
+    auto wanted = [&](const auto& subs_map) {
         return std::any_of(subs_map.begin(), subs_map.end(), [&](const auto& e) {
             return e.first.starts_with("_evmesh") && stats_topic_.compare(0, e.first.size(), e.first) == 0;
         });
@@ -140,7 +140,7 @@ void node_impl::publish_stats() {
         roll_interval();
         return;
     }
-    collect_subscriber_counters();
+    collect_counters();
     const auto payload = encode_stats(elapsed);
     std::string body;
     const auto t = now_ns();
@@ -227,7 +227,17 @@ std::string node_impl::encode_stats(double elapsed) {
         {"beacons_unauthenticated", c.beacons_unauthenticated}, {"beacons_replayed", c.beacons_replayed},
         {"peers_not_allowed", c.peers_not_allowed}, {"auth_rejected", c.auth_rejected},
         {"auth_accepted", c.auth_accepted},
-        {"subscriber_gaps", c.subscriber_gaps}};
+        {"subscriber_gaps", c.subscriber_gaps},
+        {"publish_rejected", c.publish_rejected}, {"mesh_rejected", c.mesh_rejected},
+        {"torn_messages", c.torn_messages},       {"peers_refused", c.peers_refused},
+        {"peers_replaced", c.peers_replaced},     {"peers_incompatible", c.peers_incompatible},
+        {"links_up", c.links_up},                 {"links_down", c.links_down},
+        {"stalls", c.stalls},                     {"subscriptions_refused", c.subscriptions_refused},
+        {"reserved_rejected", c.reserved_rejected},
+        {"repair_naks", c.repair_naks},           {"repair_recovered", c.repair_recovered},
+        {"repair_lost", c.repair_lost},           {"repair_duplicates", c.repair_duplicates},
+        {"repair_served", c.repair_served},       {"repair_held", c.repair_held},
+        {"window_events", c.window_events},       {"window_bytes", c.window_bytes}};
     pk.pack_map(static_cast<std::uint32_t>(std::size(counters)));
     for (const auto& [k, v] : counters) {
         kv(pk, k, v);
@@ -338,10 +348,10 @@ std::string node_impl::encode_stats(double elapsed) {
     return out;
 }
 
-void node_impl::answer_ping() {
+void node_impl::answer_ping(std::string_view topic, std::string_view body) {
     // A ping is an ordinary event on _evmesh.ping.<this node id> whose headers name the reply
     // topic (`reply-to`, under _evmesh.pong.) and a `nonce`; the pong echoes the nonce.
-    auto v = decode_event(view(topic_), view(body_));
+    auto v = decode_event(topic, body, limits);
     if (!v) {
         ++c.client_rejected;
         return;
@@ -353,11 +363,11 @@ void node_impl::answer_ping() {
     const std::vector<header> headers = {{"nonce", std::string(v->header_value("nonce"))},
                                          {"node", id_text},
                                          {"name", name}};
-    std::string body;
+    std::string reply;
     const auto t = now_ns();
     encode_event_body(new_event_id(t), name + "/ping", t, ++pong_seq_, "application/octet-stream",
-                      headers, {}, body);
-    if (inject(reply_to, body, true)) {
+                      headers, {}, reply);
+    if (inject(reply_to, reply, true)) {
         ++c.pings_answered;
     }
 }

@@ -1,0 +1,390 @@
+// Discovery and links: beacons in and out, the peer table's answers applied to the mesh input
+// (connect, reconnect, disconnect), and the link monitor (docs/ARCHITECTURE.md). I/O thread only.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstring>
+
+#include "discovery/beacon.hpp"
+#include "reactor/node_impl.hpp"
+#include "reactor/zmq_util.hpp"
+#include "util/log.hpp"
+
+namespace evmesh::detail {
+namespace {
+using clock = std::chrono::steady_clock;
+}  // namespace
+
+result<void> node_impl::open_discovery() {
+    const auto& d = opt.discovery;
+    if (!d.enabled || !opt.mesh_enabled) {
+        return {};
+    }
+    for (const auto& s : d.seeds) {
+        sockaddr_in a{};
+        if (!parse_addr(s, a)) {
+            set_last_error_message("discovery seed '" + s + "' is not ipv4:port");
+            return fail(errc::bad_option);
+        }
+        peers_.add_seed(s);
+    }
+    const bool host = d.scope == discovery_scope::host;
+    sockaddr_in bcast{};
+    if (!parse_addr((host ? std::string("127.255.255.255") : d.broadcast_address) + ":1", bcast)) {
+        set_last_error_message("discovery broadcast address '" + d.broadcast_address
+                               + "' is not ipv4");
+        return fail(errc::bad_option);
+    }
+    udp_bcast_ = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    udp_uni_ = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (udp_bcast_ < 0 || udp_uni_ < 0) {
+        return fail(errc::io_error);
+    }
+    const int one = 1;
+    setsockopt(udp_bcast_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    // Host scope binds the loopback broadcast address itself: every process on this host gets
+    // each beacon and nothing arrives from other interfaces. LAN scope needs INADDR_ANY to
+    // receive subnet broadcasts.
+    sockaddr_in any{};
+    any.sin_family = AF_INET;
+    any.sin_addr.s_addr = host ? bcast.sin_addr.s_addr : htonl(INADDR_ANY);
+    any.sin_port = htons(d.port);
+    if (::bind(udp_bcast_, reinterpret_cast<sockaddr*>(&any), sizeof(any)) != 0) {
+        set_last_error_message("cannot bind discovery port " + std::to_string(d.port) + ": "
+                               + std::strerror(errno));
+        return fail(errc::bad_endpoint);
+    }
+    setsockopt(udp_uni_, SOL_SOCKET, SO_BROADCAST, &one, sizeof(one));
+    sockaddr_in uni{};
+    uni.sin_family = AF_INET;
+    uni.sin_port = 0;
+    const std::string local = host ? "127.0.0.1"
+                                   : (d.interface_address.empty() ? "0.0.0.0" : d.interface_address);
+    if (inet_pton(AF_INET, local.c_str(), &uni.sin_addr) != 1
+        || ::bind(udp_uni_, reinterpret_cast<sockaddr*>(&uni), sizeof(uni)) != 0) {
+        set_last_error_message("cannot bind discovery socket to '" + local + "'");
+        return fail(errc::bad_endpoint);
+    }
+    socklen_t len = sizeof(uni);
+    getsockname(udp_uni_, reinterpret_cast<sockaddr*>(&uni), &len);
+    uni_address_ = addr_text(uni);
+    return {};
+}
+
+void node_impl::send_beacon_to(const std::string& bytes, const void* addr, unsigned addrlen) {
+    if (sendto(udp_uni_, bytes.data(), bytes.size(), 0, static_cast<const sockaddr*>(addr),
+               addrlen)
+        >= 0) {
+        ++c.beacons_sent;
+    }
+}
+
+std::string node_impl::make_beacon(bool goodbye) {
+    const auto& d = opt.discovery;
+    discovery::beacon b;
+    b.kind = goodbye ? discovery::beacon_kind::goodbye : discovery::beacon_kind::hello;
+    b.mesh = opt.mesh;
+    b.node_id = id;
+    b.name = name;
+    b.incarnation = incarnation;
+    b.mesh_host = opt.mesh_advertise_address;
+    b.flags = (opt.observer ? discovery::beacon_flag_observer : 0) | discovery::beacon_flag_mesh_v2;
+    const auto colon = mesh_ep.rfind(':');
+    b.mesh_port = static_cast<std::uint16_t>(std::stoi(mesh_ep.substr(colon + 1)));
+    const bool gossip = !d.broadcast || !d.seeds.empty();
+    if (gossip) {
+        // the peers we heard from most recently: a live view, not a growing list
+        std::vector<const discovery::peer_record*> live;
+        for (const auto& [k, p] : peers_.peers()) {
+            if (!p.info.beacon_address.empty()) {
+                live.push_back(&p);
+            }
+        }
+        std::sort(live.begin(), live.end(), [](const auto* x, const auto* y) {
+            return x->last_seen_steady > y->last_seen_steady;
+        });
+        for (const auto* p : live) {
+            if (b.gossip.size() >= discovery::max_gossip) {
+                break;
+            }
+            b.gossip.push_back(p->info.beacon_address);
+        }
+    }
+    if (secure_) {
+        b.public_key = curve_public_;
+        b.time_ms = static_cast<std::uint64_t>(now_ns() / 1'000'000);
+    }
+    return discovery::encode_beacon(b, secure_ ? mesh_key_ : std::string());
+}
+
+void node_impl::send_beacon(bool goodbye) {
+    const auto& d = opt.discovery;
+    const auto bytes = make_beacon(goodbye);
+    if (d.broadcast) {
+        sockaddr_in a{};
+        parse_addr((d.scope == discovery_scope::host ? std::string("127.255.255.255")
+                                                     : d.broadcast_address)
+                       + ":" + std::to_string(d.port),
+                   a);
+        send_beacon_to(bytes, &a, sizeof(a));
+    }
+    auto targets = peers_.targets(clock::now());
+    for (const auto& t : targets) {
+        sockaddr_in a{};
+        if (parse_addr(t, a)) {
+            send_beacon_to(bytes, &a, sizeof(a));
+        }
+    }
+    if (!d.broadcast) {
+        for (const auto& [k, p] : peers_.peers()) {
+            if (std::find(targets.begin(), targets.end(), p.info.beacon_address) == targets.end()) {
+                sockaddr_in a{};
+                if (parse_addr(p.info.beacon_address, a)) {
+                    send_beacon_to(bytes, &a, sizeof(a));
+                }
+            }
+        }
+    }
+}
+
+void node_impl::on_datagrams(int fd) {
+    std::array<char, 2048> buf{};
+    const auto now = clock::now();
+    for (int i = 0; i < 256; ++i) {
+        sockaddr_in from{};
+        socklen_t flen = sizeof(from);
+        const auto n = recvfrom(fd, buf.data(), buf.size(), 0, reinterpret_cast<sockaddr*>(&from),
+                                &flen);
+        if (n < 0) {
+            return;
+        }
+        auto reject = [&](const std::string& why) {
+            ++c.beacons_rejected;
+            std::uint64_t suppressed = 0;
+            if (beacon_log_.allow(suppressed)) {
+                detail::log()->warn("evmesh node '{}': rejected datagram from {}: {} ({} suppressed)",
+                             name, addr_text(from), why, suppressed);
+            }
+        };
+        const bool loopback = (ntohl(from.sin_addr.s_addr) >> 24) == 127;
+        if (opt.discovery.scope == discovery_scope::host && !loopback) {
+            reject("sender is not on this host (scope host)");
+            continue;
+        }
+        auto b = discovery::decode_beacon(std::string_view(buf.data(), static_cast<std::size_t>(n)));
+        if (!b) {
+            reject(b.error().message());
+            continue;
+        }
+        if (b->node_id == id) {
+            continue;  // our own broadcast
+        }
+        if (b->mesh != opt.mesh) {
+            ++c.beacons_foreign;
+            continue;
+        }
+        const std::string key(reinterpret_cast<const char*>(b->node_id.data()), 16);
+        if (secure_) {
+            const std::string_view datagram(buf.data(), static_cast<std::size_t>(n));
+            if (b->mac.empty() || !discovery::verify_beacon(*b, datagram, mesh_key_)) {
+                ++c.beacons_unauthenticated;
+                reject("not authenticated with this mesh's secret (forged or tampered)");
+                continue;
+            }
+            const auto now_ms = static_cast<std::uint64_t>(now_ns() / 1'000'000);
+            const auto max_age = static_cast<std::uint64_t>(opt.security.beacon_max_age.count());
+            auto& last = beacon_last_ms_[key];
+            if (b->time_ms + max_age < now_ms || b->time_ms > now_ms + max_age || b->time_ms <= last) {
+                ++c.beacons_replayed;
+                reject("replayed or stale (timestamp)");
+                continue;
+            }
+            last = b->time_ms;
+            if (beacon_last_ms_.size() > 4096) {
+                beacon_last_ms_.clear();  // bounded; timestamps still have to be fresh
+            }
+            if (opt.security.trust_authenticated_beacons && allowed_.size() < 4096) {
+                allowed_.insert(b->public_key);
+                allowed_static_.insert(b->public_key);
+            }
+            if (allowed_.count(b->public_key) == 0) {
+                ++c.peers_not_allowed;
+                std::uint64_t suppressed = 0;
+                if (auth_log_.allow(suppressed)) {
+                    detail::log()->warn("evmesh node '{}': node '{}' at {} is not on the allow-list "
+                                        "({} similar suppressed)", name, b->name, addr_text(from), suppressed);
+                }
+                if (peers_.find(key) != nullptr) {
+                    remove_peer(key, "key no longer allowed");
+                }
+                continue;
+            }
+        }
+        ++c.beacons_received;
+        if (b->kind == discovery::beacon_kind::goodbye) {
+            if (peers_.find(key) != nullptr) {
+                ++c.peers_left;
+                remove_peer(key, "said goodbye");
+            }
+            continue;
+        }
+        if ((b->flags & discovery::beacon_flag_mesh_v2) == 0) {
+            ++c.peers_incompatible;
+            std::uint64_t suppressed = 0;
+            if (compat_log_.allow(suppressed)) {
+                detail::log()->warn("evmesh node '{}': node '{}' at {} speaks an older mesh protocol "
+                                    "(two-frame events); not connecting. Upgrade it ({} similar "
+                                    "suppressed)", name, b->name, addr_text(from), suppressed);
+            }
+            continue;
+        }
+        if (b->mesh_port == 0) {
+            continue;
+        }
+        std::array<char, INET_ADDRSTRLEN> ip{};
+        inet_ntop(AF_INET, &from.sin_addr, ip.data(), ip.size());
+        const std::string host = b->mesh_host.empty() ? std::string(ip.data()) : b->mesh_host;
+        const std::string endpoint = "tcp://" + host + ":" + std::to_string(b->mesh_port);
+        const std::string src = addr_text(from);
+        const auto out = peers_.on_hello(key, *b, endpoint, src, fd == udp_bcast_, now);
+        using k = discovery::hello_outcome::kind;
+        bool reply = false;
+        switch (out.what) {
+            case k::refused_full:
+            case k::refused_rate:
+                ++c.peers_refused;
+                reject(out.what == k::refused_full ? "peer table full (max_peers)"
+                                                   : "too many new peers per second (joins_per_second)");
+                continue;
+            case k::joined:
+                ++c.peers_joined;
+                link_connect(endpoint, b->public_key);
+                reply = true;
+                // observers (mesh-inspector) come and go often: keep them out of the info log
+                detail::log()->log(out.peer->info.observer ? spdlog::level::debug : spdlog::level::info,
+                                   "evmesh node '{}': peer '{}' joined at {}", name, b->name, endpoint);
+                break;
+            case k::replaced:
+                ++c.peers_joined;
+                ++c.peers_replaced;
+                link_disconnect(out.old_endpoint);
+                link_connect(endpoint, b->public_key);
+                reply = true;
+                detail::log()->info("evmesh node '{}': peer '{}' restarted: {} -> {}", name, b->name,
+                                    out.old_endpoint, endpoint);
+                break;
+            case k::moved:
+                detail::log()->info("evmesh node '{}': peer '{}' restarted or moved: {} -> {}", name,
+                                    b->name, out.old_endpoint, endpoint);
+                link_disconnect(out.old_endpoint);
+                link_connect(endpoint, b->public_key);
+                reply = true;
+                break;
+            case k::refreshed:
+                break;
+        }
+        if (reply && fd == udp_bcast_) {
+            // answer a newcomer directly so it does not wait for our next interval
+            send_beacon_to(make_beacon(false), &from, sizeof(from));
+        }
+        for (const auto& g : b->gossip) {
+            sockaddr_in a{};
+            if (g != uni_address_ && parse_addr(g, a)) {
+                peers_.learn(g, now);
+            }
+        }
+        c.peers = peers_.peers().size();
+    }
+}
+
+void node_impl::link_connect(const std::string& endpoint, const std::string& curve_key) {
+    // a disconnect of the same endpoint still waiting would undo this connect
+    disconnects_.erase(std::remove(disconnects_.begin(), disconnects_.end(), endpoint), disconnects_.end());
+    if (secure_) {
+        zmq_setsockopt(mesh_in_, ZMQ_CURVE_SERVERKEY, curve_key.data(), 32);
+    }
+    zmq_connect(mesh_in_, endpoint.c_str());
+}
+
+void node_impl::link_disconnect(const std::string& endpoint) {
+    if (!endpoint.empty()) {
+        disconnects_.push_back(endpoint);
+    }
+}
+
+void node_impl::apply_disconnects() {
+    // Called between whole messages only: libzmq 4.3 aborts (fq.cpp `!_more`) or blocks when a
+    // pipe is terminated in the middle of a multi-part message. Mesh links carry one frame per
+    // message, so between two receives there is never a partial message.
+    for (const auto& ep : disconnects_) {
+        zmq_disconnect(mesh_in_, ep.c_str());
+    }
+    disconnects_.clear();
+}
+
+void node_impl::on_monitor() {
+    for (int i = 0; i < 64; ++i) {
+        zmsg ev, addr;
+        if (zmq_msg_recv(ev.get(), monitor_, ZMQ_DONTWAIT) < 0) {
+            return;
+        }
+        std::uint16_t event = 0;
+        if (ev.size() >= 2) {
+            std::memcpy(&event, zmq_msg_data(ev.get()), 2);
+        }
+        std::string endpoint;
+        if (more(monitor_) && zmq_msg_recv(addr.get(), monitor_, ZMQ_DONTWAIT) >= 0) {
+            endpoint.assign(addr.view());
+        }
+        if (event == ZMQ_EVENT_CONNECTED) {
+            if (peers_.set_link_state(endpoint, peer_info::link_state::connected)) {
+                ++c.links_up;
+            }
+        } else if (event == ZMQ_EVENT_DISCONNECTED) {
+            // The TCP link closed or heartbeats timed out. The peer stays known: libzmq
+            // reconnects at its interval (100 ms), the subscriptions are re-sent on the new
+            // connection, and repair (where on) recovers what the blip lost. A peer is removed
+            // only by goodbye, expiry or revocation.
+            if (peers_.set_link_state(endpoint, peer_info::link_state::connecting)) {
+                ++c.links_down;
+                ++c.peers_link_lost;
+            }
+        }
+    }
+}
+
+void node_impl::expire_peers() {
+    const auto now = clock::now();
+    const auto stalls_before = peers_.stalls();
+    for (auto& p : peers_.expire(now)) {
+        ++c.peers_expired;
+        detail::log()->log(p.info.observer ? spdlog::level::debug : spdlog::level::info,
+                           "evmesh node '{}': peer '{}' removed: expired (no beacon)", name, p.info.name);
+        link_disconnect(p.info.endpoint);
+    }
+    if (peers_.stalls() != stalls_before) {
+        ++c.stalls;
+        detail::log()->warn("evmesh node '{}': this node was stalled for longer than the expiry "
+                            "window; peers get a fresh window instead of being expired", name);
+    }
+    c.peers = peers_.peers().size();
+    next_expiry_ = peers_.next_expiry(now);
+}
+
+void node_impl::remove_peer(const std::string& key, const char* why) {
+    auto* p = peers_.find(key);
+    if (p == nullptr) {
+        return;
+    }
+    detail::log()->log(p->info.observer ? spdlog::level::debug : spdlog::level::info,
+                       "evmesh node '{}': peer '{}' removed: {}", name, p->info.name, why);
+    link_disconnect(peers_.remove(key));
+    c.peers = peers_.peers().size();
+}
+
+}  // namespace evmesh::detail

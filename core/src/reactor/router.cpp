@@ -1,0 +1,636 @@
+// The router: the node's hot path (inputs to outputs by subscription), client intake, and the
+// repair protocol's wiring (docs/ARCHITECTURE.md). I/O thread only.
+#include <algorithm>
+#include <cstring>
+
+#include <msgpack.hpp>
+
+#include <evmesh/codec.hpp>
+
+#include "codec/envelope.hpp"
+#include "codec/msgpack_reader.hpp"
+#include "reactor/node_impl.hpp"
+#include "reactor/zmq_util.hpp"
+#include "util/log.hpp"
+
+namespace evmesh::detail {
+namespace {
+
+using clock = std::chrono::steady_clock;
+using codec::msgpack_reader;
+
+struct string_writer {
+    std::string& out;
+    void write(const char* d, std::size_t n) { out.append(d, n); }
+};
+using packer = msgpack::packer<string_writer>;
+
+void pack_str(packer& pk, std::string_view s) {
+    pk.pack_str(static_cast<std::uint32_t>(s.size()));
+    pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
+}
+
+// Control bodies of the repair protocol (PROTOCOL.md section 8.6): msgpack arrays whose element
+// 0 is 0 and element 1 the kind.
+enum control_kind : std::uint8_t { ctl_heartbeat = 1, ctl_nak = 2, ctl_fill = 3 };
+
+constexpr std::size_t max_served_per_nak = 50000;
+constexpr std::size_t max_ctl_queue = 200000;
+
+}  // namespace
+
+// ---- outputs ----
+
+bool node_impl::try_send_local(zmsg& frame) {
+    std::string_view topic, body;
+    if (!codec::split_mesh_frame(frame.view(), topic, body)) {
+        return true;  // cannot happen: frames are checked where they enter
+    }
+    if ((++latency_tick_ & 7) == 0) {
+        sample_latency(body);  // 1 in 8 deliveries: cheap, and enough for percentiles
+    }
+    zmsg t(topic);
+    zmsg b = zmsg::slice(frame, topic.size() + 1, body.size());
+    if (zmq_msg_send(t.get(), local_out_, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
+        return false;
+    }
+    zmq_msg_send(b.get(), local_out_, ZMQ_DONTWAIT);  // the rest of an accepted message
+    ++c.local_out_events;
+    return true;
+}
+
+void node_impl::deliver_local_origin(zmsg frame) {
+    // Under the drop policy both XPUBs are lossy and these sends never fail. Under the block
+    // policy (ZMQ_XPUB_NODROP) a full receiver refuses the event: it is held and the local
+    // inputs pause until it is taken (backpressure to the publishers).
+    if (!local_subs_.empty() && (!ready_.empty() || !try_send_local(frame))) {
+        ++c.local_out_blocked;
+        ready_.push_back(frame.share());
+    }
+    if (!mesh_subs_.empty()) {
+        if (zmq_msg_send(frame.get(), mesh_out_, ZMQ_DONTWAIT) >= 0) {
+            ++c.mesh_out_events;
+        } else {
+            ++c.local_out_blocked;
+            hold_mesh_.emplace(std::move(frame));
+        }
+    }
+}
+
+void node_impl::deliver_mesh(zmsg frame) {
+    if (local_subs_.empty()) {
+        return;
+    }
+    if (!ready_.empty() || !try_send_local(frame)) {
+        ++c.local_out_blocked;
+        ready_.push_back(std::move(frame));
+    }
+}
+
+bool node_impl::flush_holds() {
+    while (!ready_.empty()) {
+        if (local_subs_.empty()) {
+            ready_.clear();
+            break;
+        }
+        if (!try_send_local(ready_.front())) {
+            break;
+        }
+        ready_.pop_front();
+    }
+    if (hold_mesh_) {
+        if (mesh_subs_.empty()) {
+            hold_mesh_.reset();
+        } else if (zmq_msg_send(hold_mesh_->get(), mesh_out_, ZMQ_DONTWAIT) >= 0) {
+            ++c.mesh_out_events;
+            hold_mesh_.reset();
+        }
+    }
+    while (!ctl_out_.empty() && mesh_out_ != nullptr) {
+        if (zmq_msg_send(ctl_out_.front().get(), mesh_out_, ZMQ_DONTWAIT) < 0) {
+            break;
+        }
+        ctl_out_.pop_front();
+    }
+    return ready_.empty() && !hold_mesh_;
+}
+
+bool node_impl::inject(const std::string& topic, const std::string& body, bool to_mesh) {
+    if (!inputs_open()) {
+        return false;  // block policy is holding an event: skip, the next period will do
+    }
+    std::string f;
+    f.reserve(topic.size() + 1 + body.size());
+    f.append(topic).push_back('\0');
+    f.append(body);
+    zmsg frame(f);
+    if (!to_mesh) {
+        deliver_mesh(std::move(frame));
+        return true;
+    }
+    deliver_local_origin(std::move(frame));
+    return true;
+}
+
+// ---- inputs ----
+
+void node_impl::count_reject(const std::string& reason, std::string_view topic) {
+    ++c.client_rejected;
+    // reasons and topics of rejects, for the stats event (bounded: hostile input)
+    if (reject_reasons_.size() < 32 || reject_reasons_.count(reason) != 0) {
+        ++reject_reasons_[reason];
+    }
+    const auto t = topic.substr(0, 64);
+    const bool printable = std::all_of(t.begin(), t.end(), [](char ch) {
+        return static_cast<unsigned char>(ch) >= 0x20 && static_cast<unsigned char>(ch) < 0x7f;
+    });
+    const std::string topic_key = printable && !t.empty() ? std::string(t) : "(unprintable)";
+    if (reject_topics_.size() < 32 || reject_topics_.count(topic_key) != 0) {
+        ++reject_topics_[topic_key];
+    } else {
+        ++reject_topics_["(other)"];
+    }
+    std::uint64_t suppressed = 0;
+    if (reject_log_.allow(suppressed)) {
+        detail::log()->warn("evmesh node '{}': rejected client event: {} ({} similar suppressed)",
+                            name, reason, suppressed);
+    }
+}
+
+void node_impl::forward_local() {
+    const auto now = clock::now();
+    for (std::uint32_t i = 0; i < opt.batch && inputs_open(); ++i) {
+        if (zmq_msg_recv(in_.get(), local_in_, ZMQ_DONTWAIT) < 0) {
+            return;
+        }
+        if (zmq_msg_more(in_.get())) {
+            drain_frames(local_in_, *in2_.get());  // embedded publishers send one frame
+            ++c.torn_messages;
+            continue;
+        }
+        zmsg frame = std::move(in_);
+        std::string_view topic, body;
+        if (!codec::split_mesh_frame(frame.view(), topic, body)) {
+            ++c.torn_messages;
+            continue;
+        }
+        ++c.local_in_events;
+        c.local_in_bytes += body.size();
+        topics_.count(topic, body.size());
+        if (tail_ && repaired(topic)) {
+            std::string_view source;
+            std::int64_t t = 0;
+            std::uint64_t seq = 0;
+            if (codec::peek_stream(body, source, t, seq) && seq != 0) {
+                tail_->append(source, topic, seq, t, frame.share(), now);
+            }
+        }
+        deliver_local_origin(std::move(frame));
+    }
+}
+
+void node_impl::forward_client() {
+    const auto now = clock::now();
+    for (std::uint32_t i = 0; i < opt.batch && inputs_open(); ++i) {
+        if (zmq_msg_recv(in_.get(), client_in_, ZMQ_DONTWAIT) < 0) {
+            return;
+        }
+        const char* why = nullptr;
+        missing_fields missing;
+        result<event_view> v = fail(errc::not_an_event);
+        if (!zmq_msg_more(in_.get())) {
+            why = "bad framing: one frame (expected [topic][body])";
+        } else if (zmq_msg_recv(in2_.get(), client_in_, ZMQ_DONTWAIT) < 0) {
+            // never wait for a continuation frame on the I/O thread
+            ++c.torn_messages;
+            why = "torn message: second frame missing";
+        } else if (zmq_msg_more(in2_.get())) {
+            drain_frames(client_in_, *sub_.get());
+            why = "bad framing: more than two frames";
+        } else if (in_.view().starts_with("_evmesh.")) {
+            ++c.reserved_rejected;
+            why = "reserved topic: _evmesh. is the mesh's own namespace";
+        } else {
+            v = decode_event_lenient(in_.view(), in2_.view(), missing, limits);
+        }
+        if (why != nullptr || !v) {
+            count_reject(why != nullptr ? std::string(why) : v.error().message(), in_.view());
+            continue;
+        }
+        const auto body_size = in2_.size();
+        ++c.client_in_events;
+        c.client_in_bytes += body_size;
+        topics_.count(v->topic, body_size);
+        frame_buf_.assign(v->topic);
+        frame_buf_.push_back('\0');
+        event_view ev = *v;
+        if (missing.any() || v->content_type.empty()) {
+            if (missing.id) {
+                ev.id = new_event_id();
+            }
+            std::string source_buf;
+            if (missing.source) {
+                source_buf = name + "/client";
+                ev.source = source_buf;
+            }
+            if (missing.time) {
+                ev.time_ns = now_ns();
+            }
+            if (missing.seq) {
+                if (client_seq_.size() > 65536) {
+                    client_seq_.clear();  // bound memory; streams restart (counted as reorder)
+                }
+                scratch_.assign(ev.source);
+                scratch_.push_back('\0');
+                scratch_.append(ev.topic);
+                ev.seq = ++client_seq_[scratch_];
+            }
+            codec::encode_completed(ev, frame_buf_);
+            ++c.client_completed;
+        } else {
+            frame_buf_.append(in2_.view());
+        }
+        zmsg frame(frame_buf_);
+        if (tail_ && ev.seq != 0 && repaired(ev.topic)) {
+            std::string_view topic, body, source;
+            std::int64_t t = 0;
+            std::uint64_t seq = 0;
+            if (codec::split_mesh_frame(frame.view(), topic, body)
+                && codec::peek_stream(body, source, t, seq)) {
+                tail_->append(source, topic, seq, t, frame.share(), now);
+            }
+        }
+        deliver_local_origin(std::move(frame));
+    }
+}
+
+void node_impl::forward_mesh_in() {
+    const auto now = clock::now();
+    for (std::uint32_t i = 0; i < opt.batch && ready_.empty(); ++i) {
+        if (zmq_msg_recv(in_.get(), mesh_in_, ZMQ_DONTWAIT) < 0) {
+            return;
+        }
+        if (zmq_msg_more(in_.get())) {
+            // a node of an older mesh protocol (two frames per event): never wait for the rest
+            drain_frames(mesh_in_, *in2_.get());
+            ++c.mesh_rejected;
+            continue;
+        }
+        zmsg frame = std::move(in_);
+        std::string_view topic, body;
+        if (!codec::split_mesh_frame(frame.view(), topic, body)) {
+            ++c.mesh_rejected;
+            continue;
+        }
+        ++c.mesh_in_events;
+        c.mesh_in_bytes += body.size();
+        if (topic.size() > 8 && topic[0] == '_' && topic.starts_with("_evmesh.")) {
+            on_mesh_reserved(topic, body, frame);
+            continue;
+        }
+        if (codec::is_control_body(body)) {
+            // a stream heartbeat of the repair protocol: [0, 1, source, last_seq]
+            if (rx_ && repaired(topic)) {
+                msgpack_reader r(body);
+                std::uint32_t n = 0;
+                std::uint64_t zero = 0, kind = 0, last = 0;
+                std::string_view source;
+                if (r.read_array_header(n) == errc::ok && n >= 4 && r.read_uint(zero) == errc::ok
+                    && r.read_uint(kind) == errc::ok && kind == ctl_heartbeat
+                    && r.read_str(source, 1024) == errc::ok && r.read_uint(last) == errc::ok) {
+                    rx_->on_heartbeat(source, topic, last, now);
+                }
+            }
+            continue;
+        }
+        std::string_view source;
+        std::int64_t time_ns = 0;
+        std::uint64_t seq = 0;
+        const bool peeked = codec::peek_stream(body, source, time_ns, seq);
+        if (peeked) {
+            sources_.count(source.substr(0, source.find('/')), body.size());  // per source node
+        }
+        if (rx_ && peeked && seq != 0 && repaired(topic)) {
+            rx_->on_event(source, topic, seq, std::move(frame), false, now);
+            continue;
+        }
+        // one hop: events from peers go to local subscribers only
+        deliver_mesh(std::move(frame));
+    }
+}
+
+// ---- subscriptions ----
+
+void node_impl::on_subscriptions(void* from, bool from_local) {
+    auto& set = from_local ? local_subs_ : mesh_subs_;
+    for (std::uint32_t i = 0; i < opt.batch; ++i) {
+        if (zmq_msg_recv(sub_.get(), from, ZMQ_DONTWAIT) < 0) {
+            return;
+        }
+        if (more(from)) {
+            drain_frames(from, *in2_.get());
+            continue;
+        }
+        const auto d = sub_.view();
+        if (d.empty() || (d[0] != 0 && d[0] != 1)) {
+            continue;  // not a subscription message
+        }
+        const std::string prefix(d.substr(1));
+        if (from_local && prefix.starts_with(sync_prefix)) {
+            // A new embedded subscription asks when its subscriptions are in effect: this one was
+            // sent after them on the same pipe, so they are. Noted for make_sub (which asks via
+            // call()); never forwarded upstream, never counted.
+            if (d[0] == 1) {
+                if (sync_seen_.size() >= 4096) {
+                    sync_seen_.erase(sync_seen_.begin());  // bound: a waiter that gave up
+                }
+                sync_seen_.insert(prefix);
+            }
+            continue;
+        }
+        if (d[0] == 1) {
+            auto it = set.find(prefix);
+            if (it == set.end()) {
+                if (set.size() >= opt.max_subscriptions) {
+                    ++c.subscriptions_refused;
+                    continue;  // not forwarded: bounded state here and at every peer
+                }
+                it = set.emplace(prefix, sub_entry{0, now_ns()}).first;
+            }
+            ++it->second.refs;
+        } else if (auto it = set.find(prefix); it != set.end()) {
+            if (--it->second.refs <= 0) {
+                set.erase(it);
+                if (from_local && rx_) {
+                    rx_->forget_unless([&](std::string_view topic) {
+                        return std::any_of(local_subs_.begin(), local_subs_.end(), [&](const auto& e) {
+                            return topic.starts_with(e.first);
+                        });
+                    });
+                }
+            }
+        } else {
+            continue;  // unbalanced (a refused subscription leaving): nothing to forward
+        }
+        c.subscriptions_local = local_subs_.size();
+        c.subscriptions_mesh = mesh_subs_.size();
+        // Balanced pairs into every upstream XSUB; each XSUB reference-counts, so one source
+        // leaving never cancels another's subscription. Peers' subscriptions go to client
+        // publishers only (one hop); embedded publishers send everything (open_sockets).
+        std::array<void*, 2> targets{client_in_, from_local ? mesh_in_ : nullptr};
+        for (void* t : targets) {
+            if (t == nullptr) {
+                continue;
+            }
+            zmq_msg_t copy;
+            zmq_msg_init(&copy);
+            zmq_msg_copy(&copy, sub_.get());
+            if (zmq_msg_send(&copy, t, 0) < 0) {
+                zmq_msg_close(&copy);
+            }
+        }
+    }
+}
+
+// ---- repair ----
+
+void node_impl::setup_repair() {
+    tail_ = std::make_unique<history_tail>(
+        tail_options{opt.repair.window_bytes, opt.repair.window_age, 65536});
+    repair_rx::sink s;
+    s.deliver = [this](zmsg f) { deliver_mesh(std::move(f)); };
+    s.nak = [this](const repair_rx::nak_request& r) {
+        // address the node whose name starts the source ("<node>/<publisher>"), else all
+        const auto node_name = std::string_view(r.source).substr(0, r.source.find('/'));
+        std::string target = nak_all_topic_;
+        int matches = 0;
+        for (const auto& [k, p] : peers_.peers()) {
+            if (p.info.name == node_name) {
+                target = "_evmesh.nak." + p.info.id;
+                ++matches;
+            }
+        }
+        if (matches != 1) {
+            target = nak_all_topic_;
+        }
+        std::string body;
+        string_writer w{body};
+        packer pk(w);
+        pk.pack_array(8);
+        pk.pack_uint8(0);
+        pk.pack_uint8(ctl_nak);
+        pack_str(pk, id_text);
+        pack_str(pk, r.source);
+        pack_str(pk, r.topic);
+        pk.pack_uint64(r.from);
+        pk.pack_uint64(r.to);
+        pk.pack_int64(r.since_ns);
+        send_control(target, body);
+    };
+    s.lost = [this](const lost_range& l) {
+        std::uint64_t suppressed = 0;
+        if (reject_log_.allow(suppressed)) {
+            detail::log()->warn("evmesh node '{}': events lost for good: {} seq {}..{} on '{}' ({} "
+                                "similar suppressed)", name, l.source, l.from, l.to, l.topic, suppressed);
+        }
+        std::lock_guard lk(snap_mu);
+        lost_log.push_back(node::lost_range{l.source, l.topic, l.from, l.to});
+        if (lost_log.size() > 1024) {
+            lost_log.pop_front();
+        }
+    };
+    s.since = [this](std::string_view topic) { return wanted_since(topic); };
+    rx_ = std::make_unique<repair_rx>(
+        repair_options{opt.repair.nak_interval, opt.repair.nak_retries, opt.repair.max_held, 65536},
+        std::move(s));
+}
+
+bool node_impl::repaired(std::string_view topic) const {
+    return std::any_of(repair_patterns_.begin(), repair_patterns_.end(),
+                       [&](const topic_pattern& p) { return p.matches(topic); });
+}
+
+std::int64_t node_impl::wanted_since(std::string_view topic) const {
+    // the earliest time a local subscription that covers `topic` was made
+    std::int64_t since = 0;
+    for (const auto& [prefix, e] : local_subs_) {
+        if (topic.starts_with(prefix) && (since == 0 || e.since_ns < since)) {
+            since = e.since_ns;
+        }
+    }
+    return since == 0 ? now_ns() : since;
+}
+
+void node_impl::send_control(const std::string& topic, const std::string& body) {
+    if (mesh_out_ == nullptr) {
+        return;
+    }
+    std::string f;
+    f.reserve(topic.size() + 1 + body.size());
+    f.append(topic).push_back('\0');
+    f.append(body);
+    if (ctl_out_.size() >= max_ctl_queue) {
+        ctl_out_.pop_front();  // bounded; the receiver asks again
+    }
+    ctl_out_.emplace_back(f);
+    flush_holds();
+}
+
+void node_impl::on_mesh_reserved(std::string_view topic, std::string_view body, zmsg& frame) {
+    const auto now = clock::now();
+    if (topic == ping_topic_) {
+        answer_ping(topic, body);
+        return;
+    }
+    if (topic == nak_topic_ || topic == nak_all_topic_) {
+        serve_nak(body);
+        return;
+    }
+    if (topic == rtx_topic_) {
+        if (!rx_) {
+            return;
+        }
+        if (codec::is_control_body(body)) {
+            // [0, 3, source, topic, from, to, first_sent, lost_to]
+            msgpack_reader r(body);
+            std::uint32_t n = 0;
+            std::uint64_t zero = 0, kind = 0, from = 0, to = 0, first = 0, lost_to = 0;
+            std::string_view source, t;
+            if (r.read_array_header(n) == errc::ok && n >= 8 && r.read_uint(zero) == errc::ok
+                && r.read_uint(kind) == errc::ok && kind == ctl_fill
+                && r.read_str(source, 1024) == errc::ok && r.read_str(t, 1024) == errc::ok
+                && r.read_uint(from) == errc::ok && r.read_uint(to) == errc::ok
+                && r.read_uint(first) == errc::ok && r.read_uint(lost_to) == errc::ok) {
+                rx_->on_fill(source, t, from, to, first, lost_to, now);
+            }
+            return;
+        }
+        zmsg inner(body);  // a retransmitted mesh frame
+        std::string_view it, ib, source;
+        std::int64_t time_ns = 0;
+        std::uint64_t seq = 0;
+        if (codec::split_mesh_frame(inner.view(), it, ib) && codec::peek_stream(ib, source, time_ns, seq)
+            && seq != 0) {
+            rx_->on_event(source, it, seq, std::move(inner), true, now);
+        }
+        return;
+    }
+    if (topic.starts_with("_evmesh.nak.") || topic.starts_with("_evmesh.rtx.")) {
+        return;  // another node's repair traffic (a local `_evmesh.` subscriber asked for all)
+    }
+    deliver_mesh(std::move(frame));  // stats, pongs: for local subscribers
+}
+
+void node_impl::serve_nak(std::string_view body) {
+    if (!tail_) {
+        return;
+    }
+    msgpack_reader r(body);
+    std::uint32_t n = 0;
+    std::uint64_t zero = 0, kind = 0, from = 0, to = 0;
+    std::int64_t since = 0;
+    std::string_view requester, source, topic;
+    if (!codec::is_control_body(body) || r.read_array_header(n) != errc::ok || n < 8
+        || r.read_uint(zero) != errc::ok || r.read_uint(kind) != errc::ok || kind != ctl_nak
+        || r.read_str(requester, 64) != errc::ok || r.read_str(source, 1024) != errc::ok
+        || r.read_str(topic, 1024) != errc::ok || r.read_uint(from) != errc::ok
+        || r.read_uint(to) != errc::ok || r.read_int(since) != errc::ok || from == 0 || to < from
+        || requester.empty()) {
+        return;
+    }
+    auto* st = tail_->find(source, topic);
+    if (st == nullptr) {
+        return;  // not a stream of this node: its owner answers
+    }
+    to = std::min(to, st->last_seq);
+    if (to < from) {
+        return;
+    }
+    const std::string reply = "_evmesh.rtx." + std::string(requester);
+    const std::uint64_t first_retained = st->entries.empty() ? st->last_seq + 1 : st->entries.front().seq;
+    std::uint64_t lost_to = 0;
+    if (from < first_retained && st->evicted_upto >= from && st->evicted_time_ns >= since) {
+        lost_to = std::min(to, first_retained - 1);  // aged out of the window
+    }
+    std::uint64_t first_sent = to + 1, last_sent = to;
+    std::size_t sent = 0;
+    std::string f;
+    for (auto& e : st->entries) {
+        if (e.seq < from || e.time_ns < since) {
+            continue;
+        }
+        if (e.seq > to) {
+            break;
+        }
+        if (sent == max_served_per_nak) {
+            last_sent = e.seq - 1;  // the rest on the next request
+            break;
+        }
+        f.assign(reply).push_back('\0');
+        f.append(e.frame.view());
+        if (ctl_out_.size() >= max_ctl_queue) {
+            ctl_out_.pop_front();
+        }
+        ctl_out_.emplace_back(f);
+        first_sent = std::min(first_sent, e.seq);
+        ++sent;
+        ++c.repair_served;
+    }
+    std::string fill;
+    string_writer w{fill};
+    packer pk(w);
+    pk.pack_array(8);
+    pk.pack_uint8(0);
+    pk.pack_uint8(ctl_fill);
+    pack_str(pk, source);
+    pack_str(pk, topic);
+    pk.pack_uint64(from);
+    pk.pack_uint64(last_sent);
+    pk.pack_uint64(first_sent > last_sent ? last_sent + 1 : first_sent);
+    pk.pack_uint64(lost_to);
+    send_control(reply, fill);
+}
+
+void node_impl::repair_tick() {
+    const auto now = clock::now();
+    rx_->tick(now);
+    tail_->trim(now);
+    // Stream heartbeats on each stream's own topic (so they reach exactly its subscribers):
+    // after new events, and then once per window age while the stream is retained, so loss at
+    // the tail of a stream is detected too.
+    if (mesh_subs_.empty()) {
+        return;
+    }
+    std::string body, f;
+    tail_->for_each_stream([&](history_tail::stream& s) {
+        if (s.last_seq == 0) {
+            return;
+        }
+        const bool changed = s.hb_seq != s.last_seq;
+        const bool recent = now - s.last_append < opt.repair.window_age;
+        if (!changed && !(recent && now - s.hb_at >= std::chrono::seconds(1))) {
+            return;
+        }
+        if (changed && now - s.hb_at < opt.repair.heartbeat) {
+            return;
+        }
+        body.clear();
+        string_writer w{body};
+        packer pk(w);
+        pk.pack_array(4);
+        pk.pack_uint8(0);
+        pk.pack_uint8(ctl_heartbeat);
+        pack_str(pk, s.source);
+        pk.pack_uint64(s.last_seq);
+        f.assign(s.topic).push_back('\0');
+        f.append(body);
+        if (ctl_out_.size() < max_ctl_queue) {
+            ctl_out_.emplace_back(f);
+        }
+        s.hb_seq = s.last_seq;
+        s.hb_at = now;
+    });
+    flush_holds();
+}
+
+}  // namespace evmesh::detail
