@@ -52,10 +52,14 @@ class MeshProcesses(NodeTestCase):
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(5)
         others = nodes[:-1]
-        # the TCP link closes with the process: peers drop it without waiting for beacon expiry
-        self.assertTrue(wait_for(lambda: all(len(n.peers()) == self.N - 2 for n in others), 2.0))
+        # the TCP link closes with the process: peers see it at once (link state), but keep the
+        # peer (a blip must not become an outage) until its beacons stop for the expiry window
+        def link_down(n):
+            return all(p["state"] != "connected" for p in n.peers() if p["name"] == victim.ready["name"])
+        self.assertTrue(wait_for(lambda: all(link_down(n) for n in others), 1.0))
+        self.assertTrue(wait_for(lambda: all(len(n.peers()) == self.N - 2 for n in others), 4.0))
         elapsed = time.monotonic() - t0
-        self.assertLess(elapsed, 1.0, "a killed process closes its TCP link: no waiting for the 2.4 s expiry")
+        self.assertLess(elapsed, 2.4 + 1.0, "removed within the 2.4 s expiry window")
         self.assertGreaterEqual(sum(n.metric("evmesh_peer_changes_total", kind="link_lost")
                                     + n.metric("evmesh_peer_changes_total", kind="expired")
                                     for n in others), self.N - 1)
