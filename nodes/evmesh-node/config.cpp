@@ -11,6 +11,8 @@
 
 #include <toml++/toml.h>
 
+#include <evmesh/topic.hpp>
+
 namespace evmesh::app {
 namespace {
 
@@ -314,6 +316,8 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.str("interface_address", d.interface_address);
         r.strings("seeds", d.seeds);
         r.boolean("broadcast", d.broadcast);
+        r.integer("max_peers", d.max_peers, 1, 1'000'000);
+        r.integer("joins_per_second", d.joins_per_second, 1, 1'000'000);
         r.check_unknown();
     }
     if (const auto* t = top.table("flow")) {
@@ -332,6 +336,25 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.integer("max_event_bytes", n.max_event_bytes, 64, 256 * 1024 * 1024);
         r.ms("linger_ms", n.linger, 0, 60000);
         r.ms("stats_interval_ms", n.stats_interval, 0, 3600000);
+        r.integer("max_subscriptions", n.max_subscriptions, 1, 100'000'000);
+        r.ms("call_timeout_ms", n.call_timeout, 10, 600000);
+        r.check_unknown();
+    }
+    if (const auto* t = top.table("repair")) {
+        auto& rp = n.repair;
+        table_reader r(*t, "repair", error);
+        r.strings("patterns", rp.patterns);
+        for (const auto& p : rp.patterns) {
+            if (!topic_pattern::parse(p) && error.empty()) {
+                error = "key 'repair.patterns': '" + p + "' is not a valid topic pattern";
+            }
+        }
+        r.integer("window_bytes", rp.window_bytes, 1024, std::int64_t{1} << 40);
+        r.ms("window_age_ms", rp.window_age, 10, 86'400'000);
+        r.ms("nak_interval_ms", rp.nak_interval, 1, 60000);
+        r.integer("nak_retries", rp.nak_retries, 1, 100000);
+        r.ms("heartbeat_ms", rp.heartbeat, 1, 60000);
+        r.integer("max_held", rp.max_held, 1, 100'000'000);
         r.check_unknown();
     }
     if (const auto* t = top.table("security")) {

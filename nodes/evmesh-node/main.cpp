@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
 
     std::string name, mesh, mesh_bind, advertise, scope, bcast, iface, level, format, pid_file,
         ready_file, http, policy;
-    std::vector<std::string> pubs, subs, seeds;
+    std::vector<std::string> pubs, subs, seeds, repair;
     int mesh_port = 0, beacon_port = 0, interval = 0, missed = 0, hwm = 0, drain = 0, hb = 0, hb_timeout = 0,
         max_event = 0, linger = 0, stats_ms = -1;
     bool no_broadcast = false, no_discovery = false, no_mesh = false, security = false;
@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
     auto* o_bcast = cli.add_option("--broadcast-address", bcast, "scope lan: broadcast address to send beacons to");
     auto* o_iface = cli.add_option("--interface-address", iface, "scope lan: local address beacons are sent from");
     auto* o_seed = cli.add_option("--seed", seeds, "ip:port of a peer's beacon socket, contacted by unicast; repeatable");
+    auto* o_repair = cli.add_option("--repair", repair, "topic pattern whose mesh streams are repaired (NAK, lossless links); repeatable");
     auto* o_nobc = cli.add_flag("--no-broadcast", no_broadcast, "seeds and gossip only, no broadcast");
     auto* o_nodisc = cli.add_flag("--no-discovery", no_discovery, "disable discovery");
     auto* o_hwm = cli.add_option("--hwm", hwm, "per-connection high-water mark in events [10000]")->check(CLI::Range(1, 10000000));
@@ -114,6 +115,7 @@ int main(int argc, char** argv) {
     if (*o_bcast) n.discovery.broadcast_address = bcast;
     if (*o_iface) n.discovery.interface_address = iface;
     if (*o_seed) n.discovery.seeds = seeds;
+    if (*o_repair) n.repair.patterns = repair;
     if (*o_nobc) n.discovery.broadcast = false;
     if (*o_nodisc) n.discovery.enabled = false;
     if (*o_hwm) n.hwm = hwm;

@@ -148,6 +148,37 @@ std::string render_metrics(const node& n, double uptime_seconds) {
     }
     sample(out, "evmesh_delivery_latency_seconds_sum{" + id + "}", static_cast<double>(c.latency_sum_us) / 1e6);
     sample(out, "evmesh_delivery_latency_seconds_count{" + id + "}", static_cast<double>(cumulative));
+    metric(out, "evmesh_rejected_total", "counter", "Events and messages refused where they entered, by reason.");
+    sample(out, "evmesh_rejected_total{" + id + ",reason=\"publish_limits\"}", static_cast<double>(c.publish_rejected));
+    sample(out, "evmesh_rejected_total{" + id + ",reason=\"mesh_framing\"}", static_cast<double>(c.mesh_rejected));
+    sample(out, "evmesh_rejected_total{" + id + ",reason=\"torn_message\"}", static_cast<double>(c.torn_messages));
+    sample(out, "evmesh_rejected_total{" + id + ",reason=\"reserved_topic\"}", static_cast<double>(c.reserved_rejected));
+    sample(out, "evmesh_rejected_total{" + id + ",reason=\"subscription_limit\"}", static_cast<double>(c.subscriptions_refused));
+    metric(out, "evmesh_peer_hellos_refused_total", "counter",
+           "Hellos of new peers refused (peer table full or joins per second exceeded).");
+    sample(out, "evmesh_peer_hellos_refused_total{" + id + "}", static_cast<double>(c.peers_refused));
+    metric(out, "evmesh_peers_incompatible_total", "counter", "Beacons of nodes speaking an older mesh protocol.");
+    sample(out, "evmesh_peers_incompatible_total{" + id + "}", static_cast<double>(c.peers_incompatible));
+    metric(out, "evmesh_link_changes_total", "counter", "Mesh link transitions (reconnects included).");
+    sample(out, "evmesh_link_changes_total{" + id + ",to=\"up\"}", static_cast<double>(c.links_up));
+    sample(out, "evmesh_link_changes_total{" + id + ",to=\"down\"}", static_cast<double>(c.links_down));
+    metric(out, "evmesh_stalls_total", "counter",
+           "Times this node's loop stalled past the expiry window (peers were given a fresh window).");
+    sample(out, "evmesh_stalls_total{" + id + "}", static_cast<double>(c.stalls));
+    metric(out, "evmesh_repair_events_total", "counter",
+           "Repair of mesh streams: recovered, reported lost, duplicates dropped, served to peers.");
+    sample(out, "evmesh_repair_events_total{" + id + ",outcome=\"recovered\"}", static_cast<double>(c.repair_recovered));
+    sample(out, "evmesh_repair_events_total{" + id + ",outcome=\"lost\"}", static_cast<double>(c.repair_lost));
+    sample(out, "evmesh_repair_events_total{" + id + ",outcome=\"duplicate\"}", static_cast<double>(c.repair_duplicates));
+    sample(out, "evmesh_repair_events_total{" + id + ",outcome=\"served\"}", static_cast<double>(c.repair_served));
+    metric(out, "evmesh_repair_naks_total", "counter", "Repair requests (NAKs) sent.");
+    sample(out, "evmesh_repair_naks_total{" + id + "}", static_cast<double>(c.repair_naks));
+    metric(out, "evmesh_repair_held_events", "gauge", "Events held behind a gap, waiting for repair.");
+    sample(out, "evmesh_repair_held_events{" + id + "}", static_cast<double>(c.repair_held));
+    metric(out, "evmesh_window_events", "gauge", "Events in the retransmit window (history tail).");
+    sample(out, "evmesh_window_events{" + id + "}", static_cast<double>(c.window_events));
+    metric(out, "evmesh_window_bytes", "gauge", "Bytes in the retransmit window (history tail).");
+    sample(out, "evmesh_window_bytes{" + id + "}", static_cast<double>(c.window_bytes));
     metric(out, "evmesh_subscriptions", "gauge", "Distinct subscribed topic prefixes, by origin.");
     sample(out, "evmesh_subscriptions{" + id + ",origin=\"local\"}", static_cast<double>(c.subscriptions_local));
     sample(out, "evmesh_subscriptions{" + id + ",origin=\"mesh\"}", static_cast<double>(c.subscriptions_mesh));
@@ -317,9 +348,14 @@ int node_app::start() {
         auto* chs = channels_.get();
         http_->server.Get("/healthz", [nd, chs](const httplib::Request&, httplib::Response& res) {
             const bool up = nd->running() && !g_stopping;
+            const bool loop_ok = nd->healthy();
             const bool outbox_ok = chs == nullptr || chs->healthy();
-            res.status = up && outbox_ok ? 200 : 503;
-            res.set_content(!up ? "stopping\n" : outbox_ok ? "ok\n" : "outbox failed\n", "text/plain");
+            res.status = up && loop_ok && outbox_ok ? 200 : 503;
+            res.set_content(!up ? "stopping\n"
+                            : !loop_ok ? "I/O thread not answering\n"
+                            : outbox_ok ? "ok\n"
+                                        : "outbox failed\n",
+                            "text/plain");
         });
         http_->server.Get("/metrics", [nd, chs, started](const httplib::Request&, httplib::Response& res) {
             const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

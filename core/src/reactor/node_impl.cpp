@@ -224,6 +224,15 @@ result<void> node_impl::open_sockets() {
             }
             pub_eps.push_back(*r);
         }
+        // Client publishers filter at the source (by the subscriptions the node forwards). Topics
+        // under repair must reach the node's window even while no peer is subscribed (a link is
+        // down): subscribe the client input to them for good.
+        if (client_in_ != nullptr) {
+            for (const auto& p : repair_patterns_) {
+                const std::string sub = "\x01" + p.zmq_prefix();
+                zmq_send(client_in_, sub.data(), sub.size(), 0);
+            }
+        }
     }
 
     if (opt.mesh_enabled) {
@@ -454,6 +463,7 @@ void node_impl::run() {
     next_beacon_ = clock::now();
     next_expiry_ = clock::now() + opt.discovery.interval;
     next_repair_tick_ = clock::now();
+    (void)peers_.expire(clock::now());  // starts the stall detector's clock
 
     while (!stop_) {
         int timeout = 1000;

@@ -133,6 +133,7 @@ void repair_rx::open(stream& s, std::uint64_t to, std::int64_t since, steady::ti
 
 void repair_rx::send_nak(stream& s, steady::time_point now) {
     s.nak_at = now;
+    s.next_at_nak = s.next;
     ++s.tries;
     ++naks_;
     if (sink_.nak) {
@@ -199,6 +200,12 @@ void repair_rx::give_up(stream& s, std::uint64_t upto) {
 void repair_rx::tick(steady::time_point now) {
     for (auto& [k, s] : streams_) {
         if (!s.open_gap || now - s.nak_at < opt_.nak_interval) {
+            continue;
+        }
+        if (s.next != s.next_at_nak) {
+            // the answer is still arriving (the gap shrinks): wait for it instead of asking again
+            s.next_at_nak = s.next;
+            s.nak_at = now;
             continue;
         }
         if (s.tries >= opt_.nak_retries) {

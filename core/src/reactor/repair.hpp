@@ -92,6 +92,7 @@ private:
         std::int64_t since_ns = 0;
         steady::time_point nak_at{};
         std::uint32_t tries = 0;
+        std::uint64_t next_at_nak = 0;  // `next` when the last NAK went out (progress check)
         bool open_gap = false;
     };
 
