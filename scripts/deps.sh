@@ -9,6 +9,8 @@ packages=(
   libzmq3-dev cppzmq-dev libmsgpack-cxx-dev libspdlog-dev libexpected-dev libcli11-dev
   libtomlplusplus-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev zlib1g-dev libbrotli-dev
   libgtest-dev libgmock-dev libsodium-dev libcurl4-openssl-dev libsqlite3-dev
+  # benchmark: NATS side by side (the benchmark starts and stops nats-server itself)
+  libnats-dev nats-server
   # fuzzing (libFuzzer ships in clang's runtime package)
   clang libclang-rt-14-dev
   # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)

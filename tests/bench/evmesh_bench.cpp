@@ -13,12 +13,26 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fcntl.h>
 #include <functional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <spdlog/spdlog.h>
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifdef EVMESH_BENCH_NATS
+#include <nats/nats.h>
+#endif
+
+extern char** environ;
 
 #include <evmesh/codec.hpp>
 #include <evmesh/node.hpp>
@@ -319,7 +333,7 @@ void secure(evmesh::node_options& o, int which) {
 }
 
 // evmesh, two nodes: embedded publisher on A, embedded subscriber on B, mesh link over tcp.
-result_row evmesh_two_nodes(std::size_t size, bool curve = false) {
+result_row evmesh_two_nodes(std::size_t size, bool curve = false, bool repair = false) {
     const std::string mesh = "bench2-" + std::to_string(getpid()) + (curve ? "c-" : "p-") + std::to_string(clk::now().time_since_epoch().count() % 100000);
     auto opts = [&](const char* name) {
         evmesh::node_options o;
@@ -330,6 +344,9 @@ result_row evmesh_two_nodes(std::size_t size, bool curve = false) {
         o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
         if (curve) {
             secure(o, name[0] == 'A' ? 0 : 1);
+        }
+        if (repair) {
+            o.repair.patterns = {"bench.>"};
         }
         return o;
     };
@@ -511,6 +528,202 @@ lat_row evmesh_latency(bool two_nodes, int rate, int total, bool curve = false) 
     return percentiles(us);
 }
 
+// Embedded to embedded across two nodes: publish() on A, receive on B, event time to receipt.
+lat_row evmesh_embedded_latency(int rate, int total, bool repair) {
+    const std::string mesh = "elat-" + std::to_string(getpid()) + (repair ? "r" : "p");
+    auto opts = [&](const char* name) {
+        evmesh::node_options o;
+        o.name = name;
+        o.mesh = mesh;
+        o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+        if (repair) {
+            o.repair.patterns = {"bench.>"};
+        }
+        return o;
+    };
+    auto a = evmesh::node::create(opts("A"));
+    auto b = evmesh::node::create(opts("B"));
+    if (!a || !b) {
+        std::exit(3);
+    }
+    auto sub = (*b)->subscribe("bench.>");
+    auto pub = (*a)->make_publisher({.name = "lat"});
+    warm([&] { (void)pub->publish("bench.warm", "w"); },
+         [&](int t) { return sub->receive_view(std::chrono::milliseconds(t)).has_value(); });
+    std::vector<double> us;
+    const std::string payload(64, 'x');
+    std::thread producer([&] {
+        const auto period = std::chrono::nanoseconds(1'000'000'000 / rate);
+        auto next = clk::now();
+        for (int i = 0; i < total; ++i) {
+            next += period;
+            std::this_thread::sleep_until(next);
+            (void)pub->publish("bench.data", payload);
+        }
+    });
+    while (static_cast<int>(us.size()) < total) {
+        auto v = sub->receive_view(5s);
+        if (!v) {
+            break;
+        }
+        us.push_back(static_cast<double>(evmesh::now_ns() - v->time_ns) / 1000.0);
+    }
+    producer.join();
+    return percentiles(us);
+}
+
+#ifdef EVMESH_BENCH_NATS
+// nats-server from Debian, started and stopped (by PID) by the benchmark itself, on loopback.
+struct nats_server {
+    pid_t pid = -1;
+    int port = 0;
+    std::string url;
+
+    nats_server() {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t len = sizeof(a);
+        bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+        getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+        port = ntohs(a.sin_port);
+        close(fd);
+        const std::string p = std::to_string(port);
+        const char* bin = access("/usr/sbin/nats-server", X_OK) == 0 ? "/usr/sbin/nats-server" : "nats-server";
+        // a slow consumer may queue up to 1 GiB at the server (default 64 MiB disconnects it):
+        // the NATS runs are lossless like the others
+        conf = "/tmp/evmesh-bench-nats-" + std::to_string(getpid()) + ".conf";
+        if (FILE* f = std::fopen(conf.c_str(), "w")) {
+            std::fputs("max_pending: 1073741824\nmax_payload: 1048576\n", f);
+            std::fclose(f);
+        }
+        std::vector<std::string> args = {bin, "-a", "127.0.0.1", "-p", p, "-c", conf};
+        std::vector<char*> argv;
+        for (auto& x : args) {
+            argv.push_back(x.data());
+        }
+        argv.push_back(nullptr);
+        posix_spawn_file_actions_t fa;
+        posix_spawn_file_actions_init(&fa);
+        posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+        posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+        if (posix_spawnp(&pid, bin, &fa, nullptr, argv.data(), environ) != 0) {
+            pid = -1;
+        }
+        posix_spawn_file_actions_destroy(&fa);
+        url = "nats://127.0.0.1:" + p;
+    }
+    ~nats_server() {
+        if (pid > 0) {
+            kill(pid, SIGTERM);
+            waitpid(pid, nullptr, 0);
+        }
+        std::remove(conf.c_str());
+    }
+    std::string conf;
+};
+
+natsConnection* nats_connect(const std::string& url, bool send_asap) {
+    natsOptions* o = nullptr;
+    natsOptions_Create(&o);
+    natsOptions_SetURL(o, url.c_str());
+    natsOptions_SetSendAsap(o, send_asap);
+    natsOptions_SetIOBufSize(o, 1 << 20);
+    natsConnection* nc = nullptr;
+    const auto deadline = clk::now() + 10s;
+    while (natsConnection_Connect(&nc, o) != NATS_OK && clk::now() < deadline) {
+        std::this_thread::sleep_for(20ms);
+    }
+    natsOptions_Destroy(o);
+    return nc;
+}
+
+// NATS core: publisher connection -> nats-server -> subscriber connection (one server hop).
+result_row nats_run(const std::string& url, std::size_t size) {
+    natsConnection* pc = nats_connect(url, false);
+    natsConnection* sc = nats_connect(url, false);
+    if (pc == nullptr || sc == nullptr) {
+        std::fprintf(stderr, "cannot connect to nats-server\n");
+        std::exit(3);
+    }
+    natsSubscription* sub = nullptr;
+    natsConnection_SubscribeSync(&sub, sc, "bench.>");
+    natsSubscription_SetPendingLimits(sub, -1, -1);
+    natsConnection_Flush(sc);
+    const std::string payload(size, 'x');
+    natsMsg* m = nullptr;
+    warm([&] { natsConnection_PublishString(pc, "bench.warm", "w"); natsConnection_Flush(pc); },
+         [&](int t) {
+             if (natsSubscription_NextMsg(&m, sub, t) != NATS_OK) {
+                 return false;
+             }
+             natsMsg_Destroy(m);
+             return true;
+         });
+    const int count = g_count;
+    int got = 0;
+    const auto t0 = clk::now();
+    std::thread producer([&] {
+        for (int i = 0; i < count; ++i) {
+            natsConnection_Publish(pc, "bench.data", payload.data(), static_cast<int>(payload.size()));
+        }
+        natsConnection_Flush(pc);
+    });
+    while (got < count && natsSubscription_NextMsg(&m, sub, 5000) == NATS_OK) {
+        natsMsg_Destroy(m);
+        ++got;
+    }
+    const auto t1 = clk::now();
+    producer.join();
+    natsSubscription_Destroy(sub);
+    natsConnection_Destroy(pc);
+    natsConnection_Destroy(sc);
+    return {got / std::chrono::duration<double>(t1 - t0).count(), count - got};
+}
+
+lat_row nats_latency(const std::string& url, int rate, int total) {
+    natsConnection* pc = nats_connect(url, true);  // flushed at once: one message, one write
+    natsConnection* sc = nats_connect(url, true);
+    natsSubscription* sub = nullptr;
+    natsConnection_SubscribeSync(&sub, sc, "bench.>");
+    natsConnection_Flush(sc);
+    natsMsg* m = nullptr;
+    warm([&] { natsConnection_PublishString(pc, "bench.warm", "w"); },
+         [&](int t) {
+             if (natsSubscription_NextMsg(&m, sub, t) != NATS_OK) {
+                 return false;
+             }
+             natsMsg_Destroy(m);
+             return true;
+         });
+    std::vector<double> us;
+    std::thread producer([&] {
+        const auto period = std::chrono::nanoseconds(1'000'000'000 / rate);
+        auto next = clk::now();
+        char payload[64] = {};
+        for (int i = 0; i < total; ++i) {
+            next += period;
+            std::this_thread::sleep_until(next);
+            const auto t = evmesh::now_ns();
+            std::memcpy(payload, &t, sizeof(t));
+            natsConnection_Publish(pc, "bench.data", payload, sizeof(payload));
+        }
+    });
+    while (static_cast<int>(us.size()) < total && natsSubscription_NextMsg(&m, sub, 5000) == NATS_OK) {
+        std::int64_t t = 0;
+        std::memcpy(&t, natsMsg_GetData(m), sizeof(t));
+        us.push_back(static_cast<double>(evmesh::now_ns() - t) / 1000.0);
+        natsMsg_Destroy(m);
+    }
+    producer.join();
+    natsSubscription_Destroy(sub);
+    natsConnection_Destroy(pc);
+    natsConnection_Destroy(sc);
+    return percentiles(us);
+}
+#endif
+
 // Time from creating node B to the first event from B's publisher reaching A's subscriber.
 void join_time(int tries) {
     const std::string mesh = "join-" + std::to_string(getpid());
@@ -612,6 +825,48 @@ int main(int argc, char** argv) {
     std::printf("%-28s %8.1f %8.1f %8.1f\n", "evmesh, one node", e1.p50, e1.p99, e1.p999);
     std::printf("%-28s %8.1f %8.1f %8.1f\n", "raw, two chained proxies", r2.p50, r2.p99, r2.p999);
     std::printf("%-28s %8.1f %8.1f %8.1f\n", "evmesh, two nodes", e2.p50, e2.p99, e2.p999);
+    // The headline comparison (issue "Core v2"): embedded to embedded across two nodes against
+    // NATS (one server hop) and the raw two-hop ZeroMQ chain, all in this run; repair off and on.
+    std::printf("\nAcross two nodes vs NATS and raw ZeroMQ (same run; evmesh: embedded publisher on A,\n"
+                "embedded subscriber on B, full envelope; NATS: nats-server %s, libnats, one server hop;\n"
+                "raw: the two-hop zmq_proxy chain above)\n",
+#ifdef EVMESH_BENCH_NATS
+                "from Debian"
+#else
+                "not built (libnats-dev missing)"
+#endif
+    );
+    std::printf("%-7s %12s %12s %12s %12s %9s %9s %9s\n", "payload", "evmesh", "evmesh+rep", "NATS",
+                "raw 2-hop", "ev/NATS", "ev/raw", "rep cost");
+    {
+#ifdef EVMESH_BENCH_NATS
+        nats_server ns;
+#endif
+        for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
+            auto ev = best_of([&] { return evmesh_two_nodes(size); });
+            auto rep = best_of([&] { return evmesh_two_nodes(size, false, true); });
+            auto raw = best_of([&] { return raw_run("inproc", 2, size); });
+            failures += ev.lost + rep.lost + raw.lost;
+            double nats_eps = 0;
+#ifdef EVMESH_BENCH_NATS
+            auto nr = best_of([&] { return nats_run(ns.url, size); });
+            nats_eps = nr.eps;
+#endif
+            std::printf("%-7zu %12.0f %12.0f %12.0f %12.0f %8.2fx %8.2fx %8.1f%%\n", size, ev.eps, rep.eps,
+                        nats_eps, raw.eps, nats_eps > 0 ? ev.eps / nats_eps : 0.0, ev.eps / raw.eps,
+                        100.0 * (1.0 - rep.eps / ev.eps));
+        }
+        auto el = evmesh_embedded_latency(rate, total, false);
+        auto elr = evmesh_embedded_latency(rate, total, true);
+        std::printf("one-way latency at %d ev/s, 64 B (us):       p50      p99    p99.9\n", rate);
+        std::printf("  evmesh embedded, two nodes              %8.1f %8.1f %8.1f\n", el.p50, el.p99, el.p999);
+        std::printf("  evmesh embedded, two nodes, repair on   %8.1f %8.1f %8.1f\n", elr.p50, elr.p99, elr.p999);
+#ifdef EVMESH_BENCH_NATS
+        auto nl = nats_latency(ns.url, rate, total);
+        std::printf("  NATS (send asap), one server hop        %8.1f %8.1f %8.1f\n", nl.p50, nl.p99, nl.p999);
+        std::printf("  p50 ratio evmesh/NATS %.2fx\n", el.p50 / nl.p50);
+#endif
+    }
     std::printf("\nSecurity: two nodes, mesh link with CURVE off vs on (same run)\n");
     std::printf("%-7s %14s %14s %8s\n", "payload", "plain ev/s", "CURVE ev/s", "ratio");
     for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
