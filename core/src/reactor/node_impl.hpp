@@ -179,7 +179,7 @@ private:
 
     // --- repair: lossless links (router.cpp) ---
     void setup_repair();
-    bool repaired(std::string_view topic) const;
+    bool repaired(std::string_view topic);
     void on_mesh_reserved(std::string_view topic, std::string_view body, zmsg& frame);
     void serve_nak(std::string_view body);
     void send_control(const std::string& topic, const std::string& body);
@@ -250,6 +250,8 @@ private:
 
     // repair
     std::vector<topic_pattern> repair_patterns_;
+    std::string repaired_topic_ = std::string(1, '\0');  // repaired()'s cache (never a topic)
+    bool repaired_answer_ = false;
     std::unique_ptr<history_tail> tail_;
     std::unique_ptr<repair_rx> rx_;
     std::chrono::steady_clock::time_point next_repair_tick_{};

@@ -5,6 +5,9 @@
 namespace evmesh::detail {
 
 repair_rx::stream* repair_rx::get(std::string_view source, std::string_view topic) {
+    if (last_ != nullptr && last_->topic == topic && last_->source == source) {
+        return last_;
+    }
     key_.assign(source);
     key_.push_back('\0');
     key_.append(topic);
@@ -18,7 +21,8 @@ repair_rx::stream* repair_rx::get(std::string_view source, std::string_view topi
         s.topic.assign(topic);
         it = streams_.emplace(key_, std::move(s)).first;
     }
-    return &it->second;
+    last_ = &it->second;
+    return last_;
 }
 
 void repair_rx::on_event(std::string_view source, std::string_view topic, std::uint64_t seq,
@@ -223,6 +227,9 @@ void repair_rx::forget_unless(const std::function<bool(std::string_view)>& wante
             continue;
         }
         held_total_ -= it->second.held.size();
+        if (last_ == &it->second) {
+            last_ = nullptr;
+        }
         it = streams_.erase(it);
     }
 }

@@ -105,6 +105,7 @@ private:
     repair_options opt_;
     sink sink_;
     std::unordered_map<std::string, stream, string_hash, std::equal_to<>> streams_;
+    stream* last_ = nullptr;  // the previous event's stream (senders repeat): skips the hash
     std::string key_;
     std::size_t held_total_ = 0;
     std::uint64_t naks_ = 0, recovered_ = 0, lost_ = 0, duplicates_ = 0, skipped_ = 0;

@@ -182,7 +182,7 @@ void node_impl::forward_local() {
             std::int64_t t = 0;
             std::uint64_t seq = 0;
             if (codec::peek_stream(body, source, t, seq) && seq != 0) {
-                tail_->append(source, topic, seq, t, frame.share(), now);
+                tail_->append(source, topic, seq, t, frame.view(), now);
             }
         }
         deliver_local_origin(std::move(frame));
@@ -257,7 +257,7 @@ void node_impl::forward_client() {
             std::uint64_t seq = 0;
             if (codec::split_mesh_frame(frame.view(), topic, body)
                 && codec::peek_stream(body, source, t, seq)) {
-                tail_->append(source, topic, seq, t, frame.share(), now);
+                tail_->append(source, topic, seq, t, frame.view(), now);
             }
         }
         deliver_local_origin(std::move(frame));
@@ -445,9 +445,15 @@ void node_impl::setup_repair() {
         std::move(s));
 }
 
-bool node_impl::repaired(std::string_view topic) const {
-    return std::any_of(repair_patterns_.begin(), repair_patterns_.end(),
-                       [&](const topic_pattern& p) { return p.matches(topic); });
+bool node_impl::repaired(std::string_view topic) {
+    // publishers repeat topics: a one-entry cache skips the pattern walk
+    if (topic == repaired_topic_) {
+        return repaired_answer_;
+    }
+    repaired_answer_ = std::any_of(repair_patterns_.begin(), repair_patterns_.end(),
+                                   [&](const topic_pattern& p) { return p.matches(topic); });
+    repaired_topic_.assign(topic);
+    return repaired_answer_;
 }
 
 std::int64_t node_impl::wanted_since(std::string_view topic) const {
@@ -567,7 +573,7 @@ void node_impl::serve_nak(std::string_view body) {
             break;
         }
         f.assign(reply).push_back('\0');
-        f.append(e.frame.view());
+        tail_->read(e, f);
         if (ctl_out_.size() >= max_ctl_queue) {
             ctl_out_.pop_front();
         }
