@@ -547,15 +547,24 @@ result<std::unique_ptr<detail::subscription_impl>> make_sub(detail::node_impl& n
     // it; the XPUB applies a pipe's subscriptions in order, so once the node's I/O thread has seen
     // the sync topic, the real one is in effect. Bounded: at most 2 s.
     const std::string sync = std::string(detail::node_impl::sync_prefix) + to_string(new_event_id());
+    {
+        std::lock_guard lk(n.sync_mu);
+        n.sync_expected.emplace(sync, false);
+    }
     zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, sync.data(), sync.size());
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-    for (bool seen = false; !seen && std::chrono::steady_clock::now() < deadline;) {
-        if (!n.call([&] { seen = n.sync_seen_.erase(sync) > 0; })) {
-            break;  // the node stopped or does not answer
+    for (bool seen = false; !seen && std::chrono::steady_clock::now() < deadline && n.running;) {
+        {
+            std::lock_guard lk(n.sync_mu);
+            seen = n.sync_expected[sync];
         }
         if (!seen) {
-            std::this_thread::sleep_for(std::chrono::microseconds(200));
+            std::this_thread::sleep_for(std::chrono::microseconds(100));
         }
+    }
+    {
+        std::lock_guard lk(n.sync_mu);
+        n.sync_expected.erase(sync);
     }
     zmq_setsockopt(s->sock, ZMQ_UNSUBSCRIBE, sync.data(), sync.size());
     return h;

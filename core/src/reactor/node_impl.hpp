@@ -146,7 +146,10 @@ struct node_impl {
 
     // Topic prefix of the subscription handshake (make_sub): `_evmesh.sync.<random>`.
     static constexpr std::string_view sync_prefix = "_evmesh.sync.";
-    std::set<std::string> sync_seen_;  // I/O thread: sync topics whose subscription arrived
+    // Sync tokens of subscribe() calls in progress: only expected tokens are recorded, so a client
+    // subscribing to `_evmesh.sync.*` prefixes cannot evict a real waiter's (bounded by callers).
+    std::mutex sync_mu;
+    std::map<std::string, bool> sync_expected;  // token -> seen; guarded by sync_mu
 
     // node::set_channel_stats: the source of the stats event's `channels` (any thread).
     void set_channel_stats(std::function<std::string()> source) {

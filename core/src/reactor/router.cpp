@@ -341,10 +341,10 @@ void node_impl::on_subscriptions(void* from, bool from_local) {
             // sent after them on the same pipe, so they are. Noted for make_sub (which asks via
             // call()); never forwarded upstream, never counted.
             if (d[0] == 1) {
-                if (sync_seen_.size() >= 4096) {
-                    sync_seen_.erase(sync_seen_.begin());  // bound: a waiter that gave up
+                std::lock_guard lk(sync_mu);
+                if (auto it = sync_expected.find(prefix); it != sync_expected.end()) {
+                    it->second = true;
                 }
-                sync_seen_.insert(prefix);
             }
             continue;
         }
