@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include <evmesh/codec.hpp>
 #include <evmesh/error.hpp>
 #include <evmesh/event.hpp>
 #include <evmesh/options.hpp>
@@ -237,6 +238,10 @@ public:
     const std::string& mesh_endpoint() const noexcept;       ///< tcp, "" when mesh disabled
     const std::vector<std::string>& pub_endpoints() const noexcept;  ///< as bound (ports resolved)
     const std::vector<std::string>& sub_endpoints() const noexcept;
+
+    /// The limits every decoder of this node applies (publish, client input, subscriptions,
+    /// channels): `decode_limits` with `max_event_bytes` from the options. Immutable.
+    const decode_limits& limits() const noexcept;
 
     /// Id of the node's I/O thread (callbacks never run on it).
     std::thread::id io_thread_id() const noexcept;

@@ -616,7 +616,9 @@ struct channel_runtime::impl {
     }
 
     void deliver(channel& ch, const work_item& item, std::vector<evmesh_header>& headers, completion& c) {
-        auto decoded = decode_event(item.topic, item.body);
+        // the node's limits: what the node accepted, its channels accept
+        auto decoded = n != nullptr ? decode_event(item.topic, item.body, n->limits())
+                                    : decode_event(item.topic, item.body);
         if (!decoded) {
             c.status = EVMESH_FAIL;
             c.detail = "outbox row is not a valid event: " + decoded.error().message();

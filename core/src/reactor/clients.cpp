@@ -641,6 +641,10 @@ const std::vector<std::string>& node::sub_endpoints() const noexcept {
     return impl_->sub_eps;
 }
 
+const decode_limits& node::limits() const noexcept {
+    return impl_->limits;
+}
+
 std::thread::id node::io_thread_id() const noexcept {
     return impl_->io_thread;
 }

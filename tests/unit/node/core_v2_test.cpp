@@ -579,3 +579,28 @@ TEST(CoreV2, NamesTooLongForABeaconAreRefusedAtCreate) {
 
 }  // namespace
 }  // namespace evmesh
+
+namespace evmesh {
+namespace {
+
+TEST(CoreV2, WhatPublishAcceptsEverySubscriberDecodes) {
+    // a node configured for 2 MiB events: its subscriptions decode with the same limits
+    node_options o;
+    o.mesh_enabled = false;
+    o.max_event_bytes = 2U << 20;
+    auto n = node::create(o);
+    ASSERT_TRUE(n);
+    EXPECT_EQ((*n)->limits().max_event_bytes, 2U << 20);
+    auto sub = (*n)->subscribe("big.>");
+    ASSERT_TRUE(sub);
+    auto pub = (*n)->make_publisher();
+    ASSERT_TRUE(pub->publish("big.x", std::string(1536 * 1024, 'b')));
+    auto e = sub->receive(std::chrono::seconds(5));
+    ASSERT_TRUE(e);
+    EXPECT_EQ(e->payload.size(), 1536U * 1024U);
+    EXPECT_EQ(sub->counters().decode_errors, 0U);
+    EXPECT_EQ(pub->publish("big.x", std::string(3U << 20, 'b')).error(), errc::too_large);
+}
+
+}  // namespace
+}  // namespace evmesh
