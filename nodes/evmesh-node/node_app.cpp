@@ -162,6 +162,9 @@ std::string render_metrics(const node& n, double uptime_seconds) {
     metric(out, "evmesh_link_changes_total", "counter", "Mesh link transitions (reconnects included).");
     sample(out, "evmesh_link_changes_total{" + id + ",to=\"up\"}", static_cast<double>(c.links_up));
     sample(out, "evmesh_link_changes_total{" + id + ",to=\"down\"}", static_cast<double>(c.links_down));
+    metric(out, "evmesh_links_stuck", "gauge",
+           "Peers whose beacons arrive but whose mesh link has been down for more than 5 s.");
+    sample(out, "evmesh_links_stuck{" + id + "}", static_cast<double>(c.links_stuck));
     metric(out, "evmesh_stalls_total", "counter",
            "Times this node's loop stalled past the expiry window (peers were given a fresh window).");
     sample(out, "evmesh_stalls_total{" + id + "}", static_cast<double>(c.stalls));

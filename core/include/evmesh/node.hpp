@@ -84,6 +84,7 @@ struct node_counters {
     std::uint64_t peers_incompatible = 0; ///< beacons of nodes speaking an older mesh protocol
     std::uint64_t links_up = 0, links_down = 0;  ///< mesh link transitions (reconnects included)
     std::uint64_t stalls = 0;             ///< the node's loop stalled past the expiry window
+    std::uint64_t links_stuck = 0;        ///< gauge: peers heard from whose link has been down > 5 s
     std::uint64_t subscriptions_refused = 0;  ///< beyond max_subscriptions
     std::uint64_t reserved_rejected = 0;  ///< client events on reserved `_evmesh.` topics
     /// Repair (lossless links): NAKs sent, events recovered, events reported lost (with a

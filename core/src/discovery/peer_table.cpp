@@ -50,6 +50,7 @@ hello_outcome peer_table::on_hello(const std::string& key, const beacon& b,
         p.info.incarnation = b.incarnation;
         p.info.observer = (b.flags & beacon_flag_observer) != 0;
         p.info.state = peer_info::link_state::connecting;
+        p.connecting_since = now;
         p.curve_key = b.public_key;
         it = peers_.emplace(key, std::move(p)).first;
     } else if (it->second.info.incarnation != b.incarnation || it->second.info.endpoint != endpoint
@@ -61,6 +62,8 @@ hello_outcome peer_table::on_hello(const std::string& key, const beacon& b,
         it->second.info.incarnation = b.incarnation;
         it->second.info.name = b.name;
         it->second.info.state = peer_info::link_state::connecting;
+        it->second.connecting_since = now;
+        it->second.stuck_reported = false;
     }
     // `from` is the peer's own beacon socket (it sends broadcasts and unicasts from it)
     if (from_shared_port || it->second.info.beacon_address.empty()) {
@@ -115,14 +118,38 @@ steady::time_point peer_table::next_expiry(steady::time_point now) const {
     return next;
 }
 
-bool peer_table::set_link_state(const std::string& endpoint, peer_info::link_state s) {
+bool peer_table::set_link_state(const std::string& endpoint, peer_info::link_state s,
+                                steady::time_point now) {
     for (auto& [k, p] : peers_) {
         if (p.info.endpoint == endpoint) {
+            if (s != peer_info::link_state::connected && p.info.state == peer_info::link_state::connected) {
+                p.connecting_since = now;
+            }
+            if (s == peer_info::link_state::connected) {
+                p.stuck_reported = false;
+            }
             p.info.state = s;
             return true;
         }
     }
     return false;
+}
+
+std::vector<const peer_record*> peer_table::stuck_links(steady::time_point now, steady::duration after,
+                                                        std::size_t& count) {
+    std::vector<const peer_record*> fresh;
+    count = 0;
+    for (auto& [k, p] : peers_) {
+        if (p.info.state == peer_info::link_state::connected || now - p.connecting_since < after) {
+            continue;
+        }
+        ++count;
+        if (!p.stuck_reported) {
+            p.stuck_reported = true;
+            fresh.push_back(&p);
+        }
+    }
+    return fresh;
 }
 
 peer_record* peer_table::find(const std::string& key) {

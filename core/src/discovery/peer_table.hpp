@@ -29,6 +29,8 @@ struct peer_record {
     peer_info info;
     std::string curve_key;  // 32-byte public key from its (authenticated) beacon; secured mesh
     steady::time_point last_seen_steady;
+    steady::time_point connecting_since;  // when the link last left `connected` (or began)
+    bool stuck_reported = false;          // logged once as a link that does not come up
 };
 
 // What a hello did to the table.
@@ -68,7 +70,14 @@ public:
     steady::time_point next_expiry(steady::time_point now) const;
 
     // Sets a peer's link state (from the links' monitor). False when unknown.
-    bool set_link_state(const std::string& endpoint, peer_info::link_state s);
+    bool set_link_state(const std::string& endpoint, peer_info::link_state s,
+                        steady::time_point now = steady::now());
+
+    // Peers whose beacons arrive but whose link has not been up for `after` (a firewall, a wrong
+    // advertised address, a one-way partition): the ones not reported yet are returned (and
+    // marked), so each is logged once; `count` gets how many are stuck now.
+    std::vector<const peer_record*> stuck_links(steady::time_point now, steady::duration after,
+                                                std::size_t& count);
 
     // Gossip: unicast beacon targets. Seeds stay for ever; learned ones are dropped when nobody
     // has mentioned them for two expiry windows.

@@ -372,6 +372,15 @@ void node_impl::expire_peers() {
         detail::log()->warn("evmesh node '{}': this node was stalled for longer than the expiry "
                             "window; peers get a fresh window instead of being expired", name);
     }
+    // A peer whose beacons arrive but whose link stays down (firewall, wrong advertised address,
+    // one-way partition) would otherwise sit in `connecting` unnoticed: log it once, gauge it.
+    std::size_t stuck = 0;
+    for (const auto* p : peers_.stuck_links(now, std::chrono::seconds(5), stuck)) {
+        detail::log()->warn("evmesh node '{}': peer '{}' is alive (beacons arrive) but its mesh link to "
+                            "{} has been down for 5 s: check that address and port from this host "
+                            "(mesh_link.advertise, firewalls)", name, p->info.name, p->info.endpoint);
+    }
+    c.links_stuck = stuck;
     c.peers = peers_.peers().size();
     next_expiry_ = peers_.next_expiry(now);
 }

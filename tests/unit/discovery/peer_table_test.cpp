@@ -105,3 +105,26 @@ TEST(PeerTable, GossipTargetsArePrunedAndNotCappedAtAFixedCount) {
 
 }  // namespace
 }  // namespace evmesh::discovery
+
+namespace evmesh::discovery {
+namespace {
+
+TEST(PeerTable, ALinkThatNeverComesUpIsReportedOnce) {
+    peer_table t;
+    const steady::time_point t0{};
+    auto b = hello(1, "far");
+    t.on_hello(key_of(b), b, "tcp://10.0.0.1:1", "h:9", true, t0);
+    std::size_t n = 0;
+    EXPECT_TRUE(t.stuck_links(t0 + 4s, 5s, n).empty());
+    EXPECT_EQ(n, 0U);
+    EXPECT_EQ(t.stuck_links(t0 + 6s, 5s, n).size(), 1U);
+    EXPECT_EQ(n, 1U);
+    EXPECT_TRUE(t.stuck_links(t0 + 7s, 5s, n).empty());  // reported once
+    EXPECT_EQ(n, 1U);
+    t.set_link_state("tcp://10.0.0.1:1", peer_info::link_state::connected, t0 + 8s);
+    EXPECT_TRUE(t.stuck_links(t0 + 20s, 5s, n).empty());
+    EXPECT_EQ(n, 0U);
+}
+
+}  // namespace
+}  // namespace evmesh::discovery
