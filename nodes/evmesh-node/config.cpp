@@ -316,6 +316,7 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.str("interface_address", d.interface_address);
         r.strings("seeds", d.seeds);
         r.boolean("broadcast", d.broadcast);
+        r.boolean("ipv6", d.ipv6);
         r.integer("max_peers", d.max_peers, 1, 1'000'000);
         r.integer("joins_per_second", d.joins_per_second, 1, 1'000'000);
         r.check_unknown();

@@ -31,7 +31,12 @@ struct discovery_options {
     std::uint32_t missed_beacons = 3;                   ///< silent intervals before expiry
     std::string broadcast_address = "127.255.255.255";  ///< used with scope lan
     std::string interface_address;  ///< lan: local address to bind sends to (empty = any)
-    std::vector<std::string> seeds;  ///< "host:port" beacon addresses contacted by unicast
+    /// "a.b.c.d:port" or "[v6]:port" beacon addresses contacted by unicast (scope lan)
+    std::vector<std::string> seeds;
+    /// Scope lan: also open IPv6 beacon sockets ([::]:port and an ephemeral one), for IPv6 seeds,
+    /// gossip and peers. On automatically when a seed or `interface_address` is IPv6. Broadcast
+    /// stays IPv4 (IPv6 has none): on an IPv6-only network use seeds and gossip.
+    bool ipv6 = false;
     bool broadcast = true;           ///< false: seeds and gossip only (no broadcast)
     /// Peers kept at most; hellos of further nodes are refused and counted (`peers_refused`).
     std::uint32_t max_peers = 1024;

@@ -25,17 +25,20 @@ result<void> node_impl::open_discovery() {
     if (!d.enabled || !opt.mesh_enabled) {
         return {};
     }
+    const bool host = d.scope == discovery_scope::host;
+    bool want_v6 = d.ipv6 || d.interface_address.find(':') != std::string::npos;
     for (const auto& s : d.seeds) {
-        sockaddr_in a{};
-        if (!parse_addr(s, a)) {
-            set_last_error_message("discovery seed '" + s + "' is not ipv4:port");
+        net_addr a;
+        if (!net_addr::parse(s, a)) {
+            set_last_error_message("discovery seed '" + s + "' is not ipv4:port or [ipv6]:port");
             return fail(errc::bad_option);
         }
-        peers_.add_seed(s);
+        want_v6 = want_v6 || a.family() == AF_INET6;
+        peers_.add_seed(a.text());
     }
-    const bool host = d.scope == discovery_scope::host;
-    sockaddr_in bcast{};
-    if (!parse_addr((host ? std::string("127.255.255.255") : d.broadcast_address) + ":1", bcast)) {
+    net_addr bcast;
+    if (!net_addr::parse((host ? std::string("127.255.255.255") : d.broadcast_address) + ":1", bcast)
+        || bcast.family() != AF_INET) {
         set_last_error_message("discovery broadcast address '" + d.broadcast_address
                                + "' is not ipv4");
         return fail(errc::bad_option);
@@ -52,7 +55,8 @@ result<void> node_impl::open_discovery() {
     // receive subnet broadcasts.
     sockaddr_in any{};
     any.sin_family = AF_INET;
-    any.sin_addr.s_addr = host ? bcast.sin_addr.s_addr : htonl(INADDR_ANY);
+    any.sin_addr.s_addr = host ? reinterpret_cast<const sockaddr_in*>(&bcast.ss)->sin_addr.s_addr
+                               : htonl(INADDR_ANY);
     any.sin_port = htons(d.port);
     if (::bind(udp_bcast_, reinterpret_cast<sockaddr*>(&any), sizeof(any)) != 0) {
         set_last_error_message("cannot bind discovery port " + std::to_string(d.port) + ": "
@@ -60,26 +64,72 @@ result<void> node_impl::open_discovery() {
         return fail(errc::bad_endpoint);
     }
     setsockopt(udp_uni_, SOL_SOCKET, SO_BROADCAST, &one, sizeof(one));
-    sockaddr_in uni{};
-    uni.sin_family = AF_INET;
-    uni.sin_port = 0;
-    const std::string local = host ? "127.0.0.1"
-                                   : (d.interface_address.empty() ? "0.0.0.0" : d.interface_address);
-    if (inet_pton(AF_INET, local.c_str(), &uni.sin_addr) != 1
-        || ::bind(udp_uni_, reinterpret_cast<sockaddr*>(&uni), sizeof(uni)) != 0) {
+    const bool iface_v4 = !d.interface_address.empty() && d.interface_address.find(':') == std::string::npos;
+    const std::string local = host ? "127.0.0.1" : (iface_v4 ? d.interface_address : "0.0.0.0");
+    net_addr uni;
+    if (!net_addr::parse(local + ":1", uni)) {
         set_last_error_message("cannot bind discovery socket to '" + local + "'");
         return fail(errc::bad_endpoint);
     }
-    socklen_t len = sizeof(uni);
-    getsockname(udp_uni_, reinterpret_cast<sockaddr*>(&uni), &len);
-    uni_address_ = addr_text(uni);
+    reinterpret_cast<sockaddr_in*>(&uni.ss)->sin_port = 0;
+    if (::bind(udp_uni_, uni.sa(), uni.len) != 0) {
+        set_last_error_message("cannot bind discovery socket to '" + local + "'");
+        return fail(errc::bad_endpoint);
+    }
+    uni.len = sizeof(uni.ss);
+    getsockname(udp_uni_, uni.sa(), &uni.len);
+    uni_address_ = uni.text();
+    if (!want_v6) {
+        return {};
+    }
+    if (host) {
+        set_last_error_message("IPv6 discovery (an IPv6 seed or interface, or discovery.ipv6) needs "
+                               "scope lan");
+        return fail(errc::bad_option);
+    }
+    // IPv6: the shared port (IPv6 seeds address it) and this node's own socket. V6ONLY, so the
+    // IPv4 sockets above keep IPv4.
+    udp6_shared_ = socket(AF_INET6, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    udp6_uni_ = socket(AF_INET6, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (udp6_shared_ < 0 || udp6_uni_ < 0) {
+        set_last_error_message(std::string("cannot open an IPv6 discovery socket: ") + std::strerror(errno));
+        return fail(errc::bad_endpoint);
+    }
+    for (int fd : {udp6_shared_, udp6_uni_}) {
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    }
+    setsockopt(udp6_shared_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_in6 any6{};
+    any6.sin6_family = AF_INET6;
+    any6.sin6_addr = in6addr_any;
+    any6.sin6_port = htons(d.port);
+    if (::bind(udp6_shared_, reinterpret_cast<sockaddr*>(&any6), sizeof(any6)) != 0) {
+        set_last_error_message("cannot bind IPv6 discovery port " + std::to_string(d.port) + ": "
+                               + std::strerror(errno));
+        return fail(errc::bad_endpoint);
+    }
+    sockaddr_in6 uni6{};
+    uni6.sin6_family = AF_INET6;
+    uni6.sin6_addr = in6addr_any;
+    if (!iface_v4 && !d.interface_address.empty()
+        && inet_pton(AF_INET6, d.interface_address.c_str(), &uni6.sin6_addr) != 1) {
+        set_last_error_message("discovery interface address '" + d.interface_address + "' is not an IP address");
+        return fail(errc::bad_option);
+    }
+    if (::bind(udp6_uni_, reinterpret_cast<sockaddr*>(&uni6), sizeof(uni6)) != 0) {
+        set_last_error_message("cannot bind IPv6 discovery socket: " + std::string(std::strerror(errno)));
+        return fail(errc::bad_endpoint);
+    }
+    net_addr u6;
+    u6.len = sizeof(u6.ss);
+    getsockname(udp6_uni_, u6.sa(), &u6.len);
+    uni6_address_ = u6.text();
     return {};
 }
 
-void node_impl::send_beacon_to(const std::string& bytes, const void* addr, unsigned addrlen) {
-    if (sendto(udp_uni_, bytes.data(), bytes.size(), 0, static_cast<const sockaddr*>(addr),
-               addrlen)
-        >= 0) {
+void node_impl::send_beacon_to(const std::string& bytes, const net_addr& to) {
+    const int fd = to.family() == AF_INET6 ? udp6_uni_ : udp_uni_;
+    if (fd >= 0 && sendto(fd, bytes.data(), bytes.size(), 0, to.sa(), to.len) >= 0) {
         ++c.beacons_sent;
     }
 }
@@ -126,26 +176,27 @@ void node_impl::send_beacon(bool goodbye) {
     const auto& d = opt.discovery;
     const auto bytes = make_beacon(goodbye);
     if (d.broadcast) {
-        sockaddr_in a{};
-        parse_addr((d.scope == discovery_scope::host ? std::string("127.255.255.255")
-                                                     : d.broadcast_address)
-                       + ":" + std::to_string(d.port),
-                   a);
-        send_beacon_to(bytes, &a, sizeof(a));
+        net_addr a;
+        if (net_addr::parse((d.scope == discovery_scope::host ? std::string("127.255.255.255")
+                                                              : d.broadcast_address)
+                                + ":" + std::to_string(d.port),
+                            a)) {
+            send_beacon_to(bytes, a);
+        }
     }
     auto targets = peers_.targets(clock::now());
     for (const auto& t : targets) {
-        sockaddr_in a{};
-        if (parse_addr(t, a)) {
-            send_beacon_to(bytes, &a, sizeof(a));
+        net_addr a;
+        if (net_addr::parse(t, a)) {
+            send_beacon_to(bytes, a);
         }
     }
     if (!d.broadcast) {
         for (const auto& [k, p] : peers_.peers()) {
             if (std::find(targets.begin(), targets.end(), p.info.beacon_address) == targets.end()) {
-                sockaddr_in a{};
-                if (parse_addr(p.info.beacon_address, a)) {
-                    send_beacon_to(bytes, &a, sizeof(a));
+                net_addr a;
+                if (net_addr::parse(p.info.beacon_address, a)) {
+                    send_beacon_to(bytes, a);
                 }
             }
         }
@@ -156,10 +207,9 @@ void node_impl::on_datagrams(int fd) {
     std::array<char, 2048> buf{};
     const auto now = clock::now();
     for (int i = 0; i < 256; ++i) {
-        sockaddr_in from{};
-        socklen_t flen = sizeof(from);
-        const auto n = recvfrom(fd, buf.data(), buf.size(), 0, reinterpret_cast<sockaddr*>(&from),
-                                &flen);
+        net_addr from;
+        from.len = sizeof(from.ss);
+        const auto n = recvfrom(fd, buf.data(), buf.size(), 0, from.sa(), &from.len);
         if (n < 0) {
             return;
         }
@@ -168,11 +218,10 @@ void node_impl::on_datagrams(int fd) {
             std::uint64_t suppressed = 0;
             if (beacon_log_.allow(suppressed)) {
                 detail::log()->warn("evmesh node '{}': rejected datagram from {}: {} ({} suppressed)",
-                             name, addr_text(from), why, suppressed);
+                             name, from.text(), why, suppressed);
             }
         };
-        const bool loopback = (ntohl(from.sin_addr.s_addr) >> 24) == 127;
-        if (opt.discovery.scope == discovery_scope::host && !loopback) {
+        if (opt.discovery.scope == discovery_scope::host && !from.loopback()) {
             reject("sender is not on this host (scope host)");
             continue;
         }
@@ -217,7 +266,7 @@ void node_impl::on_datagrams(int fd) {
                 std::uint64_t suppressed = 0;
                 if (auth_log_.allow(suppressed)) {
                     detail::log()->warn("evmesh node '{}': node '{}' at {} is not on the allow-list "
-                                        "({} similar suppressed)", name, b->name, addr_text(from), suppressed);
+                                        "({} similar suppressed)", name, b->name, from.text(), suppressed);
                 }
                 if (peers_.find(key) != nullptr) {
                     remove_peer(key, "key no longer allowed");
@@ -239,19 +288,18 @@ void node_impl::on_datagrams(int fd) {
             if (compat_log_.allow(suppressed)) {
                 detail::log()->warn("evmesh node '{}': node '{}' at {} speaks an older mesh protocol "
                                     "(two-frame events); not connecting. Upgrade it ({} similar "
-                                    "suppressed)", name, b->name, addr_text(from), suppressed);
+                                    "suppressed)", name, b->name, from.text(), suppressed);
             }
             continue;
         }
         if (b->mesh_port == 0) {
             continue;
         }
-        std::array<char, INET_ADDRSTRLEN> ip{};
-        inet_ntop(AF_INET, &from.sin_addr, ip.data(), ip.size());
-        const std::string host = b->mesh_host.empty() ? std::string(ip.data()) : b->mesh_host;
-        const std::string endpoint = "tcp://" + host + ":" + std::to_string(b->mesh_port);
-        const std::string src = addr_text(from);
-        const auto out = peers_.on_hello(key, *b, endpoint, src, fd == udp_bcast_, now);
+        const std::string host = b->mesh_host.empty() ? from.host() : b->mesh_host;
+        const std::string endpoint = "tcp://" + endpoint_host(host) + ":" + std::to_string(b->mesh_port);
+        const std::string src = from.text();
+        const bool shared = fd == udp_bcast_ || fd == udp6_shared_;
+        const auto out = peers_.on_hello(key, *b, endpoint, src, shared, now);
         using k = discovery::hello_outcome::kind;
         bool reply = false;
         switch (out.what) {
@@ -288,14 +336,15 @@ void node_impl::on_datagrams(int fd) {
             case k::refreshed:
                 break;
         }
-        if (reply && fd == udp_bcast_) {
+        if (reply && shared) {
             // answer a newcomer directly so it does not wait for our next interval
-            send_beacon_to(make_beacon(false), &from, sizeof(from));
+            send_beacon_to(make_beacon(false), from);
         }
         for (const auto& g : b->gossip) {
-            sockaddr_in a{};
-            if (g != uni_address_ && parse_addr(g, a)) {
-                peers_.learn(g, now);
+            net_addr a;
+            if (g != uni_address_ && g != uni6_address_ && net_addr::parse(g, a)
+                && (a.family() == AF_INET || udp6_uni_ >= 0)) {
+                peers_.learn(a.text(), now);
             }
         }
         c.peers = peers_.peers().size();
@@ -341,6 +390,16 @@ void node_impl::on_monitor() {
         if (more(monitor_) && zmq_msg_recv(addr.get(), monitor_, ZMQ_DONTWAIT) >= 0) {
             endpoint.assign(addr.view());
         }
+        // With ZMQ_IPV6 on, libzmq names a reconnected IPv4 link by its mapped address
+        // ("tcp://[::ffff:10.0.0.3]:port"): bring it back to the form the peer table uses.
+        if (const auto at = endpoint.find("[::ffff:"); at != std::string::npos) {
+            const auto close = endpoint.find(']', at);
+            if (close != std::string::npos) {
+                endpoint = endpoint.substr(0, at) + endpoint.substr(at + 8, close - at - 8)
+                           + endpoint.substr(close + 1);
+            }
+        }
+        detail::log()->debug("evmesh node '{}': link event {} on '{}'", name, event, endpoint);
         if (event == ZMQ_EVENT_CONNECTED) {
             if (peers_.set_link_state(endpoint, peer_info::link_state::connected)) {
                 ++c.links_up;

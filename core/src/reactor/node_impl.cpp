@@ -248,6 +248,9 @@ result<void> node_impl::open_sockets() {
         }
         mesh_out_ = zmq_socket(ctx->ctx, ZMQ_XPUB);
         set_int(mesh_out_, ZMQ_SNDHWM, hwm);
+        if (opt.mesh_bind_address.find(':') != std::string::npos) {
+            set_int(mesh_out_, ZMQ_IPV6, 1);  // an IPv6 bind address ("::" is dual-stack)
+        }
         if (secure_) {
             set_int(mesh_out_, ZMQ_CURVE_SERVER, 1);
             zmq_setsockopt(mesh_out_, ZMQ_CURVE_SECRETKEY, curve_secret_.data(), 32);
@@ -257,7 +260,7 @@ result<void> node_impl::open_sockets() {
                 opt.slow_subscriber == overflow_policy::block ? 1 : 0);
         // No pings from this side: each peer's mesh in pings us with a TTL, and libzmq closes a
         // connection whose pings stop (halves heartbeat traffic; measured in docs/ARCHITECTURE.md).
-        const std::string ep = "tcp://" + opt.mesh_bind_address + ":"
+        const std::string ep = "tcp://" + endpoint_host(opt.mesh_bind_address) + ":"
                                + (opt.mesh_port == 0 ? std::string("*")
                                                      : std::to_string(opt.mesh_port));
         auto r = bind(mesh_out_, ep);
@@ -268,6 +271,7 @@ result<void> node_impl::open_sockets() {
 
         mesh_in_ = zmq_socket(ctx->ctx, ZMQ_XSUB);
         set_int(mesh_in_, ZMQ_RCVHWM, hwm);
+        set_int(mesh_in_, ZMQ_IPV6, 1);  // peers may be IPv6 (IPv4 endpoints still work)
         if (secure_) {  // the server key is set per peer, right before each connect
             zmq_setsockopt(mesh_in_, ZMQ_CURVE_PUBLICKEY, curve_public_.data(), 32);
             zmq_setsockopt(mesh_in_, ZMQ_CURVE_SECRETKEY, curve_secret_.data(), 32);
@@ -277,6 +281,10 @@ result<void> node_impl::open_sockets() {
         set_int(mesh_in_, ZMQ_HEARTBEAT_TIMEOUT, hb_timeout);
         set_int(mesh_in_, ZMQ_HEARTBEAT_TTL, hb_timeout);  // the peer's mesh out enforces it
         set_int(mesh_in_, ZMQ_RECONNECT_IVL, 100);
+        // A connect to a host that drops packets (a pulled cable) would wait for the kernel's SYN
+        // retries (minutes, doubling). Links now stay up across faults instead of being removed
+        // and re-created, so bound each attempt: a healed link reconnects within a second.
+        set_int(mesh_in_, ZMQ_CONNECT_TIMEOUT, hb_timeout);
         zmq_setsockopt(mesh_in_, ZMQ_MAXMSGSIZE, &max_mesh_msg, sizeof(max_mesh_msg));
         // answer mesh-inspector pings addressed to this node (see answer_ping), and the repair
         // protocol's requests and answers addressed to it
@@ -351,7 +359,7 @@ void node_impl::close_all() {
             *s = nullptr;
         }
     }
-    for (int* fd : {&udp_bcast_, &udp_uni_, &wake_fd_}) {
+    for (int* fd : {&udp_bcast_, &udp_uni_, &udp6_shared_, &udp6_uni_, &wake_fd_}) {
         if (*fd >= 0) {
             ::close(*fd);
             *fd = -1;
@@ -431,7 +439,7 @@ std::vector<peer_info> node_impl::snapshot_peers() const {
 
 void node_impl::run() {
     std::vector<zmq_pollitem_t> items;
-    enum slot { wake, l_in, c_in, m_in, l_out, m_out, u_b, u_u, mon, zap, count };
+    enum slot { wake, l_in, c_in, m_in, l_out, m_out, u_b, u_u, u6_b, u6_u, mon, zap, count };
     std::array<int, count> idx{};
     idx.fill(-1);
     auto add = [&](slot s, void* sock, int fd) {
@@ -449,6 +457,8 @@ void node_impl::run() {
     add(m_out, mesh_out_, -1);
     add(u_b, nullptr, udp_bcast_);
     add(u_u, nullptr, udp_uni_);
+    add(u6_b, nullptr, udp6_shared_);
+    add(u6_u, nullptr, udp6_uni_);
     add(mon, monitor_, -1);
     add(zap, zap_, -1);
     auto ready = [&](slot s) { return idx[s] >= 0 && (items[static_cast<std::size_t>(idx[s])].revents & ZMQ_POLLIN) != 0; };
@@ -521,6 +531,12 @@ void node_impl::run() {
         }
         if (ready(u_u)) {
             on_datagrams(udp_uni_);
+        }
+        if (ready(u6_b)) {
+            on_datagrams(udp6_shared_);
+        }
+        if (ready(u6_u)) {
+            on_datagrams(udp6_uni_);
         }
         if (ready(mon)) {
             on_monitor();

@@ -25,6 +25,7 @@
 #include "reactor/repair.hpp"
 #include "reactor/sub_registry.hpp"
 #include "util/zmsg.hpp"
+#include "reactor/zmq_util.hpp"
 #include <evmesh/codec.hpp>
 #include <evmesh/topic.hpp>
 #include "util/string_hash.hpp"
@@ -194,7 +195,7 @@ private:
     void on_datagrams(int fd);
     void on_monitor();
     void send_beacon(bool goodbye);
-    void send_beacon_to(const std::string& bytes, const void* addr, unsigned addrlen);
+    void send_beacon_to(const std::string& bytes, const net_addr& to);
     void expire_peers();
     void remove_peer(const std::string& key, const char* why);
     void link_connect(const std::string& endpoint, const std::string& curve_key);
@@ -230,6 +231,9 @@ private:
     int udp_bcast_ = -1;         // bound to the shared beacon port
     int udp_uni_ = -1;           // this node's own beacon socket (sends, unicast replies)
     std::string uni_address_;    // "ip:port" of udp_uni_
+    int udp6_shared_ = -1;       // scope lan, IPv6: [::]:port (seeds address the shared port)
+    int udp6_uni_ = -1;          // scope lan, IPv6: this node's own IPv6 beacon socket
+    std::string uni6_address_;   // "[ip]:port" of udp6_uni_
 
     // router state
     zmsg in_, in2_, sub_;                 // reused receive messages
