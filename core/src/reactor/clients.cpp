@@ -16,6 +16,7 @@
 #include "util/string_hash.hpp"
 #include "codec/utf8.hpp"
 #include "reactor/zmq_util.hpp"
+#include "util/zmsg.hpp"
 
 namespace evmesh {
 namespace detail {
@@ -124,6 +125,8 @@ struct sub_state {
     std::shared_ptr<shared_context> ctx;
     decode_limits limits;  // the node's
     std::atomic<bool> stop_requested{false};  // close() from inside the callback
+    std::mutex start_mu;                       // held while the dispatcher thread is stored
+    std::mutex close_mu;                       // serialises close() from any threads
     void* sock = nullptr;
     topic_pattern pattern;
     event_callback callback;
@@ -149,6 +152,10 @@ struct sub_state {
 
     void close() {
         stats->closed = true;
+        std::lock_guard lk(close_mu);
+        if (stop_requested) {
+            return;  // closed from inside the callback already: the dispatcher cleans up
+        }
         if (thread.joinable()) {
             if (std::this_thread::get_id() == thread.get_id()) {
                 // From inside our own callback: joining would wait for ourselves. No further
@@ -257,6 +264,8 @@ struct sub_state {
             decode_errors.add();
             return std::nullopt;
         }
+        tsan_acquire(zmq_msg_data(&topic));  // see zmsg.hpp
+        tsan_acquire(zmq_msg_data(&body));
         const std::string_view t(static_cast<const char*>(zmq_msg_data(&topic)),
                                  zmq_msg_size(&topic));
         if (!pattern.prefix_only() && !pattern.matches(t)) {
@@ -592,7 +601,11 @@ result<subscription> node::subscribe(std::string_view pattern,
     auto st = (*s)->st;
     st->callback = std::move(callback);
     st->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    // The thread starts delivering only once its std::thread is stored: a callback that closes
+    // its own subscription reads (and detaches) that object.
+    std::unique_lock start(st->start_mu);
     st->thread = std::thread([st] {
+        { std::lock_guard started(st->start_mu); }
         st->dispatch_loop();
         if (st->stop_requested) {
             st->release();  // closed from inside the callback: the socket is ours to close

@@ -453,14 +453,19 @@ TEST(CoreV2, ASubscriptionClosedOrDestroyedInItsOwnCallbackStopsCleanly) {
     auto pub = (*n)->make_publisher();
     ASSERT_TRUE(pub);
     // destroyed from inside its callback
+    std::mutex holder_mu;
     std::optional<subscription> holder;
     std::atomic<int> calls{0};
     auto s = (*n)->subscribe("cb.destroy", [&](const event_view&) {
+        std::lock_guard lk(holder_mu);
+        holder.reset();  // destroys the subscription whose callback this is
         ++calls;
-        holder.reset();
     });
     ASSERT_TRUE(s);
-    holder.emplace(std::move(*s));
+    {
+        std::lock_guard lk(holder_mu);
+        holder.emplace(std::move(*s));
+    }
     ASSERT_TRUE(pub->publish("cb.destroy", "1"));
     ASSERT_TRUE(wait_until([&] { return calls.load() == 1; }, 5s));
     for (int i = 0; i < 10; ++i) {
@@ -470,13 +475,14 @@ TEST(CoreV2, ASubscriptionClosedOrDestroyedInItsOwnCallbackStopsCleanly) {
     EXPECT_EQ(calls.load(), 1) << "no callback after the subscription was destroyed";
     // closed from inside its callback
     std::atomic<int> calls2{0};
-    subscription* self = nullptr;
+    std::atomic<subscription*> self_ptr{nullptr};
     auto s2 = (*n)->subscribe("cb.close", [&](const event_view&) {
+        self_ptr.load()->close();
         ++calls2;
-        self->close();
     });
     ASSERT_TRUE(s2);
-    self = &*s2;
+    self_ptr = &*s2;
+
     for (int i = 0; i < 10; ++i) {
         ASSERT_TRUE(pub->publish("cb.close", "x"));
     }
