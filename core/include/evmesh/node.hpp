@@ -234,8 +234,10 @@ public:
     const std::string& name() const noexcept;
     const std::string& id() const noexcept;          ///< UUID text
     std::uint64_t incarnation() const noexcept;       ///< start time in ns (changes on restart)
-    const std::string& local_in_endpoint() const noexcept;   ///< inproc, for publishers
-    const std::string& local_out_endpoint() const noexcept;  ///< inproc, for subscribers
+    /// inproc, for publishers: one frame per event, `topic` 0x00 `body` (PROTOCOL.md 8.4)
+    const std::string& local_in_endpoint() const noexcept;
+    /// inproc, for subscribers: one frame per event, as local_in_endpoint
+    const std::string& local_out_endpoint() const noexcept;
     const std::string& mesh_endpoint() const noexcept;       ///< tcp, "" when mesh disabled
     const std::vector<std::string>& pub_endpoints() const noexcept;  ///< as bound (ports resolved)
     const std::vector<std::string>& sub_endpoints() const noexcept;

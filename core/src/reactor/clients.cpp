@@ -17,6 +17,7 @@
 #include "codec/utf8.hpp"
 #include "reactor/zmq_util.hpp"
 #include "util/zmsg.hpp"
+#include "codec/envelope.hpp"
 
 namespace evmesh {
 namespace detail {
@@ -249,32 +250,25 @@ struct sub_state {
             return std::nullopt;
         }
         last_take_received_ = true;
-        if (!zmq_msg_more(&topic)) {
-            decode_errors.add();
-            return std::nullopt;
-        }
-        // never wait for a continuation frame: a torn message is counted and dropped
-        if (zmq_msg_recv(&body, sock, ZMQ_DONTWAIT) < 0) {
-            decode_errors.add();
-            return std::nullopt;
-        }
-        if (zmq_msg_more(&body)) {
-            while (zmq_msg_more(&body) && zmq_msg_recv(&body, sock, ZMQ_DONTWAIT) >= 0) {
+        if (zmq_msg_more(&topic)) {
+            // the node's inproc output sends one frame per event (topic 0x00 body)
+            while (zmq_msg_more(&topic) && zmq_msg_recv(&topic, sock, ZMQ_DONTWAIT) >= 0) {
             }
             decode_errors.add();
             return std::nullopt;
         }
         tsan_acquire(zmq_msg_data(&topic));  // see zmsg.hpp
-        tsan_acquire(zmq_msg_data(&body));
-        const std::string_view t(static_cast<const char*>(zmq_msg_data(&topic)),
-                                 zmq_msg_size(&topic));
+        std::string_view t, b;
+        if (!codec::split_mesh_frame(
+                {static_cast<const char*>(zmq_msg_data(&topic)), zmq_msg_size(&topic)}, t, b)) {
+            decode_errors.add();
+            return std::nullopt;
+        }
         if (!pattern.prefix_only() && !pattern.matches(t)) {
             filtered.add();
             return std::nullopt;
         }
-        auto v = decode_event(
-            t, std::string_view(static_cast<const char*>(zmq_msg_data(&body)), zmq_msg_size(&body)),
-            limits);
+        auto v = decode_event(t, b, limits);
         if (!v) {
             decode_errors.add();
             return std::nullopt;

@@ -204,12 +204,17 @@ result<void> node_impl::open_sockets() {
     if (auto r = bind(local_out_, local_out_ep); !r) {
         return tl::unexpected(r.error());
     }
-    for (const auto& ep : opt.sub_endpoints) {
-        auto r = bind(local_out_, ep);
-        if (!r) {
-            return tl::unexpected(r.error());
+    if (!opt.sub_endpoints.empty()) {
+        client_out_ = zmq_socket(ctx->ctx, ZMQ_XPUB);
+        set_int(client_out_, ZMQ_SNDHWM, hwm);
+        set_int(client_out_, ZMQ_XPUB_NODROP, opt.slow_subscriber == overflow_policy::block ? 1 : 0);
+        for (const auto& ep : opt.sub_endpoints) {
+            auto r = bind(client_out_, ep);
+            if (!r) {
+                return tl::unexpected(r.error());
+            }
+            sub_eps.push_back(*r);
         }
-        sub_eps.push_back(*r);
     }
 
     if (!opt.pub_endpoints.empty()) {
@@ -353,7 +358,7 @@ void node_impl::remove_ipc_files() {
 }
 
 void node_impl::close_all() {
-    for (void** s : {&local_in_, &client_in_, &local_out_, &mesh_out_, &mesh_in_, &monitor_, &zap_}) {
+    for (void** s : {&local_in_, &client_in_, &local_out_, &client_out_, &mesh_out_, &mesh_in_, &monitor_, &zap_}) {
         if (*s != nullptr) {
             zmq_close(*s);
             *s = nullptr;
@@ -367,6 +372,7 @@ void node_impl::close_all() {
     }
     hold_mesh_.reset();
     ready_.clear();
+    ready_client_.clear();
     ctl_out_.clear();
     in_ = zmsg();
     in2_ = zmsg();
@@ -439,7 +445,7 @@ std::vector<peer_info> node_impl::snapshot_peers() const {
 
 void node_impl::run() {
     std::vector<zmq_pollitem_t> items;
-    enum slot { wake, l_in, c_in, m_in, l_out, m_out, u_b, u_u, u6_b, u6_u, mon, zap, count };
+    enum slot { wake, l_in, c_in, m_in, l_out, c_out, m_out, u_b, u_u, u6_b, u6_u, mon, zap, count };
     std::array<int, count> idx{};
     idx.fill(-1);
     auto add = [&](slot s, void* sock, int fd) {
@@ -454,6 +460,7 @@ void node_impl::run() {
     add(c_in, client_in_, -1);
     add(m_in, mesh_in_, -1);
     add(l_out, local_out_, -1);
+    add(c_out, client_out_, -1);
     add(m_out, mesh_out_, -1);
     add(u_b, nullptr, udp_bcast_);
     add(u_u, nullptr, udp_uni_);
@@ -490,13 +497,13 @@ void node_impl::run() {
         // holds an event (backpressure to local publishers, block policy); the mesh input waits
         // only for local subscribers, never for the mesh output, so two nodes can never stall
         // each other. Held events are retried every millisecond.
-        const bool held = hold_mesh_.has_value() || !ready_.empty() || !ctl_out_.empty();
+        const bool held = hold_mesh_.has_value() || local_held() || !ctl_out_.empty();
         if (held) {
             timeout = std::min(timeout, 1);
         }
         poll_input(l_in, inputs_open());
         poll_input(c_in, inputs_open());
-        poll_input(m_in, ready_.empty());
+        poll_input(m_in, !local_held());
         if (zmq_poll(items.data(), static_cast<int>(items.size()), timeout) < 0) {
             if (zmq_errno() == EINTR) {
                 continue;
@@ -512,11 +519,14 @@ void node_impl::run() {
         if (ready(l_out)) {
             on_subscriptions(local_out_, true);
         }
+        if (ready(c_out)) {
+            on_subscriptions(client_out_, true);
+        }
         if (ready(m_out)) {
             on_subscriptions(mesh_out_, false);
         }
         flush_holds();
-        if (ready_.empty() && ready(m_in)) {
+        if (!local_held() && ready(m_in)) {
             forward_mesh_in();
         }
         if (inputs_open() && ready(l_in)) {
@@ -595,7 +605,7 @@ void node_impl::run() {
         commands_.clear();
     }
     const int linger = static_cast<int>(opt.linger.count());
-    for (void* s : {local_out_, mesh_out_}) {
+    for (void* s : {local_out_, client_out_, mesh_out_}) {
         if (s != nullptr) {
             set_int(s, ZMQ_LINGER, linger);
         }

@@ -174,9 +174,12 @@ private:
     void forward_mesh_in();
     void deliver_local_origin(zmsg frame);  // to local subscribers and peers
     void deliver_mesh(zmsg frame);          // to local subscribers only (one hop)
-    bool try_send_local(zmsg& frame);
+    void deliver_local(zmsg& frame);        // to both local outputs, holding what they refuse
+    bool send_inproc(zmsg& frame);
+    bool send_client(zmsg& frame);
     bool flush_holds();
-    bool inputs_open() const { return !hold_mesh_ && ready_.empty(); }
+    bool local_held() const { return !ready_.empty() || !ready_client_.empty(); }
+    bool inputs_open() const { return !hold_mesh_ && !local_held(); }
     void on_subscriptions(void* from, bool from_local);
     bool inject(const std::string& topic, const std::string& body, bool to_mesh);
     void count_reject(const std::string& reason, std::string_view topic);
@@ -223,7 +226,8 @@ private:
 
     void* local_in_ = nullptr;   // XSUB: embedded publishers (inproc, trusted, one-frame)
     void* client_in_ = nullptr;  // XSUB: client publishers (ipc/tcp, validated, two-frame v1)
-    void* local_out_ = nullptr;  // XPUB: local subscribers (two-frame v1)
+    void* local_out_ = nullptr;  // XPUB: embedded subscriptions (inproc, one frame per event)
+    void* client_out_ = nullptr; // XPUB: client subscribers on sub endpoints (two-frame v1)
     void* mesh_out_ = nullptr;   // XPUB: peers' mesh_in connect here (one-frame, mesh protocol 2)
     void* mesh_in_ = nullptr;    // XSUB: connects to every peer's mesh_out
     void* monitor_ = nullptr;    // PAIR: mesh_in socket events
@@ -238,7 +242,8 @@ private:
     // router state
     zmsg in_, in2_, sub_;                 // reused receive messages
     std::optional<zmsg> hold_mesh_;       // block policy: a local event waiting for mesh_out
-    std::deque<zmsg> ready_;              // mesh frames waiting for local_out (in order)
+    std::deque<zmsg> ready_;              // frames waiting for local_out (in order)
+    std::deque<zmsg> ready_client_;       // frames waiting for client_out (in order)
     std::deque<zmsg> ctl_out_;            // control frames for mesh_out (naks, repairs)
     std::string frame_buf_;               // building a mesh frame from a client event
     struct sub_entry {
@@ -246,6 +251,7 @@ private:
         std::int64_t since_ns = 0;  // when the prefix was first subscribed (repair's `since`)
     };
     std::unordered_map<std::string, sub_entry> local_subs_, mesh_subs_;
+    std::unordered_map<std::string, int> inproc_subs_, client_subs_;  // per local output
     std::unordered_map<std::string, std::uint64_t> client_seq_;
     std::string scratch_;
     log_limiter reject_log_, beacon_log_, compat_log_;

@@ -41,32 +41,54 @@ constexpr std::size_t max_ctl_queue = 200000;
 
 // ---- outputs ----
 
-bool node_impl::try_send_local(zmsg& frame) {
-    std::string_view topic, body;
-    if (!codec::split_mesh_frame(frame.view(), topic, body)) {
-        return true;  // cannot happen: frames are checked where they enter
-    }
-    if ((++latency_tick_ & 7) == 0) {
-        sample_latency(body);  // 1 in 8 deliveries: cheap, and enough for percentiles
-    }
-    zmsg t(topic);
-    zmsg b = zmsg::slice(frame, topic.size() + 1, body.size());
-    if (zmq_msg_send(t.get(), local_out_, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
+bool node_impl::send_inproc(zmsg& frame) {
+    // embedded subscriptions take the frame itself: no copy, a reference for large messages
+    zmsg copy = frame.share();
+    if (zmq_msg_send(copy.get(), local_out_, ZMQ_DONTWAIT) < 0) {
         return false;
     }
-    zmq_msg_send(b.get(), local_out_, ZMQ_DONTWAIT);  // the rest of an accepted message
     ++c.local_out_events;
     return true;
 }
 
-void node_impl::deliver_local_origin(zmsg frame) {
-    // Under the drop policy both XPUBs are lossy and these sends never fail. Under the block
-    // policy (ZMQ_XPUB_NODROP) a full receiver refuses the event: it is held and the local
+bool node_impl::send_client(zmsg& frame) {
+    // clients on sub endpoints speak two frames (PROTOCOL.md section 1)
+    std::string_view topic, body;
+    if (!codec::split_mesh_frame(frame.view(), topic, body)) {
+        return true;  // cannot happen: frames are checked where they enter
+    }
+    zmsg t(topic);
+    zmsg b = zmsg::slice(frame, topic.size() + 1, body.size());
+    if (zmq_msg_send(t.get(), client_out_, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
+        return false;
+    }
+    zmq_msg_send(b.get(), client_out_, ZMQ_DONTWAIT);  // the rest of an accepted message
+    ++c.local_out_events;
+    return true;
+}
+
+void node_impl::deliver_local(zmsg& frame) {
+    // Under the drop policy the XPUBs are lossy and these sends never fail. Under the block
+    // policy (ZMQ_XPUB_NODROP) a full receiver refuses the event: it is held (in order) and the
     // inputs pause until it is taken (backpressure to the publishers).
-    if (!local_subs_.empty() && (!ready_.empty() || !try_send_local(frame))) {
+    if ((++latency_tick_ & 7) == 0 && (!inproc_subs_.empty() || !client_subs_.empty())) {
+        std::string_view topic, body;
+        if (codec::split_mesh_frame(frame.view(), topic, body)) {
+            sample_latency(body);  // 1 in 8 deliveries: cheap, and enough for percentiles
+        }
+    }
+    if (!inproc_subs_.empty() && (!ready_.empty() || !send_inproc(frame))) {
         ++c.local_out_blocked;
         ready_.push_back(frame.share());
     }
+    if (!client_subs_.empty() && (!ready_client_.empty() || !send_client(frame))) {
+        ++c.local_out_blocked;
+        ready_client_.push_back(frame.share());
+    }
+}
+
+void node_impl::deliver_local_origin(zmsg frame) {
+    deliver_local(frame);
     if (!mesh_subs_.empty()) {
         if (zmq_msg_send(frame.get(), mesh_out_, ZMQ_DONTWAIT) >= 0) {
             ++c.mesh_out_events;
@@ -78,25 +100,29 @@ void node_impl::deliver_local_origin(zmsg frame) {
 }
 
 void node_impl::deliver_mesh(zmsg frame) {
-    if (local_subs_.empty()) {
-        return;
-    }
-    if (!ready_.empty() || !try_send_local(frame)) {
-        ++c.local_out_blocked;
-        ready_.push_back(std::move(frame));
-    }
+    deliver_local(frame);
 }
 
 bool node_impl::flush_holds() {
     while (!ready_.empty()) {
-        if (local_subs_.empty()) {
+        if (inproc_subs_.empty()) {
             ready_.clear();
             break;
         }
-        if (!try_send_local(ready_.front())) {
+        if (!send_inproc(ready_.front())) {
             break;
         }
         ready_.pop_front();
+    }
+    while (!ready_client_.empty()) {
+        if (client_subs_.empty()) {
+            ready_client_.clear();
+            break;
+        }
+        if (!send_client(ready_client_.front())) {
+            break;
+        }
+        ready_client_.pop_front();
     }
     if (hold_mesh_) {
         if (mesh_subs_.empty()) {
@@ -106,13 +132,13 @@ bool node_impl::flush_holds() {
             hold_mesh_.reset();
         }
     }
-    while (!ctl_out_.empty() && mesh_out_ != nullptr) {
+    while (!ctl_out_.empty() && mesh_out_ != nullptr && !hold_mesh_) {
         if (zmq_msg_send(ctl_out_.front().get(), mesh_out_, ZMQ_DONTWAIT) < 0) {
             break;
         }
         ctl_out_.pop_front();
     }
-    return ready_.empty() && !hold_mesh_;
+    return ready_.empty() && ready_client_.empty() && !hold_mesh_;
 }
 
 bool node_impl::inject(const std::string& topic, const std::string& body, bool to_mesh) {
@@ -266,7 +292,7 @@ void node_impl::forward_client() {
 
 void node_impl::forward_mesh_in() {
     const auto now = clock::now();
-    for (std::uint32_t i = 0; i < opt.batch && ready_.empty(); ++i) {
+    for (std::uint32_t i = 0; i < opt.batch && !local_held(); ++i) {
         if (zmq_msg_recv(in_.get(), mesh_in_, ZMQ_DONTWAIT) < 0) {
             return;
         }
@@ -323,6 +349,9 @@ void node_impl::forward_mesh_in() {
 
 void node_impl::on_subscriptions(void* from, bool from_local) {
     auto& set = from_local ? local_subs_ : mesh_subs_;
+    // per output: whether it has a subscriber at all (each XPUB reports a prefix's first
+    // subscribe and last unsubscribe; local_subs_ is their union, reference-counted)
+    auto* out_set = from == local_out_ ? &inproc_subs_ : from == client_out_ ? &client_subs_ : nullptr;
     for (std::uint32_t i = 0; i < opt.batch; ++i) {
         if (zmq_msg_recv(sub_.get(), from, ZMQ_DONTWAIT) < 0) {
             return;
@@ -337,6 +366,9 @@ void node_impl::on_subscriptions(void* from, bool from_local) {
         }
         const std::string prefix(d.substr(1));
         if (from_local && prefix.starts_with(sync_prefix)) {
+            if (from != local_out_) {
+                continue;  // only embedded subscriptions take part in the handshake
+            }
             // A new embedded subscription asks when its subscriptions are in effect: this one was
             // sent after them on the same pipe, so they are. Noted for make_sub (which asks via
             // call()); never forwarded upstream, never counted.
@@ -358,7 +390,15 @@ void node_impl::on_subscriptions(void* from, bool from_local) {
                 it = set.emplace(prefix, sub_entry{0, now_ns()}).first;
             }
             ++it->second.refs;
+            if (out_set != nullptr) {
+                ++(*out_set)[prefix];
+            }
         } else if (auto it = set.find(prefix); it != set.end()) {
+            if (out_set != nullptr) {
+                if (auto o = out_set->find(prefix); o != out_set->end() && --o->second <= 0) {
+                    out_set->erase(o);
+                }
+            }
             if (--it->second.refs <= 0) {
                 set.erase(it);
                 if (from_local && rx_) {
