@@ -17,7 +17,7 @@ import uuid
 import msgpack
 import zmq
 
-from evmesh_testlib import NodeTestCase, main, wait_for
+from evmesh_testlib import NodeTestCase, free_port, main, wait_for
 
 ROUNDS = int(os.environ.get("EVMESH_FAULT_ROUNDS", "20"))
 
@@ -156,6 +156,37 @@ class Faults(NodeTestCase):
         self.assertEqual(n.http("/healthz"), "ok\n")
         print(f"forged hellos {sent}: {peers} admitted, "
               f"{n.metric('evmesh_peer_hellos_refused_total'):.0f} refused")
+
+    def test_a_node_restarted_on_the_same_port_gets_one_link_that_lasts(self):
+        port = str(free_port())
+        a = self.start_node("A", "--mesh-port", port)
+        b = self.start_node("B")
+        self.assertTrue(wait_for(lambda: [p["state"] for p in b.peers()] == ["connected"], 10))
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(5)
+        a2 = self.start_node("A", "--mesh-port", port)  # new id, same name, same endpoint
+        self.assertTrue(wait_for(lambda: len(b.peers()) == 1 and b.peers()[0]["id"] == a2.ready["id"], 10),
+                        b.peers())
+        time.sleep(3.0)  # past the old entry's expiry: its removal must not cut the new link
+
+        def deliver(tag, count=50):
+            sub = self.ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, tag.encode())
+            sub.connect(b.sub)
+            self.assertTrue(wait_for(lambda: a2.metric("evmesh_subscriptions", origin="mesh") >= 1, 10))
+            pub = Publisher(self.ctx, a2.pub, tag + ".x", "restart-test/" + tag)
+            self.assertTrue(pub.wait_subscribed())
+            time.sleep(0.2)
+            pub.send(count)
+            got = []
+            while sub.poll(1000):
+                got.append(msgpack.unpackb(sub.recv_multipart()[1], raw=False)[4])
+            sub.close(0)
+            pub.sock.close(0)
+            return got
+
+        self.assertEqual(deliver("again"), list(range(1, 51)), "each event once: one link, not two")
+        self.assertEqual([p["state"] for p in b.peers()], ["connected"])
 
     def test_clients_cannot_publish_on_reserved_topics(self):
         n = self.start_node("R")

@@ -120,7 +120,8 @@ steady::time_point peer_table::next_expiry(steady::time_point now) const {
 
 bool peer_table::set_link_state(const std::string& endpoint, peer_info::link_state s,
                                 steady::time_point now) {
-    for (auto& [k, p] : peers_) {
+    bool found = false;
+    for (auto& [k, p] : peers_) {  // every entry of that endpoint (a restart has two for a while)
         if (p.info.endpoint == endpoint) {
             if (s != peer_info::link_state::connected && p.info.state == peer_info::link_state::connected) {
                 p.connecting_since = now;
@@ -129,10 +130,10 @@ bool peer_table::set_link_state(const std::string& endpoint, peer_info::link_sta
                 p.stuck_reported = false;
             }
             p.info.state = s;
-            return true;
+            found = true;
         }
     }
-    return false;
+    return found;
 }
 
 std::vector<const peer_record*> peer_table::stuck_links(steady::time_point now, steady::duration after,

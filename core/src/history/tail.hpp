@@ -50,6 +50,7 @@ public:
         steady::time_point last_append{};
         std::uint64_t hb_seq = 0;             // last_seq at the last heartbeat
         steady::time_point hb_at{};
+        std::size_t slots = 0;                // fifo_ slots naming this stream (live or stale)
     };
 
     explicit history_tail(tail_options o = {}) : opt_(o) {}
@@ -86,22 +87,39 @@ public:
         s->last_seq = seq;
         s->last_append = now;
         fifo_.push_back(slot{s, head_ - frame.size()});
+        ++s->slots;
         ++events_;
         return true;
     }
 
-    // Drops what is older than max_age.
+    // Drops what is older than max_age, and forgets streams that have been empty and silent
+    // for twice that (sources come and go: the table must not fill up for good).
     void trim(steady::time_point now) {
         while (!fifo_.empty()) {
             const auto [s, pos] = fifo_.front();
             if (s->entries.empty() || s->entries.front().pos != pos) {
-                fifo_.pop_front();  // a dropped stream's slot
+                pop_slot();  // a dropped stream's slot
                 continue;
             }
             if (now - s->entries.front().added <= opt_.max_age) {
                 break;
             }
             evict_front();
+        }
+        if (now - last_prune_ < opt_.max_age) {
+            return;
+        }
+        last_prune_ = now;
+        for (auto it = streams_.begin(); it != streams_.end();) {
+            auto& st = it->second;
+            if (st.entries.empty() && st.slots == 0 && now - st.last_append > 2 * opt_.max_age) {
+                if (last_ == &st) {
+                    last_ = nullptr;
+                }
+                it = streams_.erase(it);
+            } else {
+                ++it;
+            }
         }
     }
 
@@ -163,7 +181,7 @@ private:
             s.topic.assign(topic);
             it = streams_.emplace(key_, std::move(s)).first;
         }
-        last_ = &it->second;  // node-based map: stable (streams are never erased)
+        last_ = &it->second;  // node-based map: stable until trim() forgets an idle stream
         return last_;
     }
 
@@ -171,7 +189,7 @@ private:
     void evict_front() {
         while (!fifo_.empty()) {
             const auto [s, pos] = fifo_.front();
-            fifo_.pop_front();
+            pop_slot();
             if (s->entries.empty() || s->entries.front().pos != pos) {
                 continue;  // a dropped stream's slot
             }
@@ -185,6 +203,11 @@ private:
             return;
         }
         tail_ = head_;  // nothing left
+    }
+
+    void pop_slot() {
+        --fifo_.front().s->slots;
+        fifo_.pop_front();
     }
 
     void drop_stream(stream& s) {
@@ -204,6 +227,7 @@ private:
     };
     std::deque<slot> fifo_;  // one slot per entry, oldest first: eviction order
     stream* last_ = nullptr;
+    steady::time_point last_prune_{};
     std::string key_;
     std::size_t events_ = 0;
     std::uint64_t evicted_ = 0, untracked_ = 0;

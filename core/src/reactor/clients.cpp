@@ -127,7 +127,9 @@ struct sub_state {
     decode_limits limits;  // the node's
     std::atomic<bool> stop_requested{false};  // close() from inside the callback
     std::mutex start_mu;                       // held while the dispatcher thread is stored
-    std::mutex close_mu;                       // serialises close() from any threads
+    std::mutex close_mu;                       // guards thread, detached, the release
+    std::atomic<std::thread::id> dispatcher_id{};
+    bool detached = false;                     // guarded by close_mu
     void* sock = nullptr;
     topic_pattern pattern;
     event_callback callback;
@@ -153,22 +155,30 @@ struct sub_state {
 
     void close() {
         stats->closed = true;
-        std::lock_guard lk(close_mu);
-        if (stop_requested) {
-            return;  // closed from inside the callback already: the dispatcher cleans up
+        if (std::this_thread::get_id() == dispatcher_id.load()) {
+            // From inside our own callback: joining would wait for ourselves. No further
+            // callback starts. If nobody else is joining the thread, it detaches and cleans up by
+            // itself when the callback returns (it owns a reference to this state).
+            stop_requested = true;
+            std::lock_guard lk(close_mu);
+            if (thread.joinable()) {
+                thread.detach();
+                detached = true;
+            }
+            return;
+        }
+        std::unique_lock lk(close_mu);
+        if (detached) {
+            return;  // closed from inside the callback: the dispatcher cleans up
         }
         if (thread.joinable()) {
-            if (std::this_thread::get_id() == thread.get_id()) {
-                // From inside our own callback: joining would wait for ourselves. No further
-                // callback starts; the thread closes the socket and ends when the callback returns
-                // (it owns a reference to this state).
-                stop_requested = true;
-                thread.detach();
-                return;
-            }
+            // join without the lock: the callback may be calling close() right now
+            std::thread t = std::move(thread);
+            lk.unlock();
             const std::uint64_t one = 1;
             (void)!write(stop_fd, &one, sizeof(one));
-            thread.join();
+            t.join();
+            lk.lock();
         }
         release();
     }
@@ -600,8 +610,10 @@ result<subscription> node::subscribe(std::string_view pattern,
     std::unique_lock start(st->start_mu);
     st->thread = std::thread([st] {
         { std::lock_guard started(st->start_mu); }
+        st->dispatcher_id = std::this_thread::get_id();
         st->dispatch_loop();
-        if (st->stop_requested) {
+        std::lock_guard lk(st->close_mu);
+        if (st->detached) {
             st->release();  // closed from inside the callback: the socket is ours to close
         }
     });

@@ -320,8 +320,8 @@ void node_impl::on_datagrams(int fd) {
             case k::replaced:
                 ++c.peers_joined;
                 ++c.peers_replaced;
-                link_disconnect(out.old_endpoint);
                 link_connect(endpoint, b->public_key);
+                link_disconnect(out.old_endpoint);
                 reply = true;
                 detail::log()->info("evmesh node '{}': peer '{}' restarted: {} -> {}", name, b->name,
                                     out.old_endpoint, endpoint);
@@ -329,8 +329,8 @@ void node_impl::on_datagrams(int fd) {
             case k::moved:
                 detail::log()->info("evmesh node '{}': peer '{}' restarted or moved: {} -> {}", name,
                                     b->name, out.old_endpoint, endpoint);
-                link_disconnect(out.old_endpoint);
                 link_connect(endpoint, b->public_key);
+                link_disconnect(out.old_endpoint);
                 reply = true;
                 break;
             case k::refreshed:
@@ -352,18 +352,37 @@ void node_impl::on_datagrams(int fd) {
 }
 
 void node_impl::link_connect(const std::string& endpoint, const std::string& curve_key) {
+    // One connection per endpoint, however many peer entries name it (a node restarted on the
+    // same port has an old and a new entry for a while): reference-counted, so the old entry's
+    // removal never cuts the new one's link, and a second connect never doubles the events.
+    auto& link = links_[endpoint];
+    if (link.refs++ > 0) {
+        if (!secure_ || link.curve_key == curve_key) {
+            return;  // already connected (libzmq keeps reconnecting it)
+        }
+        // the node behind it has a new key: a new CURVE handshake is needed, at once (we are
+        // between whole messages here)
+        zmq_disconnect(mesh_in_, endpoint.c_str());
+    }
     // a disconnect of the same endpoint still waiting would undo this connect
     disconnects_.erase(std::remove(disconnects_.begin(), disconnects_.end(), endpoint), disconnects_.end());
     if (secure_) {
         zmq_setsockopt(mesh_in_, ZMQ_CURVE_SERVERKEY, curve_key.data(), 32);
     }
+    link.curve_key = curve_key;
     zmq_connect(mesh_in_, endpoint.c_str());
 }
 
 void node_impl::link_disconnect(const std::string& endpoint) {
-    if (!endpoint.empty()) {
-        disconnects_.push_back(endpoint);
+    auto it = links_.find(endpoint);
+    if (endpoint.empty() || it == links_.end()) {
+        return;
     }
+    if (--it->second.refs > 0) {
+        return;  // another peer entry still uses this link
+    }
+    links_.erase(it);
+    disconnects_.push_back(endpoint);
 }
 
 void node_impl::apply_disconnects() {

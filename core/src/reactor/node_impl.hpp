@@ -272,6 +272,11 @@ private:
     // discovery and links
     discovery::peer_table peers_;
     std::vector<std::string> disconnects_;  // applied between messages (apply_disconnects)
+    struct link_ref {
+        int refs = 0;
+        std::string curve_key;
+    };
+    std::unordered_map<std::string, link_ref> links_;  // endpoint -> peer entries using it
 
     std::mutex channel_stats_mu_;
     std::function<std::string()> channel_stats_;  // `channels` of the stats event (node::set_channel_stats)

@@ -25,6 +25,7 @@ struct repair_options {
     std::uint32_t nak_retries = 20;               // NAKs per gap before it is reported lost
     std::size_t max_held = 100000;                // events held behind gaps, all streams
     std::size_t max_streams = 65536;
+    std::chrono::milliseconds idle_after{600000};  // streams silent this long are forgotten
 };
 
 // One gap that could not be repaired (the events aged out of the publisher's window, the
@@ -49,6 +50,7 @@ public:
         std::function<void(const nak_request&)> nak;     // to the publishing node
         std::function<void(const lost_range&)> lost;     // reported, never silent
         std::function<std::int64_t(std::string_view)> since;  // when we began wanting a topic
+        std::function<std::int64_t()> wall_now;               // the wall clock, ns
     };
 
     repair_rx(repair_options o, sink s) : opt_(o), sink_(std::move(s)) {}
@@ -80,6 +82,8 @@ public:
     std::uint64_t lost() const { return lost_; }
     std::uint64_t duplicates() const { return duplicates_; }
     std::uint64_t skipped_before_subscription() const { return skipped_; }
+    std::uint64_t restarts() const { return restarts_; }     // streams a publisher renumbered
+    std::uint64_t untracked() const { return untracked_; }   // events passed on unordered (table full)
     std::size_t held() const { return held_total_; }
     std::size_t streams() const { return streams_.size(); }
 
@@ -93,14 +97,18 @@ private:
         steady::time_point nak_at{};
         std::uint32_t tries = 0;
         std::uint64_t next_at_nak = 0;  // `next` when the last NAK went out (progress check)
+        steady::time_point last_active{};
         bool open_gap = false;
     };
 
     stream* get(std::string_view source, std::string_view topic);
+    void start(stream& s, std::uint64_t seq, zmsg frame, steady::time_point now);
+    void restart(stream& s, steady::time_point now);
+    std::int64_t since_for(const stream& s) const;
     void open(stream& s, std::uint64_t to, std::int64_t since, steady::time_point now);
     void send_nak(stream& s, steady::time_point now);
-    void drain(stream& s);
-    void give_up(stream& s, std::uint64_t upto);
+    void drain(stream& s, steady::time_point now);
+    void give_up(stream& s, std::uint64_t upto, steady::time_point now);
 
     repair_options opt_;
     sink sink_;
@@ -109,6 +117,8 @@ private:
     std::string key_;
     std::size_t held_total_ = 0;
     std::uint64_t naks_ = 0, recovered_ = 0, lost_ = 0, duplicates_ = 0, skipped_ = 0;
+    std::uint64_t restarts_ = 0, untracked_ = 0;
+    std::int64_t forgotten_at_ns_ = 0;  // wall time the last idle stream was forgotten
 };
 
 }  // namespace evmesh::detail

@@ -480,6 +480,7 @@ void node_impl::setup_repair() {
         }
     };
     s.since = [this](std::string_view topic) { return wanted_since(topic); };
+    s.wall_now = [] { return now_ns(); };
     rx_ = std::make_unique<repair_rx>(
         repair_options{opt.repair.nak_interval, opt.repair.nak_retries, opt.repair.max_held, 65536},
         std::move(s));
@@ -595,15 +596,18 @@ void node_impl::serve_nak(std::string_view body) {
     const std::string reply = "_evmesh.rtx." + std::string(requester);
     const std::uint64_t first_retained = st->entries.empty() ? st->last_seq + 1 : st->entries.front().seq;
     std::uint64_t lost_to = 0;
-    if (from < first_retained && st->evicted_upto >= from && st->evicted_time_ns >= since) {
+    if (from < first_retained && st->evicted_upto >= from && (since == 0 || st->evicted_time_ns >= since)) {
         lost_to = std::min(to, first_retained - 1);  // aged out of the window
     }
     std::uint64_t first_sent = to + 1, last_sent = to;
     std::size_t sent = 0;
     std::string f;
-    for (auto& e : st->entries) {
-        if (e.seq < from || e.time_ns < since) {
-            continue;
+    auto first = std::lower_bound(st->entries.begin(), st->entries.end(), from,
+                                  [](const history_tail::entry& e, std::uint64_t v) { return e.seq < v; });
+    for (auto it = first; it != st->entries.end(); ++it) {
+        auto& e = *it;
+        if (since != 0 && e.time_ns < since) {
+            continue;  // older than the requester's subscription (start of a stream)
         }
         if (e.seq > to) {
             break;
