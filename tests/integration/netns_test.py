@@ -40,7 +40,43 @@ def ip(*args, ns=None, check=True):
     return subprocess.run(cmd, capture_output=True, check=check, timeout=10)
 
 
-class NetnsMesh(unittest.TestCase):
+class NetnsCase(unittest.TestCase):
+    """Shared by the tests below: nodes started inside namespaces, cleaned up by PID, and the
+    namespaces removed, even when a test fails."""
+    HTTP = 18080
+
+    def tearDown(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=5)
+            if p.stdout:
+                p.stdout.close()
+        for ns in self.made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        self.made = []
+
+    def start_in(self, i, args):
+        ns = self.hosts[i]
+        cmd = ["ip", "netns", "exec", ns, NODE, *args, "--http", f"127.0.0.1:{self.HTTP}"]
+        err = open(f"/tmp/netns-h{i}.log", "w") if os.environ.get("EVMESH_NETNS_LOGS") else subprocess.DEVNULL
+        p = subprocess.Popen(cmd + (["--log-level", "debug"] if err != subprocess.DEVNULL else []),
+                             stdout=subprocess.PIPE, stderr=err)
+        self.procs.append(p)
+        line = read_line(p, 10)
+        self.assertTrue(line.startswith(b"READY "), line)
+        return json.loads(line[6:])
+
+    def peers(self, i):
+        r = subprocess.run(["ip", "netns", "exec", self.hosts[i], "curl", "-s", "--max-time", "2",
+                            f"http://127.0.0.1:{self.HTTP}/peers"], capture_output=True, timeout=10)
+        try:
+            return json.loads(r.stdout or b"[]")
+        except ValueError:
+            return []
+
+
+class NetnsMesh(NetnsCase):
     HOSTS = 3
 
     def setUp(self):
@@ -73,42 +109,15 @@ class NetnsMesh(unittest.TestCase):
         self.mesh = f"ns-{tag}"
         self.port = 19470
 
-    def tearDown(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=5)
-            if p.stdout:
-                p.stdout.close()
-        for ns in self.made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-        self.made = []
-
     def addr(self, i):
         return f"{self.subnet}.{i + 1}"
 
     def start(self, i, *extra):
-        ns = self.hosts[i]
-        args = ["ip", "netns", "exec", ns, NODE, "--name", f"h{i}", "--mesh", self.mesh,
-                "--scope", "lan", "--broadcast-address", f"{self.subnet}.255",
-                "--interface-address", self.addr(i), "--mesh-bind", self.addr(i),
-                "--beacon-port", str(self.port), "--pub-endpoint", "tcp://127.0.0.1:*",
-                "--sub-endpoint", "tcp://127.0.0.1:*", "--http", "127.0.0.1:18080", *extra]
-        err = open(f"/tmp/netns-h{i}.log", "w") if os.environ.get("EVMESH_NETNS_LOGS") else subprocess.DEVNULL
-        p = subprocess.Popen(args + (["--log-level", "debug"] if err != subprocess.DEVNULL else []),
-                             stdout=subprocess.PIPE, stderr=err)
-        self.procs.append(p)
-        line = read_line(p, 10)
-        self.assertTrue(line.startswith(b"READY "), line)
-        return json.loads(line[6:])
-
-    def peers(self, i):
-        r = subprocess.run(["ip", "netns", "exec", self.hosts[i], "curl", "-s", "--max-time", "2",
-                            "http://127.0.0.1:18080/peers"], capture_output=True, timeout=10)
-        try:
-            return json.loads(r.stdout or b"[]")
-        except ValueError:
-            return []
+        return self.start_in(i, ["--name", f"h{i}", "--mesh", self.mesh, "--scope", "lan",
+                                 "--broadcast-address", f"{self.subnet}.255",
+                                 "--interface-address", self.addr(i), "--mesh-bind", self.addr(i),
+                                 "--beacon-port", str(self.port), "--pub-endpoint", "tcp://127.0.0.1:*",
+                                 "--sub-endpoint", "tcp://127.0.0.1:*", *extra])
 
     def connected(self, i):
         return sorted(p["name"] for p in self.peers(i) if p["state"] == "connected")
@@ -166,7 +175,7 @@ class NetnsMesh(unittest.TestCase):
         self.assertEqual(seqs, list(range(1, count + 1)), f"received {len(seqs)} of {count}")
 
 
-class NetnsIPv6(unittest.TestCase):
+class NetnsIPv6(NetnsCase):
     """Two namespaces joined by a veth pair with IPv6 addresses only (ULA, inside the test's own
     namespaces): discovery by an IPv6 seed, the reply by unicast, a mesh link over IPv6."""
 
@@ -193,39 +202,14 @@ class NetnsIPv6(unittest.TestCase):
         self.mesh = f"v6-{tag}"
         self.port = 19471
 
-    def tearDown(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=5)
-            if p.stdout:
-                p.stdout.close()
-        for ns in self.made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-        self.made = []
-
     def addr(self, i):
         return f"{self.prefix}{i + 1}"
 
     def start(self, i, *extra):
-        args = ["ip", "netns", "exec", self.hosts[i], NODE, "--name", f"v{i}", "--mesh", self.mesh,
-                "--scope", "lan", "--no-broadcast", "--interface-address", self.addr(i),
-                "--mesh-bind", self.addr(i), "--beacon-port", str(self.port),
-                "--pub-endpoint", "tcp://127.0.0.1:*", "--sub-endpoint", "tcp://127.0.0.1:*",
-                "--http", "127.0.0.1:18081", *extra]
-        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self.procs.append(p)
-        line = read_line(p, 10)
-        self.assertTrue(line.startswith(b"READY "), line)
-        return json.loads(line[6:])
-
-    def peers(self, i):
-        r = subprocess.run(["ip", "netns", "exec", self.hosts[i], "curl", "-s", "--max-time", "2",
-                            "http://127.0.0.1:18081/peers"], capture_output=True, timeout=10)
-        try:
-            return json.loads(r.stdout or b"[]")
-        except ValueError:
-            return []
+        return self.start_in(i, ["--name", f"v{i}", "--mesh", self.mesh, "--scope", "lan", "--no-broadcast",
+                                 "--interface-address", self.addr(i), "--mesh-bind", self.addr(i),
+                                 "--beacon-port", str(self.port), "--pub-endpoint", "tcp://127.0.0.1:*",
+                                 "--sub-endpoint", "tcp://127.0.0.1:*", *extra])
 
     def test_ipv6_seed_discovery_and_delivery(self):
         a = self.start(0)

@@ -293,8 +293,9 @@ bool valid_topic(std::string_view topic, std::size_t max_bytes) noexcept {
 
 namespace evmesh::codec {
 
-bool peek_source_time(std::string_view body, std::string_view& source, std::int64_t& time_ns) noexcept {
-    msgpack_reader r(body);
+namespace {
+// The envelope's head up to time, with a reader left at seq.
+bool peek_head(msgpack_reader& r, std::string_view& source, std::int64_t& time_ns) noexcept {
     std::uint32_t n = 0;
     std::uint64_t version = 0;
     std::string_view id;
@@ -303,17 +304,17 @@ bool peek_source_time(std::string_view body, std::string_view& source, std::int6
            && r.read_bin(id, 16) == errc::ok && r.read_str(source, 1024) == errc::ok
            && r.read_int(time_ns) == errc::ok;
 }
+}  // namespace
+
+bool peek_source_time(std::string_view body, std::string_view& source, std::int64_t& time_ns) noexcept {
+    msgpack_reader r(body);
+    return peek_head(r, source, time_ns);
+}
 
 bool peek_stream(std::string_view body, std::string_view& source, std::int64_t& time_ns,
                  std::uint64_t& seq) noexcept {
     msgpack_reader r(body);
-    std::uint32_t n = 0;
-    std::uint64_t version = 0;
-    std::string_view id;
-    return r.read_array_header(n) == errc::ok && n >= envelope_elements
-           && r.read_uint(version) == errc::ok && version == wire_version
-           && r.read_bin(id, 16) == errc::ok && r.read_str(source, 1024) == errc::ok
-           && r.read_int(time_ns) == errc::ok && r.read_uint(seq) == errc::ok;
+    return peek_head(r, source, time_ns) && r.read_uint(seq) == errc::ok;
 }
 
 void encode_completed(const event_view& v, std::string& out) {

@@ -133,10 +133,7 @@ public:
     }
 
     stream* find(std::string_view source, std::string_view topic) {
-        key_.assign(source);
-        key_.push_back('\0');
-        key_.append(topic);
-        auto it = streams_.find(std::string_view(key_));
+        auto it = streams_.find(stream_key(key_, source, topic));
         return it == streams_.end() ? nullptr : &it->second;
     }
 
@@ -168,10 +165,7 @@ private:
         if (last_ != nullptr && last_->topic == topic && last_->source == source) {
             return last_;
         }
-        key_.assign(source);
-        key_.push_back('\0');
-        key_.append(topic);
-        auto it = streams_.find(std::string_view(key_));
+        auto it = streams_.find(stream_key(key_, source, topic));
         if (it == streams_.end()) {
             if (streams_.size() >= opt_.max_streams) {
                 return nullptr;

@@ -8,10 +8,7 @@ repair_rx::stream* repair_rx::get(std::string_view source, std::string_view topi
     if (last_ != nullptr && last_->topic == topic && last_->source == source) {
         return last_;
     }
-    key_.assign(source);
-    key_.push_back('\0');
-    key_.append(topic);
-    auto it = streams_.find(std::string_view(key_));
+    auto it = streams_.find(stream_key(key_, source, topic));
     if (it == streams_.end()) {
         if (streams_.size() >= opt_.max_streams) {
             ++untracked_;
@@ -135,10 +132,7 @@ void repair_rx::on_heartbeat(std::string_view source, std::string_view topic,
 void repair_rx::on_fill(std::string_view source, std::string_view topic, std::uint64_t from,
                         std::uint64_t to, std::uint64_t first_sent, std::uint64_t lost_to,
                         steady::time_point now) {
-    key_.assign(source);
-    key_.push_back('\0');
-    key_.append(topic);
-    auto it = streams_.find(std::string_view(key_));
+    auto it = streams_.find(stream_key(key_, source, topic));
     if (it == streams_.end() || !it->second.open_gap) {
         return;
     }

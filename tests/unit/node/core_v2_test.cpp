@@ -12,6 +12,7 @@
 #include <evmesh/node.hpp>
 
 #include "../../support/link_fault.hpp"
+#include "../../support/mesh.hpp"
 #include "../../support/wait.hpp"
 
 namespace evmesh {
@@ -25,21 +26,13 @@ int stress_seconds() {
     return s != nullptr ? std::max(1, std::atoi(s)) : 5;
 }
 
-node_options opts(const std::string& mesh, const std::string& name, std::uint16_t port) {
-    node_options o;
-    o.name = name;
-    o.mesh = mesh;
-    o.discovery.port = port;
-    return o;
-}
-
 std::vector<std::unique_ptr<node>> make_mesh(int n, const std::string& base,
                                              const std::function<void(node_options&)>& tweak = {}) {
     const auto mesh = test::unique_mesh(base);
     const auto port = test::unique_port();
     std::vector<std::unique_ptr<node>> nodes;
     for (int i = 0; i < n; ++i) {
-        auto o = opts(mesh, "n" + std::to_string(i), port);
+        auto o = test::mesh_options(mesh, "n" + std::to_string(i), port);
         if (tweak) {
             tweak(o);
         }
@@ -54,18 +47,7 @@ std::vector<std::unique_ptr<node>> make_mesh(int n, const std::string& base,
 }
 
 bool connected(const std::vector<std::unique_ptr<node>>& nodes) {
-    for (const auto& n : nodes) {
-        const auto peers = n->peers();
-        if (peers.size() != nodes.size() - 1) {
-            return false;
-        }
-        for (const auto& p : peers) {
-            if (p.state != peer_info::link_state::connected) {
-                return false;
-            }
-        }
-    }
-    return true;
+    return test::full_mesh(nodes);
 }
 
 // Waits until `sub_node`'s subscription for `topic` has reached `pub_node` (its mesh output has

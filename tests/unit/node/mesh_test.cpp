@@ -11,6 +11,7 @@
 
 #include <evmesh/node.hpp>
 
+#include "../../support/mesh.hpp"
 #include "../../support/wait.hpp"
 
 namespace evmesh {
@@ -19,28 +20,8 @@ namespace {
 using namespace std::chrono_literals;
 using test::wait_until;
 
-node_options mesh_options(const std::string& mesh, const std::string& name, std::uint16_t port) {
-    node_options o;
-    o.name = name;
-    o.mesh = mesh;
-    o.discovery.port = port;
-    return o;
-}
-
-bool full_mesh(const std::vector<std::unique_ptr<node>>& nodes) {
-    for (const auto& n : nodes) {
-        const auto peers = n->peers();
-        if (peers.size() != nodes.size() - 1) {
-            return false;
-        }
-        for (const auto& p : peers) {
-            if (p.state != peer_info::link_state::connected) {
-                return false;
-            }
-        }
-    }
-    return true;
-}
+using test::full_mesh;
+using test::mesh_options;
 
 // Collects events of one callback subscription.
 struct collector {
