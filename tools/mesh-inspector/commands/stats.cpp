@@ -68,14 +68,14 @@ int run_stats(const mesh_options& o, const std::string& node_name) {
                     static_cast<unsigned long long>(d.value("client_rejected", 0ULL)),
                     static_cast<unsigned long long>(d.value("blocked", 0ULL)),
                     static_cast<unsigned long long>(d.value("subscriber_gaps", 0ULL)));
-        auto u = [&](const char* k) { return static_cast<unsigned long long>(c.value(k, 0ULL)); };
+        auto cnt = [&](const char* k) { return static_cast<unsigned long long>(c.value(k, 0ULL)); };
         std::printf("  links up %llu, down %llu; peers refused %llu, replaced %llu; stalls %llu\n",
-                    u("links_up"), u("links_down"), u("peers_refused"), u("peers_replaced"), u("stalls"));
-        if (u("repair_naks") + u("repair_served") + u("window_events") != 0) {
+                    cnt("links_up"), cnt("links_down"), cnt("peers_refused"), cnt("peers_replaced"), cnt("stalls"));
+        if (cnt("repair_naks") + cnt("repair_served") + cnt("window_events") != 0) {
             std::printf("  repair NAKs %llu, recovered %llu, lost %llu, duplicates %llu, held %llu, served %llu; "
                         "window %llu events, %llu bytes\n",
-                        u("repair_naks"), u("repair_recovered"), u("repair_lost"), u("repair_duplicates"),
-                        u("repair_held"), u("repair_served"), u("window_events"), u("window_bytes"));
+                        cnt("repair_naks"), cnt("repair_recovered"), cnt("repair_lost"), cnt("repair_duplicates"),
+                        cnt("repair_held"), cnt("repair_served"), cnt("window_events"), cnt("window_bytes"));
         }
         const auto rej = s.value("rejected", json::object());
         const auto by_reason = rej.value("by_reason", json::object());
