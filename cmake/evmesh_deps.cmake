@@ -20,5 +20,6 @@ else()
     message(FATAL_ERROR "msgpack-cxx not found (apt-get install libmsgpack-cxx-dev)")
 endif()
 pkg_check_modules(sodium REQUIRED IMPORTED_TARGET libsodium)                  # libsodium-dev
+pkg_check_modules(zmq REQUIRED IMPORTED_TARGET libzmq)                        # libzmq3-dev (the C API the core uses)
 find_package(CURL REQUIRED)                         # libcurl4-openssl-dev (webhook, email channels)
 find_package(SQLite3 REQUIRED)                      # libsqlite3-dev (the channel outbox)
