@@ -17,6 +17,7 @@ passed=$((passed + 1))
 pc_dir=$(dirname "$(find "$tmp/prefix" -name evmesh.pc | head -1)")
 flags=$(PKG_CONFIG_PATH="$pc_dir" pkg-config --cflags --libs evmesh)
 c++ -std=c++20 "$src/consumer/main.cpp" -o "$tmp/pc-consumer" $flags
-"$tmp/pc-consumer"
+# a shared build: the loader finds the library in the prefix (CMake's consumer has an RPATH)
+LD_LIBRARY_PATH="$(PKG_CONFIG_PATH="$pc_dir" pkg-config --variable=libdir evmesh)" "$tmp/pc-consumer"
 passed=$((passed + 1))
 echo "package: $passed passed, 0 failed"
