@@ -7,17 +7,11 @@
 
 #include "codec/envelope.hpp"
 #include "codec/msgpack_reader.hpp"
+#include "codec/msgpack_writer.hpp"
 #include "codec/utf8.hpp"
 
 namespace evmesh {
 namespace codec {
-
-// msgpack-cxx packer target that appends to a reused std::string (no allocation once warm).
-struct string_writer {
-    std::string& out;
-
-    void write(const char* data, std::size_t n) { out.append(data, n); }
-};
 
 // Packer target writing into memory sized in advance (no capacity check per token).
 struct raw_writer {
@@ -30,11 +24,6 @@ struct raw_writer {
         }
     }
 };
-
-inline void pack_str(msgpack::packer<string_writer>& pk, std::string_view s) {
-    pk.pack_str(static_cast<std::uint32_t>(s.size()));
-    pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
-}
 
 constexpr std::uint32_t envelope_elements = 8;
 constexpr int max_skip_depth = 16;

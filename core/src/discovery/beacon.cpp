@@ -6,16 +6,13 @@
 #include <sodium.h>
 
 #include "codec/msgpack_reader.hpp"
+#include "codec/msgpack_writer.hpp"
 #include "codec/utf8.hpp"
 
 namespace evmesh::discovery {
 namespace {
 
-struct string_writer {
-    std::string& out;
-
-    void write(const char* data, std::size_t n) { out.append(data, n); }
-};
+using codec::string_writer;
 
 constexpr std::uint32_t beacon_elements = 9;
 constexpr std::size_t max_field = 255;

@@ -93,7 +93,6 @@ public:
     std::uint64_t refused_rate() const { return refused_rate_; }
     std::uint64_t replaced() const { return replaced_; }
     std::uint64_t gossip_pruned() const { return gossip_pruned_; }
-    std::size_t gossip_size() const { return seeds_.size() + learned_.size(); }
 
     steady::duration window() const { return opt_.interval * opt_.missed_beacons; }
 

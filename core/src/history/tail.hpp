@@ -147,7 +147,6 @@ public:
     std::size_t bytes() const { return static_cast<std::size_t>(bytes_live()); }
     std::size_t events() const { return events_; }
     std::size_t streams() const { return streams_.size(); }
-    std::uint64_t evicted() const { return evicted_; }
     std::uint64_t untracked() const { return untracked_; }
 
 private:
@@ -192,7 +191,6 @@ private:
             s->evicted_time_ns = e.time_ns;
             tail_ = e.pos + e.len;
             --events_;
-            ++evicted_;
             s->entries.pop_front();
             return;
         }
@@ -224,7 +222,7 @@ private:
     steady::time_point last_prune_{};
     std::string key_;
     std::size_t events_ = 0;
-    std::uint64_t evicted_ = 0, untracked_ = 0;
+    std::uint64_t untracked_ = 0;
 };
 
 }  // namespace evmesh::detail

@@ -135,7 +135,7 @@ struct sub_state {
     event_callback callback;
     std::thread thread;
     int stop_fd = -1;
-    zmq_msg_t topic{}, body{};
+    zmq_msg_t frame{};  // the last event received: topic 0x00 body (one frame)
     std::unordered_map<std::string, std::uint64_t, string_hash, std::equal_to<>> last_seq;
     std::string key;
     std::shared_ptr<sub_counters> stats = std::make_shared<sub_counters>();
@@ -146,10 +146,7 @@ struct sub_state {
     counter& decode_errors = stats->decode_errors;
     counter& callback_errors = stats->callback_errors;
 
-    sub_state() {
-        zmq_msg_init(&topic);
-        zmq_msg_init(&body);
-    }
+    sub_state() { zmq_msg_init(&frame); }
 
     ~sub_state() { release(); }
 
@@ -194,10 +191,8 @@ struct sub_state {
             zmq_close(sock);
             sock = nullptr;
         }
-        zmq_msg_close(&topic);
-        zmq_msg_close(&body);
-        zmq_msg_init(&topic);
-        zmq_msg_init(&body);
+        zmq_msg_close(&frame);
+        zmq_msg_init(&frame);
     }
 
     std::uint64_t* last_slot = nullptr;  // the previous event's stream, to skip the hash
@@ -256,21 +251,21 @@ struct sub_state {
 
     std::optional<event_view> take() {
         last_take_received_ = false;
-        if (zmq_msg_recv(&topic, sock, ZMQ_DONTWAIT) < 0) {
+        if (zmq_msg_recv(&frame, sock, ZMQ_DONTWAIT) < 0) {
             return std::nullopt;
         }
         last_take_received_ = true;
-        if (zmq_msg_more(&topic)) {
+        if (zmq_msg_more(&frame)) {
             // the node's inproc output sends one frame per event (topic 0x00 body)
-            while (zmq_msg_more(&topic) && zmq_msg_recv(&topic, sock, ZMQ_DONTWAIT) >= 0) {
+            while (zmq_msg_more(&frame) && zmq_msg_recv(&frame, sock, ZMQ_DONTWAIT) >= 0) {
             }
             decode_errors.add();
             return std::nullopt;
         }
-        tsan_acquire(zmq_msg_data(&topic));  // see zmsg.hpp
+        tsan_acquire(zmq_msg_data(&frame));  // see zmsg.hpp
         std::string_view t, b;
         if (!codec::split_mesh_frame(
-                {static_cast<const char*>(zmq_msg_data(&topic)), zmq_msg_size(&topic)}, t, b)) {
+                {static_cast<const char*>(zmq_msg_data(&frame)), zmq_msg_size(&frame)}, t, b)) {
             decode_errors.add();
             return std::nullopt;
         }

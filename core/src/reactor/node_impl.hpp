@@ -183,6 +183,8 @@ private:
     void on_subscriptions(void* from, bool from_local);
     bool inject(const std::string& topic, const std::string& body, bool to_mesh);
     void count_reject(const std::string& reason, std::string_view topic);
+    void retain(zmsg& frame, std::string_view topic, std::string_view body,
+                std::chrono::steady_clock::time_point now);
 
     // --- repair: lossless links (router.cpp) ---
     void setup_repair();
@@ -190,6 +192,7 @@ private:
     void on_mesh_reserved(std::string_view topic, std::string_view body, zmsg& frame);
     void serve_nak(std::string_view body);
     void send_control(const std::string& topic, const std::string& body);
+    void queue_control(std::string_view frame);  // bounded: the oldest goes first
     void repair_tick();
     std::int64_t wanted_since(std::string_view topic) const;
 
@@ -254,7 +257,7 @@ private:
     std::unordered_map<std::string, int> inproc_subs_, client_subs_;  // per local output
     std::unordered_map<std::string, std::uint64_t> client_seq_;
     std::string scratch_;
-    log_limiter reject_log_, beacon_log_, compat_log_;
+    log_limiter reject_log_, beacon_log_, compat_log_, lost_log_;
     flow_counter topics_;         // published here (local and client input)
     std::map<std::string, std::uint64_t> reject_reasons_, reject_topics_;  // bounded, see reject
     flow_counter sources_;        // received from the mesh, per source node (edges of the graph)

@@ -11,7 +11,6 @@ repair_rx::stream* repair_rx::get(std::string_view source, std::string_view topi
     auto it = streams_.find(stream_key(key_, source, topic));
     if (it == streams_.end()) {
         if (streams_.size() >= opt_.max_streams) {
-            ++untracked_;
             return nullptr;
         }
         stream s;

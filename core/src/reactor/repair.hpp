@@ -83,7 +83,6 @@ public:
     std::uint64_t duplicates() const { return duplicates_; }
     std::uint64_t skipped_before_subscription() const { return skipped_; }
     std::uint64_t restarts() const { return restarts_; }     // streams a publisher renumbered
-    std::uint64_t untracked() const { return untracked_; }   // events passed on unordered (table full)
     std::size_t held() const { return held_total_; }
     std::size_t streams() const { return streams_.size(); }
 
@@ -117,7 +116,7 @@ private:
     std::string key_;
     std::size_t held_total_ = 0;
     std::uint64_t naks_ = 0, recovered_ = 0, lost_ = 0, duplicates_ = 0, skipped_ = 0;
-    std::uint64_t restarts_ = 0, untracked_ = 0;
+    std::uint64_t restarts_ = 0;
     std::int64_t forgotten_at_ns_ = 0;  // wall time the last idle stream was forgotten
 };
 

@@ -9,6 +9,7 @@
 
 #include "codec/envelope.hpp"
 #include "codec/msgpack_reader.hpp"
+#include "codec/msgpack_writer.hpp"
 #include "reactor/node_impl.hpp"
 #include "reactor/zmq_util.hpp"
 #include "util/log.hpp"
@@ -19,20 +20,21 @@ namespace {
 using clock = std::chrono::steady_clock;
 using codec::msgpack_reader;
 
-struct string_writer {
-    std::string& out;
-    void write(const char* d, std::size_t n) { out.append(d, n); }
-};
-using packer = msgpack::packer<string_writer>;
-
-void pack_str(packer& pk, std::string_view s) {
-    pk.pack_str(static_cast<std::uint32_t>(s.size()));
-    pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
-}
+using codec::pack_str;
+using codec::string_writer;
+using packer = codec::string_packer;
 
 // Control bodies of the repair protocol (PROTOCOL.md section 8.6): msgpack arrays whose element
 // 0 is 0 and element 1 the kind.
 enum control_kind : std::uint8_t { ctl_heartbeat = 1, ctl_nak = 2, ctl_fill = 3 };
+
+// Reads the head of a control body, [0, kind, ...], and checks the kind and the element count.
+bool read_control_head(msgpack_reader& r, control_kind want, std::uint32_t min_elements) {
+    std::uint32_t n = 0;
+    std::uint64_t zero = 0, kind = 0;
+    return r.read_array_header(n) == errc::ok && n >= min_elements && r.read_uint(zero) == errc::ok
+           && zero == 0 && r.read_uint(kind) == errc::ok && kind == want;
+}
 
 constexpr std::size_t max_served_per_nak = 50000;
 constexpr std::size_t max_ctl_queue = 200000;
@@ -104,26 +106,18 @@ void node_impl::deliver_mesh(zmsg frame) {
 }
 
 bool node_impl::flush_holds() {
-    while (!ready_.empty()) {
-        if (inproc_subs_.empty()) {
-            ready_.clear();
-            break;
+    // each local output's held frames, in order, until it refuses again (or lost its subscribers)
+    auto flush = [this](std::deque<zmsg>& held, bool wanted, bool (node_impl::*send)(zmsg&)) {
+        if (!wanted) {
+            held.clear();
+            return;
         }
-        if (!send_inproc(ready_.front())) {
-            break;
+        while (!held.empty() && (this->*send)(held.front())) {
+            held.pop_front();
         }
-        ready_.pop_front();
-    }
-    while (!ready_client_.empty()) {
-        if (client_subs_.empty()) {
-            ready_client_.clear();
-            break;
-        }
-        if (!send_client(ready_client_.front())) {
-            break;
-        }
-        ready_client_.pop_front();
-    }
+    };
+    flush(ready_, !inproc_subs_.empty(), &node_impl::send_inproc);
+    flush(ready_client_, !client_subs_.empty(), &node_impl::send_client);
     if (hold_mesh_) {
         if (mesh_subs_.empty()) {
             hold_mesh_.reset();
@@ -159,6 +153,20 @@ bool node_impl::inject(const std::string& topic, const std::string& body, bool t
 }
 
 // ---- inputs ----
+
+void node_impl::retain(zmsg& frame, std::string_view topic, std::string_view body,
+                       clock::time_point now) {
+    // events of repaired topics that this node's publishers and clients sent enter the window
+    if (!tail_ || !repaired(topic)) {
+        return;
+    }
+    std::string_view source;
+    std::int64_t t = 0;
+    std::uint64_t seq = 0;
+    if (codec::peek_stream(body, source, t, seq) && seq != 0) {
+        tail_->append(source, topic, seq, t, frame.view(), now);
+    }
+}
 
 void node_impl::count_reject(const std::string& reason, std::string_view topic) {
     ++c.client_rejected;
@@ -203,14 +211,7 @@ void node_impl::forward_local() {
         ++c.local_in_events;
         c.local_in_bytes += body.size();
         topics_.count(topic, body.size());
-        if (tail_ && repaired(topic)) {
-            std::string_view source;
-            std::int64_t t = 0;
-            std::uint64_t seq = 0;
-            if (codec::peek_stream(body, source, t, seq) && seq != 0) {
-                tail_->append(source, topic, seq, t, frame.view(), now);
-            }
-        }
+        retain(frame, topic, body, now);
         deliver_local_origin(std::move(frame));
     }
 }
@@ -266,9 +267,7 @@ void node_impl::forward_client() {
                 if (client_seq_.size() > 65536) {
                     client_seq_.clear();  // bound memory; streams restart (counted as reorder)
                 }
-                scratch_.assign(ev.source);
-                scratch_.push_back('\0');
-                scratch_.append(ev.topic);
+                stream_key(scratch_, ev.source, ev.topic);
                 ev.seq = ++client_seq_[scratch_];
             }
             codec::encode_completed(ev, frame_buf_);
@@ -277,15 +276,8 @@ void node_impl::forward_client() {
             frame_buf_.append(in2_.view());
         }
         zmsg frame(frame_buf_);
-        if (tail_ && ev.seq != 0 && repaired(ev.topic)) {
-            std::string_view topic, body, source;
-            std::int64_t t = 0;
-            std::uint64_t seq = 0;
-            if (codec::split_mesh_frame(frame.view(), topic, body)
-                && codec::peek_stream(body, source, t, seq)) {
-                tail_->append(source, topic, seq, t, frame.view(), now);
-            }
-        }
+        const auto fv = frame.view();
+        retain(frame, fv.substr(0, v->topic.size()), fv.substr(v->topic.size() + 1), now);
         deliver_local_origin(std::move(frame));
     }
 }
@@ -318,12 +310,10 @@ void node_impl::forward_mesh_in() {
             // a stream heartbeat of the repair protocol: [0, 1, source, last_seq]
             if (rx_ && repaired(topic)) {
                 msgpack_reader r(body);
-                std::uint32_t n = 0;
-                std::uint64_t zero = 0, kind = 0, last = 0;
+                std::uint64_t last = 0;
                 std::string_view source;
-                if (r.read_array_header(n) == errc::ok && n >= 4 && r.read_uint(zero) == errc::ok
-                    && r.read_uint(kind) == errc::ok && kind == ctl_heartbeat
-                    && r.read_str(source, 1024) == errc::ok && r.read_uint(last) == errc::ok) {
+                if (read_control_head(r, ctl_heartbeat, 4) && r.read_str(source, 1024) == errc::ok
+                    && r.read_uint(last) == errc::ok) {
                     rx_->on_heartbeat(source, topic, last, now);
                 }
             }
@@ -469,7 +459,7 @@ void node_impl::setup_repair() {
     };
     s.lost = [this](const lost_range& l) {
         std::uint64_t suppressed = 0;
-        if (reject_log_.allow(suppressed)) {
+        if (lost_log_.allow(suppressed)) {
             detail::log()->warn("evmesh node '{}': events lost for good: {} seq {}..{} on '{}' ({} "
                                 "similar suppressed)", name, l.source, l.from, l.to, l.topic, suppressed);
         }
@@ -516,11 +506,15 @@ void node_impl::send_control(const std::string& topic, const std::string& body) 
     f.reserve(topic.size() + 1 + body.size());
     f.append(topic).push_back('\0');
     f.append(body);
+    queue_control(f);
+    flush_holds();
+}
+
+void node_impl::queue_control(std::string_view frame) {
     if (ctl_out_.size() >= max_ctl_queue) {
         ctl_out_.pop_front();  // bounded; the receiver asks again
     }
-    ctl_out_.emplace_back(f);
-    flush_holds();
+    ctl_out_.emplace_back(frame);
 }
 
 void node_impl::on_mesh_reserved(std::string_view topic, std::string_view body, zmsg& frame) {
@@ -540,12 +534,9 @@ void node_impl::on_mesh_reserved(std::string_view topic, std::string_view body, 
         if (codec::is_control_body(body)) {
             // [0, 3, source, topic, from, to, first_sent, lost_to]
             msgpack_reader r(body);
-            std::uint32_t n = 0;
-            std::uint64_t zero = 0, kind = 0, from = 0, to = 0, first = 0, lost_to = 0;
+            std::uint64_t from = 0, to = 0, first = 0, lost_to = 0;
             std::string_view source, t;
-            if (r.read_array_header(n) == errc::ok && n >= 8 && r.read_uint(zero) == errc::ok
-                && r.read_uint(kind) == errc::ok && kind == ctl_fill
-                && r.read_str(source, 1024) == errc::ok && r.read_str(t, 1024) == errc::ok
+            if (read_control_head(r, ctl_fill, 8) && r.read_str(source, 1024) == errc::ok && r.read_str(t, 1024) == errc::ok
                 && r.read_uint(from) == errc::ok && r.read_uint(to) == errc::ok
                 && r.read_uint(first) == errc::ok && r.read_uint(lost_to) == errc::ok) {
                 rx_->on_fill(source, t, from, to, first, lost_to, now);
@@ -573,12 +564,10 @@ void node_impl::serve_nak(std::string_view body) {
         return;
     }
     msgpack_reader r(body);
-    std::uint32_t n = 0;
-    std::uint64_t zero = 0, kind = 0, from = 0, to = 0;
+    std::uint64_t from = 0, to = 0;
     std::int64_t since = 0;
     std::string_view requester, source, topic;
-    if (!codec::is_control_body(body) || r.read_array_header(n) != errc::ok || n < 8
-        || r.read_uint(zero) != errc::ok || r.read_uint(kind) != errc::ok || kind != ctl_nak
+    if (!codec::is_control_body(body) || !read_control_head(r, ctl_nak, 8)
         || r.read_str(requester, 64) != errc::ok || r.read_str(source, 1024) != errc::ok
         || r.read_str(topic, 1024) != errc::ok || r.read_uint(from) != errc::ok
         || r.read_uint(to) != errc::ok || r.read_int(since) != errc::ok || from == 0 || to < from
@@ -618,10 +607,7 @@ void node_impl::serve_nak(std::string_view body) {
         }
         f.assign(reply).push_back('\0');
         tail_->read(e, f);
-        if (ctl_out_.size() >= max_ctl_queue) {
-            ctl_out_.pop_front();
-        }
-        ctl_out_.emplace_back(f);
+        queue_control(f);
         first_sent = std::min(first_sent, e.seq);
         ++sent;
         ++c.repair_served;

@@ -10,6 +10,7 @@
 #include <evmesh/codec.hpp>
 
 #include "codec/envelope.hpp"
+#include "codec/msgpack_writer.hpp"
 #include "reactor/node_impl.hpp"
 
 namespace evmesh::detail {
@@ -17,21 +18,14 @@ namespace {
 
 using clock = std::chrono::steady_clock;
 
-struct buffer_writer {
-    std::string& out;
-
-    void write(const char* d, std::size_t n) { out.append(d, n); }
-};
-
-using packer = msgpack::packer<buffer_writer>;
+using packer = codec::string_packer;
 
 void key(packer& pk, std::string_view k) {
-    pk.pack_str(static_cast<std::uint32_t>(k.size()));
-    pk.pack_str_body(k.data(), static_cast<std::uint32_t>(k.size()));
+    codec::pack_str(pk, k);
 }
 
 void str(packer& pk, std::string_view v) {
-    key(pk, v);
+    codec::pack_str(pk, v);
 }
 
 void kv(packer& pk, std::string_view k, std::uint64_t v) {
@@ -154,7 +148,7 @@ void node_impl::publish_stats() {
 
 std::string node_impl::encode_stats(double elapsed) {
     std::string out;
-    buffer_writer w{out};
+    codec::string_writer w{out};
     packer pk(w);
     const double dt = elapsed > 0 ? elapsed : 1.0;
     auto rate = [&](std::uint64_t now_v, std::uint64_t prev_v) {

@@ -63,7 +63,6 @@ public:
         zmq_msg_copy(&out.m_, &m_);
         return out;
     }
-    void assign(std::string_view data) { *this = zmsg(data); }
 
     // A message holding bytes [off, off + len) of `owner`: copied when small, else a zero-copy
     // view that keeps a share of `owner` alive until libzmq releases it.
