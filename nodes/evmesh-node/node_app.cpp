@@ -42,6 +42,23 @@ bool write_file_atomically(const std::string& path, const std::string& text) {
     return std::rename(tmp.c_str(), path.c_str()) == 0;
 }
 
+// A label value in the text exposition format: backslash, quote and newline escaped.
+std::string label_value(std::string_view v) {
+    std::string out;
+    out.reserve(v.size());
+    for (char ch : v) {
+        if (ch == '\\' || ch == '"') {
+            out += '\\';
+            out += ch;
+        } else if (ch == '\n') {
+            out += "\\n";
+        } else {
+            out += ch;
+        }
+    }
+    return out;
+}
+
 void metric(std::string& out, const char* name, const char* type, const char* help) {
     out += "# HELP ";
     out += name;
@@ -61,6 +78,27 @@ void sample(std::string& out, const std::string& name_and_labels, double v) {
     std::snprintf(buf, sizeof(buf), "%.17g", v);
     out += buf;
     out += '\n';
+}
+
+// The _bucket, _sum and _count samples of one histogram (bounds in microseconds, exposed in
+// seconds, the Prometheus base unit; the last count is the +Inf bucket).
+template <std::size_t N>
+void histogram_samples(std::string& out, const std::string& name, const std::string& labels,
+                       const std::array<std::uint64_t, N>& bounds_us,
+                       const std::array<std::uint64_t, N + 1>& counts, std::uint64_t sum_us) {
+    std::uint64_t cumulative = 0;
+    for (std::size_t i = 0; i < counts.size(); ++i) {
+        cumulative += counts[i];
+        char le[32];
+        if (i < N) {
+            std::snprintf(le, sizeof(le), "%g", static_cast<double>(bounds_us[i]) / 1e6);
+        } else {
+            std::snprintf(le, sizeof(le), "+Inf");
+        }
+        sample(out, name + "_bucket{" + labels + ",le=\"" + le + "\"}", static_cast<double>(cumulative));
+    }
+    sample(out, name + "_sum{" + labels + "}", static_cast<double>(sum_us) / 1e6);
+    sample(out, name + "_count{" + labels + "}", static_cast<double>(cumulative));
 }
 
 }  // namespace
@@ -85,7 +123,7 @@ void setup_logging(const std::string& level, const std::string& format) {
 std::string render_metrics(const node& n, double uptime_seconds) {
     const auto c = n.counters();
     std::string out;
-    const std::string id = "node=\"" + n.name() + "\"";
+    const std::string id = "node=\"" + label_value(n.name()) + "\"";
     metric(out, "evmesh_up", "gauge", "1 while the node runs.");
     sample(out, "evmesh_up{" + id + "}", n.running() ? 1 : 0);
     metric(out, "evmesh_uptime_seconds", "gauge", "Seconds since the node started.");
@@ -134,20 +172,8 @@ std::string render_metrics(const node& n, double uptime_seconds) {
     sample(out, "evmesh_subscriber_gaps_total{" + id + "}", static_cast<double>(c.subscriber_gaps));
     metric(out, "evmesh_delivery_latency_seconds", "histogram",
            "Event time to local delivery, sampled 1 in 8 deliveries.");
-    std::uint64_t cumulative = 0;
-    for (std::size_t i = 0; i < c.latency_buckets.size(); ++i) {
-        cumulative += c.latency_buckets[i];
-        char le[32];
-        if (i < latency_bounds_us.size()) {
-            std::snprintf(le, sizeof(le), "%g", static_cast<double>(latency_bounds_us[i]) / 1e6);
-        } else {
-            std::snprintf(le, sizeof(le), "+Inf");
-        }
-        sample(out, "evmesh_delivery_latency_seconds_bucket{" + id + ",le=\"" + le + "\"}",
-               static_cast<double>(cumulative));
-    }
-    sample(out, "evmesh_delivery_latency_seconds_sum{" + id + "}", static_cast<double>(c.latency_sum_us) / 1e6);
-    sample(out, "evmesh_delivery_latency_seconds_count{" + id + "}", static_cast<double>(cumulative));
+    histogram_samples(out, "evmesh_delivery_latency_seconds", id, latency_bounds_us, c.latency_buckets,
+                      c.latency_sum_us);
     metric(out, "evmesh_rejected_total", "counter", "Events and messages refused where they entered, by reason.");
     sample(out, "evmesh_rejected_total{" + id + ",reason=\"publish_limits\"}", static_cast<double>(c.publish_rejected));
     sample(out, "evmesh_rejected_total{" + id + ",reason=\"mesh_framing\"}", static_cast<double>(c.mesh_rejected));
@@ -194,7 +220,8 @@ std::string render_channel_metrics(const std::string& node_name, const std::vect
         return out;
     }
     auto lbl = [&](const channels::channel_stats& c) {
-        return "{node=\"" + node_name + "\",channel=\"" + c.name + "\",plugin=\"" + c.plugin + "\"";
+        return "{node=\"" + label_value(node_name) + "\",channel=\"" + label_value(c.name) + "\",plugin=\"" +
+               label_value(c.plugin) + "\"";
     };
     auto counter = [&](const char* name, const char* help, auto get) {
         metric(out, name, "counter", help);
@@ -237,11 +264,17 @@ std::string render_channel_metrics(const std::string& node_name, const std::vect
           [](const auto& c) { return c.paused ? 1 : 0; });
     counter("evmesh_channel_breaker_trips_total", "Times the circuit breaker opened.",
             [](const auto& c) { return c.breaker_trips; });
-    counter("evmesh_channel_attempt_latency_microseconds_total", "Sum of attempt durations (divide by attempts).",
-            [](const auto& c) { return c.attempt_latency_sum_us; });
-    counter("evmesh_channel_delivery_latency_microseconds_total",
-            "Sum of outbox-to-delivered times of delivered events (divide by delivered).",
-            [](const auto& c) { return c.delivery_latency_sum_us; });
+    auto hist = [&](const char* name, const char* help, auto counts, auto sum_us) {
+        metric(out, name, "histogram", help);
+        for (const auto& c : stats) {
+            histogram_samples(out, name, lbl(c).substr(1), channels::channel_latency_bounds_us, counts(c), sum_us(c));
+        }
+    };
+    hist("evmesh_channel_attempt_duration_seconds", "Duration of delivery attempts (plugin call).",
+         [](const auto& c) { return c.attempt_latency; }, [](const auto& c) { return c.attempt_latency_sum_us; });
+    hist("evmesh_channel_delivery_latency_seconds",
+         "Time from the outbox accepting an event to its delivery (delivered events, retries included).",
+         [](const auto& c) { return c.delivery_latency; }, [](const auto& c) { return c.delivery_latency_sum_us; });
     return out;
 }
 

@@ -4,6 +4,7 @@
 /// Thread-safety: every member function of `channel_runtime` is safe from any thread.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -73,6 +74,13 @@ struct runtime_options {
     std::size_t log_keep = 10000;     ///< delivery-log rows kept per channel
 };
 
+/// Upper bounds (microseconds) of the channel latency histograms; the last bucket is +Inf.
+/// From a local receiver's tens of microseconds up to an hour of retries.
+inline constexpr std::array<std::uint64_t, 22> channel_latency_bounds_us = {
+    25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
+    1000000, 2500000, 5000000, 10000000, 30000000, 60000000, 300000000, 3600000000};
+using channel_latency_histogram = std::array<std::uint64_t, channel_latency_bounds_us.size() + 1>;
+
 /// Counters and gauges of one channel instance.
 struct channel_stats {
     std::string name;
@@ -95,6 +103,8 @@ struct channel_stats {
     std::uint64_t attempt_latency_sum_us = 0;  ///< plugin call time, all attempts
     std::uint64_t attempt_latency_max_us = 0;
     std::uint64_t delivery_latency_sum_us = 0; ///< accepted → delivered, delivered events
+    channel_latency_histogram attempt_latency{};   ///< attempts by duration
+    channel_latency_histogram delivery_latency{};  ///< delivered events by accepted → delivered
     std::uint64_t lost = 0;            ///< matching events refused because the outbox had failed
     bool paused = false;               ///< the circuit breaker holds deliveries (endpoint failing)
     std::uint64_t breaker_trips = 0;   ///< times the breaker opened

@@ -73,7 +73,7 @@ struct node_counters {
     std::uint64_t subscriber_gaps = 0, subscriber_received = 0;
     /// Delivery latency (event time to local delivery), sampled 1 in 8, in microsecond buckets
     /// with upper bounds `latency_bounds_us` (last bucket: larger).
-    std::array<std::uint64_t, 14> latency_buckets{};
+    std::array<std::uint64_t, 18> latency_buckets{};
     std::uint64_t latency_sum_us = 0;
     // --- core v2 ---
     std::uint64_t publish_rejected = 0;   ///< events refused by embedded publishers' limits
@@ -96,8 +96,10 @@ struct node_counters {
 };
 
 /// Upper bounds (microseconds) of `node_counters::latency_buckets`; the last bucket is +Inf.
-inline constexpr std::array<std::uint64_t, 13> latency_bounds_us = {
-    50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000};
+/// They start at a few microseconds: on one host p50 and p99 of a local delivery both sit
+/// below 50 us, so coarser buckets would hide every percentile in the first one.
+inline constexpr std::array<std::uint64_t, 17> latency_bounds_us = {
+    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000, 2500000};
 
 /// Per-subscription counters (what reached this subscriber, what it detected as lost).
 struct subscription_counters {

@@ -159,10 +159,19 @@ struct completion {
     std::int64_t end_ms = 0;
 };
 
+void observe(std::array<std::atomic<std::uint64_t>, channel_latency_bounds_us.size() + 1>& h, std::uint64_t us) {
+    std::size_t i = 0;
+    while (i < channel_latency_bounds_us.size() && us > channel_latency_bounds_us[i]) {
+        ++i;
+    }
+    h[i].fetch_add(1, std::memory_order_relaxed);
+}
+
 struct channel_counters {
     std::atomic<std::uint64_t> accepted{0}, duplicates{0}, attempts{0}, delivered{0}, retried{0}, failed{0},
         dead_lettered{0}, replayed{0}, recovered{0}, pending{0}, in_flight{0}, dead{0}, lost{0};
     std::atomic<std::uint64_t> attempt_latency_sum_us{0}, attempt_latency_max_us{0}, delivery_latency_sum_us{0};
+    std::array<std::atomic<std::uint64_t>, channel_latency_bounds_us.size() + 1> attempt_latency{}, delivery_latency{};
     std::atomic<std::int64_t> oldest_pending_ms{0};  // 0 = none
     std::atomic<std::uint64_t> breaker_trips{0}, paused{0};
 };
@@ -929,6 +938,7 @@ struct channel_runtime::impl {
             ch.c.attempts++;
             on_outcome(s, ch, c.status, c.end_ms);
             ch.c.attempt_latency_sum_us += static_cast<std::uint64_t>(c.latency_us);
+            observe(ch.c.attempt_latency, static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.latency_us)));
             if (static_cast<std::uint64_t>(c.latency_us) > ch.c.attempt_latency_max_us) {
                 ch.c.attempt_latency_max_us = static_cast<std::uint64_t>(c.latency_us);
             }
@@ -938,7 +948,9 @@ struct channel_runtime::impl {
                 s.done.bind(1, c.end_ms).bind(2, c.attempt).bind(3, c.code).bind(4, c.row).run();
                 ch.c.delivered++;
                 ch.c.pending--;
-                ch.c.delivery_latency_sum_us += static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.end_ms - c.accepted_ms)) * 1000;
+                const auto waited_us = static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.end_ms - c.accepted_ms)) * 1000;
+                ch.c.delivery_latency_sum_us += waited_us;
+                observe(ch.c.delivery_latency, waited_us);
             } else if (c.status == EVMESH_DISABLE) {
                 ch.c.failed++;
                 s.reschedule.bind(1, c.attempt).bind(2, c.end_ms).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
@@ -1174,6 +1186,10 @@ struct channel_runtime::impl {
             s.attempt_latency_sum_us = ch.c.attempt_latency_sum_us;
             s.attempt_latency_max_us = ch.c.attempt_latency_max_us;
             s.delivery_latency_sum_us = ch.c.delivery_latency_sum_us;
+            for (std::size_t i = 0; i < s.attempt_latency.size(); ++i) {
+                s.attempt_latency[i] = ch.c.attempt_latency[i].load(std::memory_order_relaxed);
+                s.delivery_latency[i] = ch.c.delivery_latency[i].load(std::memory_order_relaxed);
+            }
         s.lost = ch.c.lost;
         s.paused = ch.c.paused != 0;
         s.breaker_trips = ch.c.breaker_trips;
