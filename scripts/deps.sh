@@ -8,13 +8,15 @@ packages=(
   # libraries (all found by find_package/pkg-config in cmake/evmesh_deps.cmake)
   libzmq3-dev cppzmq-dev libmsgpack-cxx-dev libspdlog-dev libexpected-dev libcli11-dev
   libtomlplusplus-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev zlib1g-dev libbrotli-dev
-  libgtest-dev libgmock-dev libsodium-dev libcurl4-openssl-dev libsqlite3-dev
+  libgtest-dev libgmock-dev libsodium-dev libcurl4-openssl-dev libsqlite3-dev libsystemd-dev
   # benchmark: NATS side by side (the benchmark starts and stops nats-server itself)
   libnats-dev nats-server
   # fuzzing (libFuzzer ships in clang's runtime package)
   clang libclang-rt-14-dev
   # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)
   python3 python3-zmq python3-msgpack python3-aiosmtpd openssl curl iproute2 procps graphviz bsdutils tcpdump
+  # operations tests: promtool (prometheus), man page lint (groff), the .deb (dpkg-dev for cpack)
+  prometheus groff-base dpkg-dev
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -30,5 +32,14 @@ echo "deps: installing ${missing[*]}"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 export DEBIAN_FRONTEND=noninteractive
+# Packages with a daemon (prometheus) must not start it: tests start their own servers on free
+# ports. policy-rc.d answering 101 tells invoke-rc.d not to start services during this install.
+cleanup_policy=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod 755 /usr/sbin/policy-rc.d
+  cleanup_policy=1
+fi
+trap 'if [ -n "$cleanup_policy" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi' EXIT
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
