@@ -390,7 +390,7 @@ int node_app::start() {
             res.set_content(!up ? "stopping\n"
                             : !loop_ok ? "I/O thread not answering\n"
                             : outbox_ok ? "ok\n"
-                                        : "outbox failed\n",
+                                        : "outbox not writable: " + chs->outbox_error() + "\n",
                             "text/plain");
         });
         http_->server.Get("/metrics", [nd, chs, started](const httplib::Request&, httplib::Response& res) {

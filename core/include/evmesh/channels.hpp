@@ -72,6 +72,10 @@ struct runtime_options {
     milliseconds dedupe_window{10 * 60 * 1000};  ///< delivered ids are remembered this long, so
                                                  ///< a re-published event is not delivered twice
     std::size_t log_keep = 10000;     ///< delivery-log rows kept per channel
+    /// While the outbox cannot be written (disk full, locked, I/O error), matching events wait in
+    /// memory, up to this many; beyond that they are counted `lost`. Writes are retried with
+    /// backoff (100 ms doubling to 5 s) and everything held is accepted once a write succeeds.
+    std::size_t hold_events = 65536;
 };
 
 /// Upper bounds (microseconds) of the channel latency histograms; the last bucket is +Inf.
@@ -153,9 +157,14 @@ public:
     /// safe from several threads; call it before the node is destroyed, never from a callback.
     void stop(milliseconds drain = milliseconds(2000));
 
-    /// False once the outbox failed (disk full, I/O error, corruption): intake and deliveries have
-    /// stopped and matching events are counted as `lost`. evmesh-node's /healthz then answers 503.
+    /// False while the outbox cannot be written (disk full, locked by another connection, I/O
+    /// error: retried with backoff, true again once a write succeeds, no restart needed) and
+    /// after a failure that cannot heal (corruption: intake and deliveries stop, matching events
+    /// are counted `lost`). evmesh-node's /healthz then answers 503 with `outbox_error()`.
     bool healthy() const;
+
+    /// Why the outbox is not healthy (empty when it is).
+    std::string outbox_error() const;
 
     std::vector<channel_stats> stats() const;
 

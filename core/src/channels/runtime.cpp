@@ -18,6 +18,8 @@
 #include <evmesh/node.hpp>
 
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -229,13 +231,60 @@ struct channel_runtime::impl {
     mutable std::mutex stats_m;
     std::mt19937_64 rng{std::random_device{}()};
     bool stopped = false;
-    std::atomic<bool> failed{false};  // the outbox failed (disk full, corruption): see healthy()
+    std::atomic<bool> failed{false};    // the outbox failed for good (corruption): see healthy()
+    std::atomic<bool> degraded{false};  // writes fail for now (disk full, locked): retried
+    std::string outbox_err;             // why, guarded by stats_m
+    bool resync_claims = true;          // store thread: reconcile claimed rows in the next write
     std::mutex stop_m;                // one shutdown at a time
     bool leak = false;  // a worker outlived stop(): keep everything it may touch alive
 
     static constexpr std::size_t intake_cap = 65536;
 
     impl(node* nn, runtime_options o) : n(nn), opts(std::move(o)) {}
+    ~impl() {
+        if (lock_fd >= 0) {
+            ::close(lock_fd);
+        }
+    }
+    impl(const impl&) = delete;
+    impl& operator=(const impl&) = delete;
+
+    // One node per outbox: an exclusive flock on `<outbox>.lock` (holding the owner's pid), held
+    // for the runtime's life and released by the kernel however the process ends. SQLite's own
+    // locks would let two nodes interleave their writes and deliver every event twice.
+    int lock_fd = -1;
+
+    bool lock_outbox(std::string& error) {
+        std::error_code ec;
+        const auto parent = std::filesystem::path(opts.outbox_path).parent_path();
+        if (!parent.empty()) {
+            std::filesystem::create_directories(parent, ec);
+        }
+        const auto path = opts.outbox_path + ".lock";
+        lock_fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (lock_fd < 0) {
+            error = "cannot open the outbox lock " + path + ": " + std::strerror(errno);
+            return false;
+        }
+        if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+            char buf[32] = {0};
+            const auto n_read = ::pread(lock_fd, buf, sizeof(buf) - 1, 0);
+            std::string owner(buf, static_cast<std::size_t>(std::max<ssize_t>(0, n_read)));
+            while (!owner.empty() && (owner.back() == '\n' || owner.back() == ' ')) {
+                owner.pop_back();
+            }
+            error = "outbox " + opts.outbox_path + " is in use by another process" +
+                    (owner.empty() ? std::string() : " (pid " + owner + ")") + "; one node per outbox (lock " + path + ")";
+            ::close(lock_fd);
+            lock_fd = -1;
+            return false;
+        }
+        const auto pid = std::to_string(::getpid()) + "\n";
+        if (::ftruncate(lock_fd, 0) != 0 || ::pwrite(lock_fd, pid.data(), pid.size(), 0) < 0) {
+            // the pid is only a hint for the message above (a full disk must not stop the start)
+        }
+        return true;
+    }
 
     // ---------------------------------------------------------------- setup
 
@@ -440,7 +489,8 @@ struct channel_runtime::impl {
                                             ch->disabled_reason, ch->c.pending.load());
             }
         }
-        db.exec("UPDATE outbox SET claimed=0 WHERE claimed=1");
+        // Rows still claimed by the previous run are unclaimed by the store's first transaction
+        // (unclaim_unknown), which retries on a full disk instead of failing the start.
     }
 
     bool create_instances(std::string& error) {
@@ -501,12 +551,19 @@ struct channel_runtime::impl {
         encode_event_body(ev.to_event(), item.body);
         item.accepted_ms = wall_ms();
         std::unique_lock lk(m);
-        space_cv.wait(lk, [&] { return intake.size() < intake_cap || stopping; });
+        // Backpressure while the store keeps up; while it cannot write (degraded), the event
+        // waits in memory up to hold_events and beyond that is counted lost: a producer never
+        // blocks on a full disk.
+        space_cv.wait(lk, [&] { return intake.size() < intake_cap || stopping || degraded.load(); });
         if (stopping) {
             if (store_done) {
                 channels[ch_index]->c.lost++;  // the outbox failed: never accepted, counted
             }
             return;  // the node is stopping: not accepted
+        }
+        if (degraded.load() && intake.size() >= std::min(intake_cap, opts.hold_events)) {
+            channels[ch_index]->c.lost++;
+            return;
         }
         intake.push_back(std::move(item));
         if (intake.size() == 1) {
@@ -715,6 +772,10 @@ struct channel_runtime::impl {
             run_store(s);
         } catch (const std::exception& e) {
             evmesh::detail::log()->critical("channels: outbox failure, intake and deliveries stopped: {}", e.what());
+            {
+                std::lock_guard lk(stats_m);
+                outbox_err = e.what();
+            }
             failed = true;
         }
         std::deque<std::function<void()>> orphans;  // destroyed unrun: their callers get an error
@@ -744,8 +805,50 @@ struct channel_runtime::impl {
         std::int64_t first_ms = 0;
     };
     std::map<std::size_t, intake_delta> intake_counts;  // applied after the commit: accepted = persisted
+    // What one delivery outcome does to the counters, applied after the commit.
+    struct outcome_delta {
+        channel* ch;
+        int status;  // EVMESH_DELIVERED, EVMESH_DISABLE, EVMESH_RETRY (rescheduled), EVMESH_FAIL (dead)
+        std::uint64_t attempt_us, waited_us;
+    };
+    std::vector<outcome_delta> outcome_deltas;
+
+    static void apply_delta(const outcome_delta& d) {
+        auto& c = d.ch->c;
+        c.attempts++;
+        c.attempt_latency_sum_us += d.attempt_us;
+        observe(c.attempt_latency, d.attempt_us);
+        if (d.attempt_us > c.attempt_latency_max_us) {
+            c.attempt_latency_max_us = d.attempt_us;
+        }
+        switch (d.status) {
+            case EVMESH_DELIVERED:
+                c.delivered++;
+                c.pending--;
+                c.delivery_latency_sum_us += d.waited_us;
+                observe(c.delivery_latency, d.waited_us);
+                break;
+            case EVMESH_RETRY:
+                c.failed++;
+                c.retried++;
+                break;
+            case EVMESH_FAIL:
+                c.failed++;
+                c.dead_lettered++;
+                c.pending--;
+                c.dead++;
+                break;
+            default:  // disabled: the event stays pending
+                c.failed++;
+                break;
+        }
+    }
 
     void publish_staged() {
+        for (const auto& d : outcome_deltas) {
+            apply_delta(d);
+        }
+        outcome_deltas.clear();
         for (const auto& [idx, d] : intake_counts) {
             auto& c = channels[idx]->c;
             c.duplicates += d.duplicates;
@@ -773,6 +876,85 @@ struct channel_runtime::impl {
         staged.clear();
     }
 
+    // One write transaction of the store: intake, outcomes, the claims resync after a failure,
+    // then refill. Counters and the workers' queues change only after it commits, so a failed
+    // transaction (rolled back by SQLite) leaves nothing half-applied and the same batch can be
+    // written again.
+    void write_batch(statements& s, std::deque<intake_item>& in, std::deque<completion>& done, bool refill_all,
+                     std::int64_t now) {
+        transaction tx(db);
+        if (!in.empty()) {
+            insert_batch(s, in);
+        }
+        if (!done.empty()) {
+            apply_completions(s, done);
+        }
+        if (resync_claims) {
+            unclaim_unknown();
+        }
+        if (refill_all) {
+            for (auto& ch : channels) {
+                refill(s, *ch, now);
+            }
+        }
+        tx.commit();
+        in.clear();
+        done.clear();
+        resync_claims = false;
+        publish_staged();
+    }
+
+    // After a rolled-back transaction: forget what it staged (the rows are unclaimed again in
+    // the database), and make the next transaction reconcile claimed rows with what the workers
+    // hold (a release in the failed transaction took rows from the queues, but its unclaim was
+    // rolled back).
+    void discard_staged() {
+        for (auto& st : staged) {
+            st.ch->known.erase(st.item.row);
+            st.ch->backlog = true;
+            if (st.item.probe) {
+                st.ch->probe_out = false;
+            }
+        }
+        staged.clear();
+        for (auto& ch : channels) {
+            ch->staged_count = 0;
+            ch->backlog = true;
+        }
+        intake_counts.clear();
+        outcome_deltas.clear();
+        resync_claims = true;
+    }
+
+    // Inside the store's transaction: claimed=1 must mean "a worker or a ready queue holds it".
+    void unclaim_unknown() {
+        std::vector<std::int64_t> stray;
+        {
+            statement q(db, "SELECT id, channel FROM outbox WHERE claimed=1");
+            while (q.step()) {
+                const auto it = by_name.find(q.text(1));
+                if (it == by_name.end() || channels[it->second]->known.count(q.i64(0)) == 0) {
+                    stray.push_back(q.i64(0));
+                }
+            }
+        }
+        statement u(db, "UPDATE outbox SET claimed=0 WHERE id=?");
+        for (auto row : stray) {
+            u.bind(1, row).run();
+        }
+    }
+
+    void set_degraded(const std::string& why) {
+        {
+            std::lock_guard lk(stats_m);
+            outbox_err = why;
+        }
+        if (!degraded.exchange(true)) {
+            std::lock_guard lk(m);
+            space_cv.notify_all();  // producers waiting for room stop waiting: see on_event
+        }
+    }
+
     void run_store(statements& s) {
         std::deque<intake_item> in;
         std::deque<completion> done;
@@ -785,78 +967,139 @@ struct channel_runtime::impl {
         }
         // Group commit: under load, gather the outcomes of up to this many attempts per commit.
         const std::size_t group = std::clamp<std::size_t>(workers_total, 1, 64);
-        {
-            transaction tx(db);
-            for (auto& ch : channels) {
-                refill(s, *ch, wall_ms());  // what the outbox held at start is due now or scheduled
-            }
-            tx.commit();
-            publish_staged();
-        }
+        // A failed write is retried after `backoff_ms` (100 ms doubling to 5 s) with the same
+        // batch; meanwhile new intake stays in `intake` (bounded by opts.hold_events).
+        std::int64_t backoff_ms = 0;
+        std::int64_t retry_at_us = 0;
+        std::int64_t failed_since_ms = 0;
+        std::uint64_t lost_at_failure = 0;
+        bool first = true;  // the first transaction reconciles claims and loads what is due
         for (;;) {
             bool quit = false;
             {
                 std::unique_lock lk(m);
                 const auto now = wall_ms();
-                std::int64_t wake = now + 1000;
-                for (auto& ch : channels) {
-                    if (!ch->backlog && ch->next_due_ms > now && !ch->disabled) {
-                        wake = std::min(wake, ch->next_due_ms);
+                if (backoff_ms > 0) {
+                    // degraded: only a stop or the end of the backoff wakes the store
+                    cv.wait_for(lk, std::chrono::microseconds(std::max<std::int64_t>(1, retry_at_us - steady_us())),
+                                [&] { return stopping || !commands.empty(); });
+                } else if (!first) {
+                    std::int64_t wake = now + 1000;
+                    for (auto& ch : channels) {
+                        if (!ch->backlog && ch->next_due_ms > now && !ch->disabled) {
+                            wake = std::min(wake, ch->next_due_ms);
+                        }
+                        if (ch->paused_until_ms > now && !ch->probe_out) {
+                            wake = std::min(wake, ch->paused_until_ms);
+                        }
                     }
-                    if (ch->paused_until_ms > now && !ch->probe_out) {
-                        wake = std::min(wake, ch->paused_until_ms);
-                    }
-                }
-                cv.wait_for(lk, milliseconds(std::max<std::int64_t>(1, wake - now)), [&] {
-                    return !intake.empty() || !completions.empty() || !commands.empty() || stopping;
-                });
-                // Busy (a commit less than 2 ms ago) and only a few outcomes so far: wait up to
-                // 0.5 ms for more, so one commit covers many deliveries. Workers do not wait for
-                // it; only the bookkeeping of finished attempts is deferred.
-                if (!stopping && commands.empty() && intake.empty() && completions.size() < group &&
-                    steady_us() - last_commit_us < 2000) {
-                    cv.wait_for(lk, std::chrono::microseconds(500), [&] {
-                        return completions.size() >= group || !intake.empty() || !commands.empty() || stopping;
+                    cv.wait_for(lk, milliseconds(std::max<std::int64_t>(1, wake - now)), [&] {
+                        return !intake.empty() || !completions.empty() || !commands.empty() || stopping;
                     });
+                    // Busy (a commit less than 2 ms ago) and only a few outcomes so far: wait up
+                    // to 0.5 ms for more, so one commit covers many deliveries. Workers do not
+                    // wait for it; only the bookkeeping of finished attempts is deferred.
+                    if (!stopping && commands.empty() && intake.empty() && completions.size() < group &&
+                        steady_us() - last_commit_us < 2000) {
+                        cv.wait_for(lk, std::chrono::microseconds(500), [&] {
+                            return completions.size() >= group || !intake.empty() || !commands.empty() || stopping;
+                        });
+                    }
                 }
-                in.swap(intake);
-                done.swap(completions);
+                if (backoff_ms == 0 || stopping) {  // a retry writes the failed batch only
+                    while (!intake.empty()) {
+                        in.push_back(std::move(intake.front()));
+                        intake.pop_front();
+                    }
+                    while (!completions.empty()) {
+                        done.push_back(std::move(completions.front()));
+                        completions.pop_front();
+                    }
+                }
                 cmds.swap(commands);
                 quit = stopping;
                 space_cv.notify_all();
             }
             // Admin commands first (replay, enable, the stop's unclaim), so the refill below
-            // already sees what they changed.
+            // already sees what they changed. A failing command reports its error to its caller.
             for (auto& f : cmds) {
                 f();
             }
             cmds.clear();
-            const auto now = wall_ms();
-            {
-                transaction tx(db);
-                if (!in.empty()) {
-                    insert_batch(s, in);
-                    in.clear();
-                }
-                if (!done.empty()) {
-                    apply_completions(s, done);
-                    done.clear();
-                }
-                if (!quit) {
-                    for (auto& ch : channels) {
-                        refill(s, *ch, now);
-                    }
-                }
-                tx.commit();
-                last_commit_us = steady_us();
+            if (backoff_ms > 0 && !quit && steady_us() < retry_at_us) {
+                continue;  // woken by a command during the backoff
             }
-            publish_staged();
+            const auto now = wall_ms();
+            try {
+                write_batch(s, in, done, !quit, now);
+                last_commit_us = steady_us();
+                first = false;
+                if (backoff_ms > 0) {
+                    backoff_ms = 0;
+                    std::uint64_t lost = 0;
+                    for (auto& ch : channels) {
+                        lost += ch->c.lost;
+                    }
+                    {
+                        std::lock_guard lk(stats_m);
+                        outbox_err.clear();
+                    }
+                    degraded = false;
+                    evmesh::detail::log()->info("channels: the outbox is writable again after {} ms; {} events held in "
+                                                "memory were accepted, {} were lost (memory hold full)",
+                                                now - failed_since_ms, in.size(), lost - lost_at_failure);
+                }
+            } catch (const sqlite_error& e) {
+                if (!e.transient()) {
+                    throw;
+                }
+                discard_staged();
+                if (backoff_ms == 0) {
+                    backoff_ms = 100;
+                    failed_since_ms = now;
+                    lost_at_failure = 0;
+                    for (auto& ch : channels) {
+                        lost_at_failure += ch->c.lost;
+                    }
+                    evmesh::detail::log()->error(
+                        "channels: cannot write the outbox ({}); holding up to {} events in memory and retrying with "
+                        "backoff; /healthz answers 503 until a write succeeds",
+                        e.what(), opts.hold_events);
+                } else {
+                    backoff_ms = std::min<std::int64_t>(backoff_ms * 2, 5000);
+                }
+                set_degraded(e.what());
+                retry_at_us = steady_us() + backoff_ms * 1000;
+                if (quit) {
+                    // stopping while the disk is still full: what was never written is lost, counted
+                    std::lock_guard lk(m);
+                    for (auto& it : in) {
+                        channels[it.channel]->c.lost++;
+                    }
+                    for (auto& it : intake) {
+                        channels[it.channel]->c.lost++;
+                    }
+                    evmesh::detail::log()->error("channels: stopping with the outbox not writable: {} events lost",
+                                                 in.size() + intake.size());
+                    in.clear();
+                    intake.clear();
+                    break;
+                }
+                continue;
+            }
             if (quit) {
                 break;
             }
             if (now - last_periodic >= 1000) {
                 last_periodic = now;
-                periodic(s, now);
+                try {
+                    periodic(s, now);
+                } catch (const sqlite_error& e) {
+                    if (!e.transient()) {
+                        throw;
+                    }
+                    // housekeeping (gauges, purge, trim) waits for the next round
+                }
             }
         }
     }
@@ -898,8 +1141,8 @@ struct channel_runtime::impl {
                 work_item w;
                 w.row = db.last_rowid();
                 w.event_id.assign(reinterpret_cast<const char*>(it.id.data()), it.id.size());
-                w.topic = std::move(it.topic);
-                w.body = std::move(it.body);
+                w.topic = it.topic;  // copied: a failed transaction writes `in` again
+                w.body = it.body;
                 w.attempt = 1;
                 w.accepted_ms = it.accepted_ms;
                 ch.known.insert(w.row);
@@ -935,51 +1178,38 @@ struct channel_runtime::impl {
                 ch.backlog = true;
                 continue;
             }
-            ch.c.attempts++;
             on_outcome(s, ch, c.status, c.end_ms);
-            ch.c.attempt_latency_sum_us += static_cast<std::uint64_t>(c.latency_us);
-            observe(ch.c.attempt_latency, static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.latency_us)));
-            if (static_cast<std::uint64_t>(c.latency_us) > ch.c.attempt_latency_max_us) {
-                ch.c.attempt_latency_max_us = static_cast<std::uint64_t>(c.latency_us);
-            }
             const auto& sched = ch.cfg.retry.schedule;
             std::string outcome = status_name(c.status);
+            std::string detail = c.detail;  // `c` stays as it was: a failed transaction applies it again
+            outcome_delta d{&ch, c.status, static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.latency_us)), 0};
             if (c.status == EVMESH_DELIVERED) {
                 s.done.bind(1, c.end_ms).bind(2, c.attempt).bind(3, c.code).bind(4, c.row).run();
-                ch.c.delivered++;
-                ch.c.pending--;
-                const auto waited_us = static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.end_ms - c.accepted_ms)) * 1000;
-                ch.c.delivery_latency_sum_us += waited_us;
-                observe(ch.c.delivery_latency, waited_us);
+                d.waited_us = static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.end_ms - c.accepted_ms)) * 1000;
             } else if (c.status == EVMESH_DISABLE) {
-                ch.c.failed++;
-                s.reschedule.bind(1, c.attempt).bind(2, c.end_ms).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
-                disable(s, ch, "endpoint answered " + std::to_string(c.code) + (c.detail.empty() ? "" : ": " + c.detail),
+                s.reschedule.bind(1, c.attempt).bind(2, c.end_ms).bind(3, c.code).bind(4, detail).bind(5, c.row).run();
+                disable(s, ch, "endpoint answered " + std::to_string(c.code) + (detail.empty() ? "" : ": " + detail),
                         c.end_ms);
             } else if (c.status == EVMESH_RETRY && c.attempt < sched.size()) {
-                ch.c.failed++;
-                ch.c.retried++;
                 std::int64_t delay = jittered(sched[c.attempt], ch.cfg.retry.jitter);
                 if (c.retry_after_ms >= 0) {
                     delay = std::min<std::int64_t>(c.retry_after_ms, ch.cfg.retry.max_retry_after.count());
                 }
                 const auto next = c.end_ms + delay;
-                s.reschedule.bind(1, c.attempt).bind(2, next).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
+                s.reschedule.bind(1, c.attempt).bind(2, next).bind(3, c.code).bind(4, detail).bind(5, c.row).run();
                 ch.next_due_ms = ch.next_due_ms == 0 ? next : std::min(ch.next_due_ms, next);
             } else {
                 // EVMESH_FAIL, or retries exhausted
-                ch.c.failed++;
-                ch.c.dead_lettered++;
-                ch.c.pending--;
-                ch.c.dead++;
+                d.status = EVMESH_FAIL;
                 if (c.status == EVMESH_RETRY) {
-                    c.detail = "retries exhausted after " + std::to_string(c.attempt) + " attempts; last: " + c.detail;
+                    detail = "retries exhausted after " + std::to_string(c.attempt) + " attempts; last: " + detail;
                 }
                 outcome = c.status == EVMESH_FAIL ? "failed" : "dead";
-                s.dead.bind(1, c.end_ms).bind(2, c.attempt).bind(3, c.code).bind(4, c.detail).bind(5, c.row).run();
+                s.dead.bind(1, c.end_ms).bind(2, c.attempt).bind(3, c.code).bind(4, detail).bind(5, c.row).run();
                 evmesh::detail::log()->warn("channel {}: event {} dead-lettered: {}", ch.cfg.name, id_text(c.event_id),
-                                            c.detail);
+                                            detail);
             }
+            outcome_deltas.push_back(d);
             s.log.bind(1, ch.cfg.name)
                 .bind_blob(2, c.event_id.data(), c.event_id.size())
                 .bind(3, c.topic)
@@ -988,7 +1218,7 @@ struct channel_runtime::impl {
                 .bind(6, c.latency_us)
                 .bind(7, outcome)
                 .bind(8, c.code)
-                .bind(9, c.detail);
+                .bind(9, detail);
             s.log.run();
         }
     }
@@ -998,12 +1228,12 @@ struct channel_runtime::impl {
         if (ch.disabled) {
             return;
         }
-        ch.disabled = true;
+        s.set_state.bind(1, ch.cfg.name).bind(2, 1).bind(3, reason).bind(4, now).run();  // may throw: then
+        ch.disabled = true;                                                             // nothing changed
         {
             std::lock_guard lk(stats_m);
             ch.disabled_reason = reason;
         }
-        s.set_state.bind(1, ch.cfg.name).bind(2, 1).bind(3, reason).bind(4, now).run();
         release_queued(s, ch);
         evmesh::detail::log()->error("channel {}: disabled: {}; {} events held in the outbox until it is enabled again",
                                      ch.cfg.name, reason, ch.c.pending.load());
@@ -1381,6 +1611,12 @@ result<std::unique_ptr<channel_runtime>> channel_runtime::start(node& n, runtime
         }
         return fail(errc::bad_option);
     }
+    if (!p->lock_outbox(error)) {
+        for (auto& ch : p->channels) {
+            ch->lib->api->destroy(ch->instance);
+        }
+        return fail(errc::io_error);
+    }
     try {
         p->open_outbox();
     } catch (const std::exception& e) {
@@ -1468,7 +1704,12 @@ result<std::size_t> channel_runtime::replay(std::string_view name, std::string_v
     return r;
 }
 
-bool channel_runtime::healthy() const { return !impl_->failed; }
+bool channel_runtime::healthy() const { return !impl_->failed && !impl_->degraded; }
+
+std::string channel_runtime::outbox_error() const {
+    std::lock_guard lk(impl_->stats_m);
+    return impl_->outbox_err;
+}
 
 result<void> channel_runtime::enable(std::string_view name) {
     auto* ch = impl_->find(name);

@@ -12,7 +12,27 @@
 namespace evmesh::channels::detail {
 
 struct sqlite_error : std::runtime_error {
-    using std::runtime_error::runtime_error;
+    explicit sqlite_error(const std::string& what, int rc = SQLITE_ERROR) : std::runtime_error(what), code(rc) {}
+
+    // A condition that goes away by itself (disk full, another connection holding the lock,
+    // an I/O error of the moment): retried with backoff. Anything else (corruption, a schema
+    // from the future, misuse) stops the outbox.
+    bool transient() const {
+        switch (code & 0xff) {
+            case SQLITE_FULL:
+            case SQLITE_IOERR:
+            case SQLITE_BUSY:
+            case SQLITE_LOCKED:
+            case SQLITE_NOMEM:
+            case SQLITE_CANTOPEN:
+            case SQLITE_PROTOCOL:
+                return true;
+            default:
+                return false;
+        }
+    }
+
+    int code;  ///< extended result code
 };
 
 class database {
@@ -23,14 +43,16 @@ public:
     ~database() { close(); }
 
     void open(const std::string& path) {
-        if (sqlite3_open_v2(path.c_str(), &db_,
-                            SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
-                            nullptr) != SQLITE_OK) {
+        if (const int rc = sqlite3_open_v2(path.c_str(), &db_,
+                                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                                           nullptr);
+            rc != SQLITE_OK) {
             std::string msg = db_ != nullptr ? sqlite3_errmsg(db_) : "out of memory";
             close();
-            throw sqlite_error("cannot open outbox " + path + ": " + msg);
+            throw sqlite_error("cannot open outbox " + path + ": " + msg, rc);
         }
-        sqlite3_busy_timeout(db_, 5000);
+        sqlite3_extended_result_codes(db_, 1);
+        sqlite3_busy_timeout(db_, 2000);  // then the store retries with backoff (healthz 503)
     }
 
     void close() {
@@ -42,10 +64,10 @@ public:
 
     void exec(const char* sql) {
         char* err = nullptr;
-        if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+        if (const int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &err); rc != SQLITE_OK) {
             std::string msg = err != nullptr ? err : "unknown error";
             sqlite3_free(err);
-            throw sqlite_error(std::string("sqlite: ") + msg + " in: " + sql);
+            throw sqlite_error(std::string("sqlite: ") + msg + " in: " + sql, rc);
         }
     }
 
@@ -61,8 +83,8 @@ class statement {
 public:
     statement() = default;
     statement(database& db, const char* sql) : db_(db.get()) {
-        if (sqlite3_prepare_v3(db_, sql, -1, SQLITE_PREPARE_PERSISTENT, &s_, nullptr) != SQLITE_OK) {
-            throw sqlite_error(std::string("sqlite prepare: ") + sqlite3_errmsg(db_) + " in: " + sql);
+        if (const int rc = sqlite3_prepare_v3(db_, sql, -1, SQLITE_PREPARE_PERSISTENT, &s_, nullptr); rc != SQLITE_OK) {
+            throw sqlite_error(std::string("sqlite prepare: ") + sqlite3_errmsg(db_) + " in: " + sql, rc);
         }
     }
     statement(const statement&) = delete;
@@ -97,7 +119,9 @@ public:
         if (rc == SQLITE_DONE) {
             return false;
         }
-        throw sqlite_error(std::string("sqlite step: ") + sqlite3_errmsg(db_));
+        const std::string msg = std::string("sqlite step: ") + sqlite3_errmsg(db_);
+        sqlite3_reset(s_);  // the statement stays usable for the retry
+        throw sqlite_error(msg, rc);
     }
 
     // Runs a statement that returns no rows, then resets it.
@@ -124,7 +148,7 @@ public:
 private:
     void check(int rc) {
         if (rc != SQLITE_OK) {
-            throw sqlite_error(std::string("sqlite bind: ") + sqlite3_errmsg(db_));
+            throw sqlite_error(std::string("sqlite bind: ") + sqlite3_errmsg(db_), rc);
         }
     }
     sqlite3* db_ = nullptr;
