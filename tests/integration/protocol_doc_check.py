@@ -14,7 +14,11 @@ What is checked:
   * protocol rules: valid topics, envelope shape and limits, UUIDv7 ids, beacon shape and size;
   * the completed example is what a node makes of the minimal one (section 4);
   * the CloudEvent follows the mapping of section 5;
-  * the reference code of sections 2 and 6 behaves as the tables say; the client snippet compiles.
+  * the reference code of sections 2 and 6 behaves as the tables say; the client snippet compiles;
+  * the error code table of section 3.4 is core/include/evmesh/error.hpp's;
+  * with a build (EVMESH_BUILD_DIR, default build/ next to tests/): what a node does that the
+    document promises and no worked example shows: the rejection reasons of the stats event, the
+    version rule of section 3.4, who counts as a stats watcher, the first interval after idling.
 
 Prints one line per failure and "N passed, M failed"; exits 0 only if nothing failed.
 """
@@ -23,9 +27,13 @@ import ast
 import base64
 import datetime
 import json
+import os
 import pathlib
 import re
+import select
+import subprocess
 import sys
+import time
 import uuid
 
 try:
@@ -297,6 +305,98 @@ def to_cloudevent(topic, ev):
     return ce
 
 
+# ---------------------------------------------------------------- a node (needs a build)
+
+BUILD_ENV = os.environ.get("EVMESH_BUILD_DIR")
+NODE = pathlib.Path(BUILD_ENV or HERE.parents[2] / "build") / "nodes" / "evmesh-node"
+
+
+def start_node(stats_ms):
+    """An evmesh-node without mesh and discovery; returns (process, READY json)."""
+    proc = subprocess.Popen(
+        [str(NODE), "--name", "doc-check", "--no-mesh", "--stats-interval-ms", str(stats_ms),
+         "--pub-endpoint", "tcp://127.0.0.1:*", "--sub-endpoint", "tcp://127.0.0.1:*",
+         "--log-level", "error"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    line, deadline = b"", time.monotonic() + 10
+    while not line.endswith(b"\n") and time.monotonic() < deadline:
+        if not select.select([proc.stdout], [], [], 0.1)[0]:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 1)
+        if not chunk:
+            break
+        line += chunk
+    if not line.startswith(b"READY "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"evmesh-node did not become ready: {line!r}")
+    return proc, json.loads(line[6:])
+
+
+def stats_events(sub, seconds):
+    """Decoded stats payloads that `sub` receives within `seconds` (other events are skipped)."""
+    out, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not sub.poll(50):
+            continue
+        frames = sub.recv_multipart()
+        if len(frames) == 2 and frames[0].startswith(b"_evmesh.stats."):
+            out.append(unpack(unpack(frames[1])[7]))
+    return out
+
+
+def node_checks(text):
+    """What a node does where the document's rules have no worked example (sections 3.4, 10)."""
+    import zmq  # python3-zmq; only this part needs it
+
+    stats_ms = 200
+    proc, ready = start_node(stats_ms)
+    ctx = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(ready["sub"][0])
+        sub.setsockopt(zmq.SUBSCRIBE, b"")  # the ZeroMQ prefix of ">" (section 2.3)
+        pub = ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.RCVTIMEO, 5000)
+        pub.connect(ready["pub"][0])
+        while pub.recv() != b"\x01":  # the node forwarded the empty prefix: nothing is filtered
+            pass
+
+        # Section 10.1: the empty prefix of ">" or "*.x" does not make a node build stats.
+        idle = stats_events(sub, 1.5)
+        check("node: an empty-prefix subscriber is no stats watcher (10.1)", lambda: idle == [])
+
+        # Client events the node rejects, one per reason (sections 1.1, 1.2, 2.1, 3.4).
+        minimal = bytes.fromhex("9801c0c0c0c0c0c0c0")
+        pub.send(b"orders.x")                                    # one frame: bad_framing
+        pub.send_multipart([b"orders.x", minimal, b"extra"])     # three frames: bad_framing
+        pub.send_multipart([b"orders..x", minimal])              # bad_topic
+        pub.send_multipart([b"orders.x", b"\x98\xff" + minimal[2:]])  # version -1
+        pub.send_multipart([b"_evmesh.x", minimal])              # reserved_topic
+        want = {"bad_framing": 2, "bad_topic": 1, "unsupported_version": 1, "reserved_topic": 1}
+
+        # Now watch: the first stats event after the idle time covers one interval (10.2).
+        sub.setsockopt(zmq.SUBSCRIBE, b"_evmesh.stats.")
+        seen = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+                not seen or sum(seen[-1]["rejected"]["by_reason"].values()) < 5):
+            seen += stats_events(sub, 0.2)
+        first = seen[0] if seen else {}
+        check("node: the first stats event after idling covers one interval (10.2)",
+              lambda: first["uptime_ms"] >= 1500 and first["interval_ms"] < 1000)
+        last = seen[-1] if seen else {}
+        check("node: rejected.by_reason holds the reason codes (10.2, 3.4)",
+              lambda: last["rejected"]["by_reason"] == want
+              and last["counters"]["client_rejected"] == 5)
+        check("node: every rejection reason is named in section 10.2",
+              lambda: all(f"`{k}`" in text[text.index("| `rejected` |"):] for k in want))
+    finally:
+        ctx.destroy(0)
+        proc.kill()
+        proc.wait()
+
+
 # ---------------------------------------------------------------- the checks
 
 
@@ -457,6 +557,31 @@ def main():
 
     check("section 9.4 client snippet compiles",
           lambda: compile(code("client.py"), "client.py", "exec") is not None)
+
+    # Section 3.4: the error code table is the enum of the C++ API (decoding codes).
+    def error_table():
+        hdr = (HERE.parents[2] / "core" / "include" / "evmesh" / "error.hpp").read_text()
+        start = hdr.index("enum class errc")
+        enum = hdr[start:hdr.index("bad_pattern", start)]
+        codes, value = {}, -1
+        for name, explicit in re.findall(r"^\s*(\w+)(?:\s*=\s*(\d+))?,", enum, re.M):
+            value = int(explicit) if explicit else value + 1
+            codes[name] = value
+        codes.pop("ok")
+        table = text[text.index("Error codes (`evmesh::errc`"):text.index("## 4. ")]
+        rows = {n: int(v) for n, v in re.findall(r"^\| `(\w+)` \| (\d+) \|", table, re.M)}
+        if rows != codes:
+            raise ValueError(f"document {rows} != error.hpp {codes}")
+        return True
+
+    check("section 3.4 error codes are evmesh::errc's", error_table)
+
+    if NODE.exists():
+        check("node behaviour checks ran", lambda: node_checks(text) is None)
+    elif BUILD_ENV:
+        check("node behaviour checks", lambda: NODE.exists())  # asked for, but no build there
+    else:
+        print(f"SKIP node behaviour checks: no {NODE} (set EVMESH_BUILD_DIR)")
 
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1

@@ -25,6 +25,7 @@ enum class errc {
     trailing_bytes,        ///< bytes after the end of the envelope
     missing_field,         ///< a field that must be set is nil
     bad_beacon,            ///< a discovery datagram that is not a valid beacon
+    bad_framing,           ///< a client message that is not exactly two frames (topic, body)
     // API usage and runtime
     bad_pattern = 100,     ///< subscription pattern is malformed
     bad_option,            ///< an option value is out of range or inconsistent
@@ -36,6 +37,10 @@ enum class errc {
 
 /// The error category of `errc`.
 const std::error_category& category() noexcept;
+
+/// The code's name as docs/PROTOCOL.md spells it, e.g. "bad_topic": stable, so counters and
+/// other programs can key on it (`message()` is prose for people and may change).
+const char* to_string(errc e) noexcept;
 
 /// Makes `errc` usable as `std::error_code`.
 inline std::error_code make_error_code(errc e) noexcept {

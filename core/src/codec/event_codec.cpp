@@ -26,6 +26,8 @@ struct raw_writer {
 };
 
 constexpr std::uint32_t envelope_elements = 8;
+// Nesting depth of each element [8..], counted as msgpack_reader::skip counts it: arrays and
+// maps on the longest path down into the element, itself included (the envelope is not).
 constexpr int max_skip_depth = 16;
 
 }  // namespace codec
@@ -58,8 +60,13 @@ result<event_view> decode(std::string_view topic_frame,
     if (n < envelope_elements) {
         return fail(errc::not_an_event);
     }
-    std::uint64_t version = 0;
-    if (auto e = r.read_uint(version); e != errc::ok) {
+    // [0] version: any integer that is not 1, negative or beyond int64 included, is a version
+    // this build does not speak; only a non-integer makes the body not an event
+    std::int64_t version = 0;
+    if (auto e = r.read_int(version); e != errc::ok) {
+        if (e == errc::too_large) {  // a uint64 beyond int64 is an integer all the same
+            return fail(errc::unsupported_version);
+        }
         return fail(e == errc::wrong_type ? errc::not_an_event : e);
     }
     if (version != wire_version) {

@@ -169,11 +169,11 @@ public:
         return read_body(s, 0, width, max_len);
     }
 
-    // Skips one value of any type; nesting deeper than `depth` is refused.
+    // Skips one value of any type whose nesting depth is at most `depth`, else too_large. The
+    // depth counts arrays and maps only, the value itself included: a scalar is 0 deep, [] and
+    // [1] are 1, [[1]] is 2 (PROTOCOL.md 3.4). Scalars cost no depth, so "16 levels" admits 16
+    // nested arrays whatever they hold.
     errc skip(int depth) noexcept {
-        if (depth <= 0) {
-            return errc::too_large;
-        }
         std::uint8_t b = 0;
         if (auto e = peek(b); e != errc::ok) {
             return e;
@@ -184,6 +184,9 @@ public:
         }
         if ((b & 0xf0) == 0x90 || b == 0xdc || b == 0xdd || (b & 0xf0) == 0x80 || b == 0xde
             || b == 0xdf) {
+            if (depth <= 0) {
+                return errc::too_large;
+            }
             const bool is_map = (b & 0xf0) == 0x80 || b == 0xde || b == 0xdf;
             std::uint32_t n = 0;
             auto e = is_map ? read_map_header(n) : read_array_header(n);

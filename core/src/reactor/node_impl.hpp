@@ -182,7 +182,8 @@ private:
     bool inputs_open() const { return !hold_mesh_ && !local_held(); }
     void on_subscriptions(void* from, bool from_local);
     bool inject(const std::string& topic, const std::string& body, bool to_mesh);
-    void count_reject(const std::string& reason, std::string_view topic);
+    // `reason` is a stable code (PROTOCOL.md 10.2, rejected.by_reason); `what` is for the log
+    void count_reject(std::string_view reason, std::string_view what, std::string_view topic);
     void retain(zmsg& frame, std::string_view topic, std::string_view body,
                 std::chrono::steady_clock::time_point now);
 

@@ -168,11 +168,12 @@ void node_impl::retain(zmsg& frame, std::string_view topic, std::string_view bod
     }
 }
 
-void node_impl::count_reject(const std::string& reason, std::string_view topic) {
+void node_impl::count_reject(std::string_view reason, std::string_view what, std::string_view topic) {
     ++c.client_rejected;
     // reasons and topics of rejects, for the stats event (bounded: hostile input)
-    if (reject_reasons_.size() < 32 || reject_reasons_.count(reason) != 0) {
-        ++reject_reasons_[reason];
+    const std::string reason_key(reason);
+    if (reject_reasons_.size() < 32 || reject_reasons_.count(reason_key) != 0) {
+        ++reject_reasons_[reason_key];
     }
     const auto t = topic.substr(0, 64);
     const bool printable = std::all_of(t.begin(), t.end(), [](char ch) {
@@ -186,8 +187,8 @@ void node_impl::count_reject(const std::string& reason, std::string_view topic) 
     }
     std::uint64_t suppressed = 0;
     if (reject_log_.allow(suppressed)) {
-        detail::log()->warn("evmesh node '{}': rejected client event: {} ({} similar suppressed)",
-                            name, reason, suppressed);
+        detail::log()->warn("evmesh node '{}': rejected client event: {}: {} ({} similar suppressed)",
+                            name, reason, what, suppressed);
     }
 }
 
@@ -222,26 +223,37 @@ void node_impl::forward_client() {
         if (zmq_msg_recv(in_.get(), client_in_, ZMQ_DONTWAIT) < 0) {
             return;
         }
+        // a refusal before decoding: its reason code (PROTOCOL.md 10.2) and what the log says
         const char* why = nullptr;
+        const char* what = nullptr;
         missing_fields missing;
         result<event_view> v = fail(errc::not_an_event);
         if (!zmq_msg_more(in_.get())) {
-            why = "bad framing: one frame (expected [topic][body])";
+            why = to_string(errc::bad_framing);
+            what = "one frame (expected [topic][body])";
         } else if (zmq_msg_recv(in2_.get(), client_in_, ZMQ_DONTWAIT) < 0) {
             // never wait for a continuation frame on the I/O thread
             ++c.torn_messages;
-            why = "torn message: second frame missing";
+            why = to_string(errc::bad_framing);
+            what = "torn message: second frame missing";
         } else if (zmq_msg_more(in2_.get())) {
             drain_frames(client_in_, *sub_.get());
-            why = "bad framing: more than two frames";
+            why = to_string(errc::bad_framing);
+            what = "more than two frames";
         } else if (in_.view().starts_with("_evmesh.")) {
             ++c.reserved_rejected;
-            why = "reserved topic: _evmesh. is the mesh's own namespace";
+            why = "reserved_topic";
+            what = "_evmesh. is the mesh's own namespace";
         } else {
             v = decode_event_lenient(in_.view(), in2_.view(), missing, limits);
         }
-        if (why != nullptr || !v) {
-            count_reject(why != nullptr ? std::string(why) : v.error().message(), in_.view());
+        if (why != nullptr) {
+            count_reject(why, what, in_.view());
+            continue;
+        }
+        if (!v) {  // decode errors are evmesh::errc codes: key them by the code's name
+            count_reject(to_string(static_cast<errc>(v.error().value())), v.error().message(),
+                         in_.view());
             continue;
         }
         const auto body_size = in2_.size();

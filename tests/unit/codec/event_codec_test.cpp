@@ -205,6 +205,99 @@ TEST(EventCodec, RejectsWrongShapes) {
               make_error_code(errc::wrong_type));
 }
 
+// The sample body with element [0] written as `version` (raw msgpack bytes).
+std::string with_version(std::string_view version) {
+    const auto body = body_of(sample());  // 98 01 ...: fixarray 8, then version 1 in one byte
+    return body.substr(0, 1) + std::string(version) + body.substr(2);
+}
+
+TEST(EventCodec, AnyIntegerVersionOtherThanOneIsUnsupported) {
+    const auto topic = sample().topic;
+    // PROTOCOL.md 3.4 step 4: an integer that is not 1 is unsupported_version, negative ones too
+    for (const std::string& v : {std::string("\xff"),                       // -1, negative fixint
+                                std::string("\xd0\xff", 2),               // -1, int8
+                                std::string("\xd3\xff\xff\xff\xff\xff\xff\xff\xff", 9),  // -1, int64
+                                std::string("\xcf\xff\xff\xff\xff\xff\xff\xff\xff", 9),  // 2^64-1
+                                std::string("\x00", 1), std::string("\x02")}) {
+        auto r = decode_event(topic, with_version(v));
+        ASSERT_FALSE(r);
+        EXPECT_EQ(r.error(), make_error_code(errc::unsupported_version))
+            << "version byte " << static_cast<int>(static_cast<std::uint8_t>(v[0]));
+    }
+    // only a version that is not an integer makes the body not an event
+    for (const std::string& v : {std::string("\xc0"), std::string("\xa1" "1"), std::string("\xc3"),
+                                std::string("\xcb\x3f\xf0\x00\x00\x00\x00\x00\x00", 9)}) {  // 1.0
+        auto r = decode_event(topic, with_version(v));
+        ASSERT_FALSE(r);
+        EXPECT_EQ(r.error(), make_error_code(errc::not_an_event))
+            << "version byte " << static_cast<int>(static_cast<std::uint8_t>(v[0]));
+    }
+    // 1 in any integer form is version 1
+    for (const std::string& v : {std::string("\xcc\x01", 2), std::string("\xd0\x01", 2),
+                                std::string("\xd3\x00\x00\x00\x00\x00\x00\x00\x01", 9)}) {
+        EXPECT_TRUE(decode_event(topic, with_version(v)));
+    }
+}
+
+// An envelope whose element [8] is `arrays` nested arrays (arrays >= 1), the innermost holding
+// one integer when `filled`, else empty.
+std::string with_nested_element(int arrays, bool filled) {
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    pk.pack_array(9);
+    pk.pack(1);
+    pk.pack_bin(16);
+    pk.pack_bin_body("0123456789abcdef", 16);
+    pk.pack("s");
+    pk.pack(1);
+    pk.pack(1);
+    pk.pack("c");
+    pk.pack_map(0);
+    pk.pack_bin(0);
+    for (int i = 1; i <= arrays; ++i) {
+        pk.pack_array(i < arrays || filled ? 1U : 0U);
+    }
+    if (filled) {
+        pk.pack(7);
+    }
+    return std::string(buf.data(), buf.size());
+}
+
+TEST(EventCodec, NestingDepthCountsArraysAndMapsBelowTheEnvelope) {
+    // PROTOCOL.md 3.4: an element [8..] may be 16 containers deep; the envelope does not count,
+    // scalars add no depth
+    for (bool filled : {false, true}) {
+        auto ok = decode_event("t", with_nested_element(16, filled));
+        EXPECT_TRUE(ok) << "16 deep, filled " << filled << ": " << ok.error().message();
+        auto deep = decode_event("t", with_nested_element(17, filled));
+        ASSERT_FALSE(deep) << "17 deep, filled " << filled;
+        EXPECT_EQ(deep.error(), make_error_code(errc::too_large));
+    }
+    // maps count like arrays: {"k": {"k": ... 1}} 16 deep passes, 17 deep does not
+    for (int maps : {16, 17}) {
+        auto body = with_nested_element(1, true);
+        body.resize(body.size() - 2);  // drop element [8] ([7] as 91 07)
+        for (int i = 0; i < maps; ++i) {
+            body += "\x81\xa1k";
+        }
+        body += "\x07";
+        auto r = decode_event("t", body);
+        EXPECT_EQ(static_cast<bool>(r), maps == 16) << maps;
+    }
+}
+
+TEST(ErrorCodes, HaveTheNamesAndValuesOfTheProtocolDoc) {
+    // PROTOCOL.md 3.4 lists the codes by these names; the stats event keys rejects by them (10.2)
+    EXPECT_STREQ(to_string(errc::bad_framing), "bad_framing");
+    EXPECT_EQ(static_cast<int>(errc::bad_framing), 12);
+    EXPECT_STREQ(to_string(errc::unsupported_version), "unsupported_version");
+    EXPECT_STREQ(to_string(errc::bad_topic), "bad_topic");
+    EXPECT_STREQ(to_string(errc::too_large), "too_large");
+    EXPECT_STREQ(to_string(errc::bad_beacon), "bad_beacon");
+    EXPECT_FALSE(make_error_code(errc::bad_framing).message().empty());
+    EXPECT_NE(make_error_code(errc::bad_framing).message(), "unknown evmesh error");
+}
+
 TEST(EventCodec, RejectsOversizedInputWithoutAllocating) {
     decode_limits lim;
     lim.max_event_bytes = 64;
