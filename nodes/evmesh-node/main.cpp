@@ -11,7 +11,7 @@
 
 int main(int argc, char** argv) {
     using namespace evmesh;
-    app::app_config cfg = app::default_config();
+    app::app_config start_cfg = app::default_config();
 
     CLI::App cli{"evmesh-node: a brokerless event mesh node (sidecar). Clients publish to the pub "
                  "endpoints and subscribe on the sub endpoints with plain ZeroMQ + msgpack "
@@ -82,71 +82,75 @@ int main(int argc, char** argv) {
         return 2;
     }
 
-    std::string error;
+    std::string err;
     if (!check_file.empty()) {
-        if (!app::load_toml(check_file, cfg, error) || !app::validate(cfg, error)
-            || !app::load_security(cfg, error)
-            || (!cfg.channels.channels.empty() && !channels::channel_runtime::check(cfg.channels, error))) {
-            std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
+        if (!app::load_toml(check_file, start_cfg, err) || !app::validate(start_cfg, err)
+            || !app::load_security(start_cfg, err)
+            || (!start_cfg.channels.channels.empty() && !channels::channel_runtime::check(start_cfg.channels, err))) {
+            std::fprintf(stderr, "evmesh-node: invalid config: %s\n", err.c_str());
             return 2;
         }
         std::printf("%s: valid\n", check_file.c_str());
         return 0;
     }
-    if (!config_file.empty() && !app::load_toml(config_file, cfg, error)) {
-        std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
+    // The config file with the flags over it, validated: at start and again at each SIGHUP reload.
+    auto build = [&](app::app_config& cfg, std::string& error) -> bool {
+        cfg = app::default_config();
+        if (!config_file.empty() && !app::load_toml(config_file, cfg, error)) {
+            return false;
+        }
+        auto& n = cfg.node;
+        if (*o_name) n.name = name;
+        if (*o_mesh) n.mesh = mesh;
+        if (*o_pub) n.pub_endpoints = pubs;
+        if (*o_sub) n.sub_endpoints = subs;
+        if (*o_mport) n.mesh_port = static_cast<std::uint16_t>(mesh_port);
+        if (*o_mbind) n.mesh_bind_address = mesh_bind;
+        if (*o_adv) n.mesh_advertise_address = advertise;
+        if (*o_hb) n.heartbeat_interval = std::chrono::milliseconds(hb);
+        if (*o_hbt) n.heartbeat_timeout = std::chrono::milliseconds(hb_timeout);
+        if (*o_nomesh) n.mesh_enabled = false;
+        if (*o_bport) n.discovery.port = static_cast<std::uint16_t>(beacon_port);
+        if (*o_ivl) n.discovery.interval = std::chrono::milliseconds(interval);
+        if (*o_missed) n.discovery.missed_beacons = static_cast<std::uint32_t>(missed);
+        if (*o_scope) n.discovery.scope = scope == "lan" ? discovery_scope::lan : discovery_scope::host;
+        if (*o_bcast) n.discovery.broadcast_address = bcast;
+        if (*o_iface) n.discovery.interface_address = iface;
+        if (*o_seed) n.discovery.seeds = seeds;
+        if (*o_repair) n.repair.patterns = repair;
+        if (*o_nobc) n.discovery.broadcast = false;
+        if (*o_nodisc) n.discovery.enabled = false;
+        if (*o_hwm) n.hwm = hwm;
+        if (*o_policy) n.slow_subscriber = policy == "block" ? overflow_policy::block : overflow_policy::drop;
+        if (*o_maxev) n.max_event_bytes = static_cast<std::uint32_t>(max_event);
+        if (*o_linger) n.linger = std::chrono::milliseconds(linger);
+        if (*o_stats) n.stats_interval = std::chrono::milliseconds(stats_ms);
+        if (*o_ipcm && !app::parse_file_mode(ipc_mode, n.ipc_mode)) {
+            error = "--ipc-mode must be octal, e.g. 0660";
+            return false;
+        }
+        if (*o_ipcg) n.ipc_group = ipc_group;
+        if (*o_sec) n.security.enabled = true;
+        if (*o_key) cfg.key_file = key_file;
+        if (*o_secret) cfg.mesh_secret_file = secret_file;
+        if (*o_allow) n.security.allow_file = allow_file;
+        if (*o_allowk) n.security.allowed_keys = allow_keys;
+        if (*o_level) cfg.log_level = level;
+        if (*o_format) cfg.log_format = format;
+        if (*o_pid) cfg.pid_file = pid_file;
+        if (*o_ready) cfg.ready_file = ready_file;
+        if (*o_http) cfg.http_address = http;
+        if (*o_drain) cfg.drain_ms = drain;
+        if (*o_outbox) cfg.channels.outbox_path = outbox;
+        if (*o_pdirs) cfg.channels.plugin_dirs = plugin_dirs;
+        return app::validate(cfg, error) && app::load_security(cfg, error) &&
+               (cfg.channels.channels.empty() || channels::channel_runtime::check(cfg.channels, error));
+    };
+    if (!build(start_cfg, err)) {
+        std::fprintf(stderr, "evmesh-node: invalid config: %s\n", err.c_str());
         return 2;
     }
-    auto& n = cfg.node;
-    if (*o_name) n.name = name;
-    if (*o_mesh) n.mesh = mesh;
-    if (*o_pub) n.pub_endpoints = pubs;
-    if (*o_sub) n.sub_endpoints = subs;
-    if (*o_mport) n.mesh_port = static_cast<std::uint16_t>(mesh_port);
-    if (*o_mbind) n.mesh_bind_address = mesh_bind;
-    if (*o_adv) n.mesh_advertise_address = advertise;
-    if (*o_hb) n.heartbeat_interval = std::chrono::milliseconds(hb);
-    if (*o_hbt) n.heartbeat_timeout = std::chrono::milliseconds(hb_timeout);
-    if (*o_nomesh) n.mesh_enabled = false;
-    if (*o_bport) n.discovery.port = static_cast<std::uint16_t>(beacon_port);
-    if (*o_ivl) n.discovery.interval = std::chrono::milliseconds(interval);
-    if (*o_missed) n.discovery.missed_beacons = static_cast<std::uint32_t>(missed);
-    if (*o_scope) n.discovery.scope = scope == "lan" ? discovery_scope::lan : discovery_scope::host;
-    if (*o_bcast) n.discovery.broadcast_address = bcast;
-    if (*o_iface) n.discovery.interface_address = iface;
-    if (*o_seed) n.discovery.seeds = seeds;
-    if (*o_repair) n.repair.patterns = repair;
-    if (*o_nobc) n.discovery.broadcast = false;
-    if (*o_nodisc) n.discovery.enabled = false;
-    if (*o_hwm) n.hwm = hwm;
-    if (*o_policy) n.slow_subscriber = policy == "block" ? overflow_policy::block : overflow_policy::drop;
-    if (*o_maxev) n.max_event_bytes = static_cast<std::uint32_t>(max_event);
-    if (*o_linger) n.linger = std::chrono::milliseconds(linger);
-    if (*o_stats) n.stats_interval = std::chrono::milliseconds(stats_ms);
-    if (*o_ipcm && !app::parse_file_mode(ipc_mode, n.ipc_mode)) {
-        std::fprintf(stderr, "evmesh-node: invalid arguments: --ipc-mode must be octal, e.g. 0660\n");
-        return 2;
-    }
-    if (*o_ipcg) n.ipc_group = ipc_group;
-    if (*o_sec) n.security.enabled = true;
-    if (*o_key) cfg.key_file = key_file;
-    if (*o_secret) cfg.mesh_secret_file = secret_file;
-    if (*o_allow) n.security.allow_file = allow_file;
-    if (*o_allowk) n.security.allowed_keys = allow_keys;
-    if (*o_level) cfg.log_level = level;
-    if (*o_format) cfg.log_format = format;
-    if (*o_pid) cfg.pid_file = pid_file;
-    if (*o_ready) cfg.ready_file = ready_file;
-    if (*o_http) cfg.http_address = http;
-    if (*o_drain) cfg.drain_ms = drain;
-    if (*o_outbox) cfg.channels.outbox_path = outbox;
-    if (*o_pdirs) cfg.channels.plugin_dirs = plugin_dirs;
-    if (!app::validate(cfg, error) || !app::load_security(cfg, error) ||
-        (!cfg.channels.channels.empty() && !channels::channel_runtime::check(cfg.channels, error))) {
-        std::fprintf(stderr, "evmesh-node: invalid config: %s\n", error.c_str());
-        return 2;
-    }
-    app::setup_logging(cfg.log_level, cfg.log_format);
+    app::setup_logging(start_cfg.log_level, start_cfg.log_format);
 
     // Every thread the node starts inherits this mask, so only sigwait() sees the signals.
     sigset_t set;
@@ -157,7 +161,8 @@ int main(int argc, char** argv) {
     pthread_sigmask(SIG_BLOCK, &set, nullptr);
     signal(SIGPIPE, SIG_IGN);
 
-    app::node_app node_app(cfg);
+    app::node_app node_app(start_cfg);
+    node_app.set_config_source(build);
     if (int rc = node_app.start(); rc != 0) {
         return rc;
     }

@@ -1,5 +1,9 @@
 #include "node_app.hpp"
 
+#ifdef EVMESH_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
 #include <signal.h>
 #include <unistd.h>
 
@@ -334,6 +338,15 @@ struct node_app::http {
 
 namespace {
 std::atomic<bool> g_stopping{false};
+
+// sd_notify(3) when systemd started us with Type=notify ($NOTIFY_SOCKET), else nothing.
+void notify(const char* state) {
+#ifdef EVMESH_HAVE_SYSTEMD
+    (void)sd_notify(0, state);
+#else
+    (void)state;
+#endif
+}
 }  // namespace
 
 node_app::node_app(app_config cfg) : cfg_(std::move(cfg)) {}
@@ -367,7 +380,7 @@ int node_app::start() {
             node_->stop();
             return config ? 2 : 3;
         }
-        channels_ = std::move(*rt);
+        channels_ = std::shared_ptr<channels::channel_runtime>(std::move(*rt));
     }
     if (!cfg_.http_address.empty()) {
         http_ = std::make_unique<http>();
@@ -381,8 +394,8 @@ int node_app::start() {
             int yes = 1;
             setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
         });
-        auto* chs = channels_.get();
-        http_->server.Get("/healthz", [nd, chs](const httplib::Request&, httplib::Response& res) {
+        http_->server.Get("/healthz", [this, nd](const httplib::Request&, httplib::Response& res) {
+            const auto chs = current_channels();
             const bool up = nd->running() && !g_stopping;
             const bool loop_ok = nd->healthy();
             const bool outbox_ok = chs == nullptr || chs->healthy();
@@ -393,7 +406,8 @@ int node_app::start() {
                                         : "outbox not writable: " + chs->outbox_error() + "\n",
                             "text/plain");
         });
-        http_->server.Get("/metrics", [nd, chs, started](const httplib::Request&, httplib::Response& res) {
+        http_->server.Get("/metrics", [this, nd, started](const httplib::Request&, httplib::Response& res) {
+            const auto chs = current_channels();
             const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
             auto text = render_metrics(*nd, up);
             if (chs != nullptr) {
@@ -403,7 +417,8 @@ int node_app::start() {
         });
         // Channel administration (docs/CHANNELS.md). The HTTP endpoint binds loopback by default;
         // anyone who can reach it can replay and enable channels.
-        http_->server.Get("/channels", [chs](const httplib::Request&, httplib::Response& res) {
+        http_->server.Get("/channels", [this](const httplib::Request&, httplib::Response& res) {
+            const auto chs = current_channels();
             res.set_content(chs != nullptr ? render_channels(chs->stats()) : "[]", "application/json");
         });
         auto limit_of = [](const httplib::Request& req) {
@@ -422,7 +437,8 @@ int node_app::start() {
             res.set_content(nlohmann::json({{"error", res.status == 404 ? "no such channel or event" : ec.message()}}).dump(),
                             "application/json");
         };
-        http_->server.Get(R"(/channels/([A-Za-z0-9_.-]+)/log)", [chs, limit_of, answer_error](const httplib::Request& req, httplib::Response& res) {
+        http_->server.Get(R"(/channels/([A-Za-z0-9_.-]+)/log)", [this, limit_of, answer_error](const httplib::Request& req, httplib::Response& res) {
+            const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
             }
@@ -438,7 +454,8 @@ int node_app::start() {
             }
             res.set_content(arr.dump(), "application/json");
         });
-        http_->server.Get(R"(/channels/([A-Za-z0-9_.-]+)/dead)", [chs, limit_of, answer_error](const httplib::Request& req, httplib::Response& res) {
+        http_->server.Get(R"(/channels/([A-Za-z0-9_.-]+)/dead)", [this, limit_of, answer_error](const httplib::Request& req, httplib::Response& res) {
+            const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
             }
@@ -454,7 +471,8 @@ int node_app::start() {
             }
             res.set_content(arr.dump(), "application/json");
         });
-        http_->server.Post(R"(/channels/([A-Za-z0-9_.-]+)/replay)", [chs, answer_error](const httplib::Request& req, httplib::Response& res) {
+        http_->server.Post(R"(/channels/([A-Za-z0-9_.-]+)/replay)", [this, answer_error](const httplib::Request& req, httplib::Response& res) {
+            const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
             }
@@ -464,7 +482,8 @@ int node_app::start() {
             }
             res.set_content(nlohmann::json({{"replayed", *r}}).dump(), "application/json");
         });
-        http_->server.Post(R"(/channels/([A-Za-z0-9_.-]+)/enable)", [chs, answer_error](const httplib::Request& req, httplib::Response& res) {
+        http_->server.Post(R"(/channels/([A-Za-z0-9_.-]+)/enable)", [this, answer_error](const httplib::Request& req, httplib::Response& res) {
+            const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
             }
@@ -513,17 +532,55 @@ int node_app::start() {
     }
     std::printf("READY %s\n", ready.dump().c_str());
     std::fflush(stdout);
+    notify("READY=1\nSTATUS=serving");
+    start_watchdog();
     spdlog::info("evmesh-node '{}' ready: pub {} sub {} mesh {}", node_->name(),
                  nlohmann::json(node_->pub_endpoints()).dump(),
                  nlohmann::json(node_->sub_endpoints()).dump(), node_->mesh_endpoint());
     return 0;
 }
 
+std::shared_ptr<channels::channel_runtime> node_app::current_channels() const {
+    std::lock_guard lk(channels_m_);
+    return channels_;
+}
+
+// systemd's watchdog (WatchdogSec= in the unit): pinged at half the interval, and only while
+// the node's I/O thread answers, so a wedged loop gets the node restarted.
+void node_app::start_watchdog() {
+#ifdef EVMESH_HAVE_SYSTEMD
+    std::uint64_t usec = 0;
+    if (sd_watchdog_enabled(0, &usec) <= 0 || usec == 0) {
+        return;
+    }
+    watchdog_ = std::thread([this, period = std::chrono::microseconds(usec / 2)] {
+        std::unique_lock lk(watchdog_m_);
+        while (!watchdog_cv_.wait_for(lk, period, [this] { return watchdog_stop_; })) {
+            if (node_->healthy()) {
+                notify("WATCHDOG=1");
+            } else {
+                spdlog::error("evmesh-node: I/O thread not answering; watchdog not fed");
+            }
+        }
+    });
+    spdlog::info("evmesh-node: systemd watchdog every {} ms", usec / 2000);
+#endif
+}
+
 void node_app::stop() {
     g_stopping = true;  // /healthz answers 503 while the node drains
-    if (channels_) {
+    notify("STOPPING=1");
+    {
+        std::lock_guard lk(watchdog_m_);
+        watchdog_stop_ = true;
+    }
+    watchdog_cv_.notify_all();
+    if (watchdog_.joinable()) {
+        watchdog_.join();
+    }
+    if (auto chs = current_channels()) {
         // stops intake and deliveries; the object stays until the admin endpoints are gone
-        channels_->stop(std::chrono::milliseconds(cfg_.drain_ms / 2));
+        chs->stop(std::chrono::milliseconds(cfg_.drain_ms / 2));
     }
     if (node_) {
         node_->stop();
@@ -535,7 +592,10 @@ void node_app::stop() {
         }
         http_.reset();
     }
-    channels_.reset();
+    {
+        std::lock_guard lk(channels_m_);
+        channels_.reset();
+    }
     remove_files();
 }
 
@@ -548,6 +608,139 @@ void node_app::remove_files() {
     }
 }
 
+bool node_app::swap_channels(const channels::runtime_options& next) {
+    // Events that arrive while the old channel set hands over to the new one are caught by a
+    // bridge subscription to every pattern of both, then offered to the new set. What both saw
+    // is refused by the outbox as a duplicate (same event id), so nothing is lost or doubled.
+    struct bridge_state {
+        std::mutex m;
+        std::vector<event> held;
+    };
+    auto held = std::make_shared<bridge_state>();
+    std::vector<subscription> bridge;
+    std::set<std::string> patterns;
+    for (const channels::runtime_options* opts : std::initializer_list<const channels::runtime_options*>{&cfg_.channels, &next}) {
+        for (const auto& ch : opts->channels) {
+            patterns.insert(ch.topics.begin(), ch.topics.end());
+        }
+    }
+    for (const auto& p : patterns) {
+        auto sub = node_->subscribe(p, [held](const event_view& ev) {
+            std::lock_guard lk(held->m);
+            held->held.push_back(ev.to_event());
+        });
+        if (!sub) {
+            spdlog::error("reload: cannot subscribe to '{}' for the hand-over: {}; channels not reloaded", p,
+                          sub.error().message());
+            return false;
+        }
+        bridge.push_back(std::move(*sub));
+    }
+    std::shared_ptr<channels::channel_runtime> started;
+    auto old = current_channels();
+    if (old) {
+        old->stop(std::chrono::milliseconds(cfg_.drain_ms / 2));
+    }
+    bool ok = true;
+    if (!next.channels.empty()) {
+        std::string error;
+        auto rt = channels::channel_runtime::start(*node_, next, error);
+        if (!rt) {
+            spdlog::error("reload: the new channels cannot start: {}; starting the previous ones again", error);
+            ok = false;
+            if (!cfg_.channels.channels.empty()) {
+                auto again = channels::channel_runtime::start(*node_, cfg_.channels, error);
+                if (again) {
+                    started = std::move(*again);
+                } else {
+                    spdlog::critical("reload: the previous channels cannot start either: {}", error);
+                }
+            }
+        } else {
+            started = std::move(*rt);
+        }
+    }
+    {
+        std::lock_guard lk(channels_m_);
+        channels_ = started;
+    }
+    bridge.clear();  // the new set subscribed before this: no moment without a subscriber
+    std::vector<event> caught;
+    {
+        std::lock_guard lk(held->m);
+        caught.swap(held->held);
+    }
+    std::size_t offered = 0;
+    if (started) {
+        for (const auto& ev : caught) {
+            offered += started->offer(ev) > 0 ? 1 : 0;
+        }
+    }
+    spdlog::info("reload: channels handed over ({} events caught during the hand-over, {} offered to the new set)",
+                 caught.size(), offered);
+    return ok;
+}
+
+bool node_app::reload() {
+    notify("RELOADING=1");
+    app_config next;
+    std::string error;
+    if (!config_source_ || !config_source_(next, error)) {
+        spdlog::error("reload refused, the running configuration is kept: {}",
+                      config_source_ ? error : "no configuration source");
+        notify("READY=1\nSTATUS=reload refused: invalid configuration");
+        return false;
+    }
+    std::vector<std::string> applied, restart;
+    if (next.log_level != cfg_.log_level || next.log_format != cfg_.log_format) {
+        setup_logging(next.log_level, next.log_format);
+        applied.push_back("log " + next.log_level + "/" + next.log_format);
+        cfg_.log_level = next.log_level;
+        cfg_.log_format = next.log_format;
+    }
+    const auto& sec = next.node.security;
+    const auto& cur = cfg_.node.security;
+    if (sec.enabled != cur.enabled) {
+        restart.push_back("security on/off");
+    } else if (sec.enabled) {  // keys, file name or the file's content may have changed: read it now
+        if (auto r = node_->set_allow_list(sec.allowed_keys, sec.allow_file); !r) {
+            spdlog::error("reload: allow-list not changed: {}", last_error_message());
+        } else {
+            cfg_.node.security.allowed_keys = sec.allowed_keys;
+            cfg_.node.security.allow_file = sec.allow_file;
+            applied.push_back("allow-list");
+        }
+    }
+    bool ok = true;
+    if (!(next.channels == cfg_.channels)) {
+        ok = swap_channels(next.channels);
+        if (ok) {
+            cfg_.channels = next.channels;
+            applied.push_back("channels (" + std::to_string(next.channels.channels.size()) + ")");
+        }
+    }
+    const auto& a = cfg_.node;
+    const auto& b = next.node;
+    if (a.name != b.name || a.mesh != b.mesh || a.pub_endpoints != b.pub_endpoints ||
+        a.sub_endpoints != b.sub_endpoints || a.mesh_port != b.mesh_port || a.hwm != b.hwm ||
+        a.slow_subscriber != b.slow_subscriber || a.max_event_bytes != b.max_event_bytes ||
+        a.discovery.port != b.discovery.port || a.discovery.seeds != b.discovery.seeds ||
+        a.repair.patterns != b.repair.patterns || next.http_address != cfg_.http_address) {
+        restart.push_back("node settings ([node], [discovery], [flow], [repair], http)");
+    }
+    std::string applied_text, restart_text;
+    for (const auto& x : applied) {
+        applied_text += (applied_text.empty() ? "" : ", ") + x;
+    }
+    for (const auto& x : restart) {
+        restart_text += (restart_text.empty() ? "" : ", ") + x;
+    }
+    spdlog::info("reload: applied: {}{}{}", applied_text.empty() ? "nothing changed" : applied_text,
+                 restart_text.empty() ? "" : "; need a restart (kept as they were): ", restart_text);
+    notify(ok ? "READY=1\nSTATUS=serving (reloaded)" : "READY=1\nSTATUS=serving (reload failed, see log)");
+    return ok;
+}
+
 int node_app::run_until_signal() {
     sigset_t set;
     sigemptyset(&set);
@@ -555,7 +748,14 @@ int node_app::run_until_signal() {
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGHUP);
     int sig = 0;
-    sigwait(&set, &sig);
+    for (;;) {
+        sigwait(&set, &sig);
+        if (sig != SIGHUP) {
+            break;
+        }
+        spdlog::info("evmesh-node: SIGHUP received, reloading the configuration");
+        (void)reload();
+    }
     spdlog::info("evmesh-node: {} received, stopping (drain up to {} ms; signal again to exit now)",
                  strsignal(sig), cfg_.drain_ms);
     auto done = std::async(std::launch::async, [this] { stop(); });

@@ -2,6 +2,9 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
@@ -37,18 +40,39 @@ public:
     // Graceful stop: goodbye, drain within drain_ms, close. Idempotent.
     void stop();
 
-    // Blocks until SIGTERM/SIGINT (a second signal exits at once with 130). Returns exit code.
+    // Blocks until SIGTERM/SIGINT (a second signal exits at once with 130); SIGHUP reloads.
+    // Returns the exit code.
     int run_until_signal();
 
+    // Where reload() reads the configuration (main: the config file with the flags over it).
+    void set_config_source(std::function<bool(app_config&, std::string&)> source) {
+        config_source_ = std::move(source);
+    }
+
+    // SIGHUP: reads the configuration again and applies what can change live (log level and
+    // format, the allow-list, the channels) without losing an event; other changes are logged
+    // as needing a restart. A configuration that does not validate is refused with one error
+    // line and the running one kept. True when the new configuration is in effect.
+    bool reload();
+
     node* get() { return node_.get(); }
-    channels::channel_runtime* channels() { return channels_.get(); }
+    channels::channel_runtime* channels() { return current_channels().get(); }
+    std::shared_ptr<channels::channel_runtime> current_channels() const;
 
 private:
     void remove_files();  // pid and ready files
+    bool swap_channels(const channels::runtime_options& next);
+    void start_watchdog();
 
     app_config cfg_;
+    std::function<bool(app_config&, std::string&)> config_source_;
     std::unique_ptr<node> node_;
-    std::unique_ptr<channels::channel_runtime> channels_;
+    mutable std::mutex channels_m_;  // guards the pointer; HTTP handlers take a reference
+    std::shared_ptr<channels::channel_runtime> channels_;
+    std::thread watchdog_;
+    std::mutex watchdog_m_;
+    std::condition_variable watchdog_cv_;
+    bool watchdog_stop_ = false;
     struct http;
     std::unique_ptr<http> http_;
     std::chrono::steady_clock::time_point started_;

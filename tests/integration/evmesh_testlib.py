@@ -120,7 +120,7 @@ class NodeTestCase(unittest.TestCase):
         self.procs.append(p)
         return p
 
-    def start_node(self, name, *extra, http=True, timeout=10.0, beacon_port=None):
+    def start_node(self, name, *extra, http=True, timeout=10.0, beacon_port=None, env=None):
         args = [NODE, "--name", name, "--mesh", self.mesh,
                 "--beacon-port", str(beacon_port or self.beacon_port),
                 "--pub-endpoint", "tcp://127.0.0.1:*", "--sub-endpoint", "tcp://127.0.0.1:*",
@@ -130,7 +130,8 @@ class NodeTestCase(unittest.TestCase):
         args += list(extra)
         err = os.path.join(self.tmp, f"{name}-{len(self.procs)}.log")
         with open(err, "w") as errf:
-            p = self.spawn(args, stdout=subprocess.PIPE, stderr=errf)
+            p = self.spawn(args, stdout=subprocess.PIPE, stderr=errf,
+                           env=None if env is None else {**os.environ, **env})
         line = read_line(p, timeout)
         if not line or not line.startswith(b"READY "):
             p.kill()

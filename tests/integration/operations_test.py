@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import unittest
 import urllib.error
@@ -284,6 +285,124 @@ class OutboxTest(OpsTestCase):
         c = wait_for(lambda: self.settled(node, 50), timeout=10)
         self.assertEqual((c["accepted"], c["lost"]), (50, 0))
         self.assertTrue(wait_for(lambda: channels(node)["partner"]["delivered"] == 50, timeout=10))
+
+
+class ServiceTest(OpsTestCase):
+    """systemd's side of the node: sd_notify on a real unix datagram socket, SIGHUP reload."""
+
+    def notify_socket(self):
+        path = os.path.join(self.tmp, "notify.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(0.2)
+        self.addCleanup(sock.close)
+        return sock, path
+
+    @staticmethod
+    def messages(sock, want, timeout=10.0):
+        """Datagrams until one contains `want` (returns all of them), or None at the timeout."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got.append(sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+            if want in got[-1]:
+                return got
+        return None
+
+    def test_sd_notify_ready_watchdog_reloading_stopping(self):
+        sock, path = self.notify_socket()
+        node = self.start_node("n0", "--no-mesh", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+        self.assertIsNotNone(self.messages(sock, "READY=1", timeout=5))
+        got = self.messages(sock, "WATCHDOG=1", timeout=2)
+        self.assertIsNotNone(got, "the watchdog must be fed at half of WATCHDOG_USEC")
+        node.proc.send_signal(signal.SIGHUP)
+        got = self.messages(sock, "RELOADING=1", timeout=5)
+        self.assertIsNotNone(got)
+        self.assertIsNotNone(self.messages(sock, "READY=1", timeout=5))
+        self.assertIsNone(node.proc.poll(), "SIGHUP must not stop the node")
+        node.proc.send_signal(signal.SIGTERM)
+        self.assertIsNotNone(self.messages(sock, "STOPPING=1", timeout=5))
+        self.assertEqual(node.proc.wait(timeout=10), 0)
+
+    def write_config(self, path, chans, fmt="text"):
+        cfg = channel_config(self.tmp, chans)
+        with open(cfg) as f:
+            text = f.read()
+        with open(path + ".tmp", "w") as f:
+            f.write(f'[log]\nformat = "{fmt}"\n\n' + text)
+        os.replace(path + ".tmp", path)
+
+    def test_sighup_reloads_channels_and_log_level_without_losing_an_event(self):
+        rcv = self.receiver()
+        cfg = os.path.join(self.tmp, "node.toml")
+        self.write_config(cfg, [webhook("a", rcv.url("/a"))])
+        node = self.start_node("n0", "--config", cfg, "--no-mesh")
+        pub = Publisher(self.ctx, node.pub, "orders.")
+        ids, stop = [], threading.Event()
+
+        def stream():  # a steady stream across the hand-over, about 2,000 events/s
+            i = 0
+            while not stop.is_set():
+                ids.append(pub.publish(f"orders.e{i}", json.dumps({"i": i}).encode()))
+                i += 1
+                time.sleep(0.0005)
+        t = threading.Thread(target=stream)
+        t.start()
+        try:
+            time.sleep(0.5)
+            self.write_config(cfg, [webhook("a", rcv.url("/a")), webhook("b", rcv.url("/b"))], fmt="json")
+            node.proc.send_signal(signal.SIGHUP)
+            self.assertTrue(wait_for(lambda: "reload: applied" in node.log(), timeout=10), node.log())
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            t.join()
+        pub.close()
+        caught = [l for l in node.log().splitlines() if "handed over" in l]
+        print(f"\n    {len(ids)} events; {caught[0][caught[0].index('handed over'):][:90] if caught else ''}")
+        want = {str(uuid.UUID(bytes=i)) for i in ids}
+        seen_a = lambda: {json.loads(r["body"])["id"] for r in rcv.received("/a")}
+        self.assertTrue(wait_for(lambda: seen_a() >= want, timeout=30),
+                        f"{len(want - seen_a())} events never reached channel a: {channels(node)}")
+        dupes = len(rcv.received("/a")) - len(seen_a())
+        self.assertLessEqual(dupes, 16, "only deliveries cut off in flight may repeat")
+        self.assertTrue(wait_for(lambda: len(rcv.received("/b")) > 0, timeout=10), "channel b was not added")
+        # b exists from the reload on: it gets the tail of the stream, every event of it
+        got_b = {json.loads(r["body"])["id"] for r in rcv.received("/b")}
+        last = str(uuid.UUID(bytes=ids[-1]))
+        self.assertTrue(wait_for(lambda: last in {json.loads(r["body"])["id"] for r in rcv.received("/b")}, 10))
+        log = node.log()
+        self.assertIn("reload: applied: log debug/json, channels (2)", log)
+        applied = [l for l in log.splitlines() if "reload: applied" in l]
+        self.assertTrue(applied[0].startswith("{"), applied)  # the log speaks JSON from the reload on
+        self.assertEqual(health(node)[0], 200)
+        self.assertEqual(sorted(channels(node)), ["a", "b"])
+        self.assertTrue(got_b)
+
+    def test_sighup_with_a_bad_config_keeps_the_running_one(self):
+        rcv = self.receiver()
+        cfg = os.path.join(self.tmp, "node.toml")
+        self.write_config(cfg, [webhook("a", rcv.url("/a"))])
+        node = self.start_node("n0", "--config", cfg, "--no-mesh")
+        for bad in ('[[channel]]\nname = "a"\nplugin = "webhook"\ntopics = ["x.>.y"]\n',  # bad pattern
+                    "this is not toml = = =\n",
+                    '[outbox]\npath = "/x"\nhold_events = -5\n'):
+            with open(cfg, "w") as f:
+                f.write(bad)
+            node.proc.send_signal(signal.SIGHUP)
+            self.assertTrue(wait_for(lambda: node.log().count("reload refused") >= 1, timeout=5), node.log())
+        self.assertTrue(wait_for(lambda: node.log().count("reload refused") == 3, timeout=5), node.log())
+        self.assertIsNone(node.proc.poll())
+        self.publish(node, 10)
+        self.assertTrue(wait_for(lambda: len(rcv.received("/a")) >= 10, timeout=10))
+        self.assertEqual(sorted(channels(node)), ["a"])
+        self.assertEqual(health(node)[0], 200)
+        refused = [l for l in node.log().splitlines() if "reload refused" in l]
+        self.assertIn("outbox.path", refused[0])
+        self.assertIn("line 1", refused[1])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <evmesh/error.hpp>
+#include <evmesh/event.hpp>
 
 namespace evmesh {
 
@@ -38,6 +39,7 @@ struct retry_policy {
     std::vector<milliseconds> schedule = standard_webhooks_schedule();
     double jitter = 0.1;                         ///< each delay is scaled by 1 ± U(0, jitter)
     milliseconds max_retry_after{24 * 3600 * 1000};  ///< cap on a plugin's retry-after (HTTP 429/503)
+    friend bool operator==(const retry_policy&, const retry_policy&) = default;
 };
 
 /// The circuit breaker of one endpoint: after `failures` attempts in a row answered "retry",
@@ -47,6 +49,7 @@ struct breaker_policy {
     std::uint32_t failures = 5;
     milliseconds pause{1000};
     milliseconds max_pause{60000};
+    friend bool operator==(const breaker_policy&, const breaker_policy&) = default;
 };
 
 /// One channel instance: one endpoint with its own queue and workers.
@@ -58,6 +61,7 @@ struct channel_config {
     retry_policy retry;
     breaker_policy breaker;
     int concurrency = 4;              ///< parallel deliveries to this endpoint (1..256)
+    friend bool operator==(const channel_config&, const channel_config&) = default;
 };
 
 /// The runtime of one node's channels.
@@ -76,6 +80,7 @@ struct runtime_options {
     /// memory, up to this many; beyond that they are counted `lost`. Writes are retried with
     /// backoff (100 ms doubling to 5 s) and everything held is accepted once a write succeeds.
     std::size_t hold_events = 65536;
+    friend bool operator==(const runtime_options&, const runtime_options&) = default;
 };
 
 /// Upper bounds (microseconds) of the channel latency histograms; the last bucket is +Inf.
@@ -167,6 +172,13 @@ public:
     std::string outbox_error() const;
 
     std::vector<channel_stats> stats() const;
+
+    /// Hands `ev` to every channel whose patterns match it, as if it had arrived from the mesh;
+    /// returns how many took it. An id already in a channel's outbox (pending, dead, or
+    /// delivered within `dedupe_window`) is refused there as a duplicate, so offering an event
+    /// twice never delivers it twice. evmesh-node's reload uses it for the events that arrive
+    /// while the old channel set hands over to the new one.
+    std::size_t offer(const event& ev);
 
     /// Puts dead letters of `channel` back into the outbox (all of them, or the one with
     /// `event_id`), with a fresh retry schedule. Returns how many. Errors: bad_option (unknown

@@ -273,6 +273,13 @@ public:
     /// channel runtime installs one; an empty function restores the empty array.
     void set_channel_stats(std::function<std::string()> source);
 
+    /// Replaces the allow-list of a secured node (evmesh-node's SIGHUP reload): the inline keys
+    /// and the allow file, which is read at once and then watched as before. Peers whose key is
+    /// no longer allowed are dropped. In effect when it returns. Errors: bad_option (security is
+    /// off, which only a restart changes; a key that is not Z85; an allow file that cannot be
+    /// read), io_error (the I/O thread did not answer within call_timeout).
+    [[nodiscard]] result<void> set_allow_list(const std::vector<std::string>& keys, const std::string& allow_file);
+
 private:
     explicit node(std::unique_ptr<detail::node_impl> impl);
     std::unique_ptr<detail::node_impl> impl_;

@@ -543,12 +543,14 @@ struct channel_runtime::impl {
     }
 
     // Called on subscription dispatcher threads.
-    void on_event(std::size_t ch_index, const event_view& ev) {
+    void on_event(std::size_t ch_index, const event_view& ev) { enqueue(ch_index, ev.to_event()); }
+
+    void enqueue(std::size_t ch_index, const event& ev) {
         intake_item item;
         item.channel = ch_index;
         item.id = ev.id;
-        item.topic = std::string(ev.topic);
-        encode_event_body(ev.to_event(), item.body);
+        item.topic = ev.topic;
+        encode_event_body(ev, item.body);
         item.accepted_ms = wall_ms();
         std::unique_lock lk(m);
         // Backpressure while the store keeps up; while it cannot write (degraded), the event
@@ -1577,6 +1579,10 @@ struct channel_runtime::impl {
             sqlite3_wal_checkpoint_v2(db.get(), nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr, nullptr);
         }
         db.close();
+        if (lock_fd >= 0) {  // the outbox is free for the next runtime (a reload's new channel set)
+            ::close(lock_fd);
+            lock_fd = -1;
+        }
     }
 };
 
@@ -1653,6 +1659,20 @@ void channel_runtime::stop(milliseconds drain) {
 }
 
 std::vector<channel_stats> channel_runtime::stats() const { return impl_->snapshot(); }
+
+std::size_t channel_runtime::offer(const event& ev) {
+    std::size_t taken = 0;
+    for (auto& ch : impl_->channels) {
+        for (const auto& t : ch->cfg.topics) {
+            if (auto p = topic_pattern::parse(t); p && p->matches(ev.topic)) {
+                impl_->enqueue(ch->index, ev);
+                ++taken;
+                break;
+            }
+        }
+    }
+    return taken;
+}
 
 result<std::size_t> channel_runtime::replay(std::string_view name, std::string_view event_id_text) {
     auto* ch = impl_->find(name);

@@ -1,4 +1,5 @@
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -14,6 +15,7 @@
 #include "reactor/node_impl.hpp"
 #include "reactor/sub_registry.hpp"
 #include "util/string_hash.hpp"
+#include "util/z85.hpp"
 #include "codec/utf8.hpp"
 #include "reactor/zmq_util.hpp"
 #include "util/zmsg.hpp"
@@ -678,6 +680,32 @@ std::vector<peer_info> node::peers() const {
 
 void node::set_channel_stats(std::function<std::string()> source) {
     impl_->set_channel_stats(std::move(source));
+}
+
+result<void> node::set_allow_list(const std::vector<std::string>& keys, const std::string& allow_file) {
+    std::set<std::string> parsed;
+    for (const auto& k : keys) {
+        auto b = detail::z85_key(k);
+        if (!b) {
+            detail::set_last_error_message("security: allowed key '" + k + "' is not a Z85 CURVE key");
+            return fail(errc::bad_option);
+        }
+        parsed.insert(*b);
+    }
+    struct stat st {};
+    if (!allow_file.empty() && ::stat(allow_file.c_str(), &st) != 0) {
+        detail::set_last_error_message("security: cannot read allow file '" + allow_file + "'");
+        return fail(errc::bad_option);
+    }
+    bool secure = false;
+    if (!impl_->call([&] { secure = impl_->replace_allow_list(std::move(parsed), keys, allow_file); })) {
+        return fail(errc::io_error);  // the I/O thread did not answer within call_timeout
+    }
+    if (!secure) {
+        detail::set_last_error_message("security: the node runs without security; enabling it needs a restart");
+        return fail(errc::bad_option);
+    }
+    return {};
 }
 
 node_counters node::counters() const {

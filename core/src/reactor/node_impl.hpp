@@ -152,6 +152,10 @@ struct node_impl {
     std::mutex sync_mu;
     std::map<std::string, bool> sync_expected;  // token -> seen; guarded by sync_mu
 
+    // node::set_allow_list on the I/O thread; false when security is off.
+    bool replace_allow_list(std::set<std::string> keys, const std::vector<std::string>& inline_keys,
+                            const std::string& allow_file);
+
     // node::set_channel_stats: the source of the stats event's `channels` (any thread).
     void set_channel_stats(std::function<std::string()> source) {
         std::lock_guard lk(channel_stats_mu_);
@@ -213,6 +217,7 @@ private:
     // --- security (security.cpp) ---
     result<void> setup_security();
     void reload_allow_file(bool initial);
+
     void on_zap();
 
     // --- stats (stats.cpp) ---

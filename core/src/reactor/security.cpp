@@ -63,6 +63,20 @@ result<void> node_impl::setup_security() {
     return {};
 }
 
+bool node_impl::replace_allow_list(std::set<std::string> keys, const std::vector<std::string>& inline_keys,
+                                   const std::string& allow_file) {
+    if (!secure_) {
+        return false;
+    }
+    keys.insert(curve_public_);  // a node always trusts itself
+    allowed_static_ = keys;
+    allowed_ = std::move(keys);
+    opt.security.allowed_keys = inline_keys;
+    opt.security.allow_file = allow_file;
+    reload_allow_file(true);  // also drops peers whose key is no longer allowed
+    return true;
+}
+
 void node_impl::reload_allow_file(bool initial) {
     const auto& path = opt.security.allow_file;
     if (path.empty()) {
