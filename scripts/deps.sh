@@ -16,7 +16,7 @@ packages=(
   # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)
   python3 python3-zmq python3-msgpack python3-aiosmtpd openssl curl iproute2 procps graphviz bsdutils tcpdump
   # operations tests: promtool (prometheus), man page lint (groff), the .deb (dpkg-dev for cpack)
-  prometheus groff-base dpkg-dev
+  prometheus groff-base dpkg-dev systemd
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -387,13 +387,14 @@ class ServiceTest(OpsTestCase):
         cfg = os.path.join(self.tmp, "node.toml")
         self.write_config(cfg, [webhook("a", rcv.url("/a"))])
         node = self.start_node("n0", "--config", cfg, "--no-mesh")
-        for bad in ('[[channel]]\nname = "a"\nplugin = "webhook"\ntopics = ["x.>.y"]\n',  # bad pattern
+        for k, bad in enumerate(('[[channel]]\nname = "a"\nplugin = "webhook"\ntopics = ["x.>.y"]\n',  # bad pattern
                     "this is not toml = = =\n",
-                    '[outbox]\npath = "/x"\nhold_events = -5\n'):
-            with open(cfg, "w") as f:
+                    '[outbox]\npath = "/x"\nhold_events = -5\n')):
+            with open(cfg + ".tmp", "w") as f:
                 f.write(bad)
+            os.replace(cfg + ".tmp", cfg)  # the node never reads half a file
             node.proc.send_signal(signal.SIGHUP)
-            self.assertTrue(wait_for(lambda: node.log().count("reload refused") >= 1, timeout=5), node.log())
+            self.assertTrue(wait_for(lambda: node.log().count("reload refused") >= k + 1, timeout=5), node.log())
         self.assertTrue(wait_for(lambda: node.log().count("reload refused") == 3, timeout=5), node.log())
         self.assertIsNone(node.proc.poll())
         self.publish(node, 10)

@@ -81,6 +81,9 @@ std::vector<std::string> default_plugin_dirs() {
         const auto bin = exe.parent_path();
         dirs.push_back((bin.parent_path() / "channels").string());
         dirs.push_back((bin.parent_path() / "lib" / "evmesh" / "channels").string());
+#ifdef EVMESH_PLUGIN_RELDIR
+        dirs.push_back((bin.parent_path() / EVMESH_PLUGIN_RELDIR).string());  // e.g. lib/x86_64-linux-gnu/...
+#endif
     }
     return dirs;
 }
@@ -1032,6 +1035,7 @@ struct channel_runtime::impl {
                 continue;  // woken by a command during the backoff
             }
             const auto now = wall_ms();
+            const auto batch = in.size();
             try {
                 write_batch(s, in, done, !quit, now);
                 last_commit_us = steady_us();
@@ -1047,9 +1051,10 @@ struct channel_runtime::impl {
                         outbox_err.clear();
                     }
                     degraded = false;
-                    evmesh::detail::log()->info("channels: the outbox is writable again after {} ms; {} events held in "
-                                                "memory were accepted, {} were lost (memory hold full)",
-                                                now - failed_since_ms, in.size(), lost - lost_at_failure);
+                    evmesh::detail::log()->info("channels: the outbox is writable again after {} ms; the retried batch "
+                                                "({} events) is written, what waits in memory follows; {} events were "
+                                                "lost (memory hold full)",
+                                                now - failed_since_ms, batch, lost - lost_at_failure);
                 }
             } catch (const sqlite_error& e) {
                 if (!e.transient()) {
