@@ -4,6 +4,8 @@
 /// Thread-safety: every member function of `channel_runtime` is safe from any thread.
 #pragma once
 
+#include <evmesh/export.hpp>
+
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -25,11 +27,11 @@ using std::chrono::milliseconds;
 
 /// The Standard Webhooks retry schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
 /// 20 h, 24 h (ten attempts; each entry is the delay before that attempt).
-std::vector<milliseconds> standard_webhooks_schedule();
+EVMESH_API std::vector<milliseconds> standard_webhooks_schedule();
 
 /// Exponential schedule: attempt 1 immediately, then `initial`, `initial*factor`, ... capped at
 /// `max_delay`, `attempts` entries in all.
-std::vector<milliseconds> exponential_schedule(milliseconds initial, double factor,
+EVMESH_API std::vector<milliseconds> exponential_schedule(milliseconds initial, double factor,
                                                milliseconds max_delay, int attempts);
 
 /// When to try again.
@@ -143,7 +145,7 @@ struct dead_record {
 
 /// Runs the channels of one node: subscribes to each channel's topics, persists every matching
 /// event in the outbox before it counts as accepted, and delivers it through the plugin.
-class channel_runtime {
+class EVMESH_API channel_runtime {
 public:
     /// Opens the outbox, loads every plugin, creates the instances and subscribes.
     /// Errors: bad_option (message in `error`: which channel, which setting), io_error.
@@ -202,7 +204,7 @@ private:
 };
 
 /// Default plugin directories for an executable at `exe_path` (../channels, ../lib/evmesh/channels).
-std::vector<std::string> default_plugin_dirs();
+EVMESH_API std::vector<std::string> default_plugin_dirs();
 
 }  // namespace channels
 }  // namespace evmesh

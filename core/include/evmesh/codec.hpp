@@ -3,6 +3,8 @@
 /// Thread-safety: all functions are reentrant; no shared state.
 #pragma once
 
+#include <evmesh/export.hpp>
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -31,10 +33,10 @@ struct missing_fields {
 };
 
 /// Appends the msgpack body of `ev` to `out` (topic is frame 1 and not repeated in the body).
-void encode_event_body(const event& ev, std::string& out);
+EVMESH_API void encode_event_body(const event& ev, std::string& out);
 
 /// Appends the body for the given fields without building an `event` (publisher hot path).
-void encode_event_body(const event_id& id,
+EVMESH_API void encode_event_body(const event_id& id,
                        std::string_view source,
                        std::int64_t time_ns,
                        std::uint64_t seq,
@@ -46,19 +48,19 @@ void encode_event_body(const event_id& id,
 /// Decodes frame 1 (topic) and frame 2 (body). Every field must be present (not nil).
 /// Errors: truncated, too_large, not_an_event, unsupported_version, wrong_type, bad_id,
 /// bad_topic, trailing_bytes, missing_field.
-[[nodiscard]] result<event_view> decode_event(std::string_view topic_frame,
+[[nodiscard]] EVMESH_API result<event_view> decode_event(std::string_view topic_frame,
                                               std::string_view body,
                                               const decode_limits& limits = {});
 
 /// As `decode_event`, but accepts nil for id, source, time and seq and reports them in
 /// `missing` (the node completes such events from clients).
-[[nodiscard]] result<event_view> decode_event_lenient(std::string_view topic_frame,
+[[nodiscard]] EVMESH_API result<event_view> decode_event_lenient(std::string_view topic_frame,
                                                       std::string_view body,
                                                       missing_fields& missing,
                                                       const decode_limits& limits = {});
 
 /// True when `topic` is a valid concrete topic: 1..max bytes, non-empty dot-separated segments,
 /// no space, control bytes, '*' or '>'.
-bool valid_topic(std::string_view topic, std::size_t max_bytes = 255) noexcept;
+EVMESH_API bool valid_topic(std::string_view topic, std::size_t max_bytes = 255) noexcept;
 
 }  // namespace evmesh

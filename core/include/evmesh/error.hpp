@@ -3,6 +3,8 @@
 /// Thread-safety: everything here is immutable or a value type; safe from any thread.
 #pragma once
 
+#include <evmesh/export.hpp>
+
 #include <string>
 #include <system_error>
 
@@ -36,11 +38,11 @@ enum class errc {
 };
 
 /// The error category of `errc`.
-const std::error_category& category() noexcept;
+EVMESH_API const std::error_category& category() noexcept;
 
 /// The code's name as docs/PROTOCOL.md spells it, e.g. "bad_topic": stable, so counters and
 /// other programs can key on it (`message()` is prose for people and may change).
-const char* to_string(errc e) noexcept;
+EVMESH_API const char* to_string(errc e) noexcept;
 
 /// Makes `errc` usable as `std::error_code`.
 inline std::error_code make_error_code(errc e) noexcept {
@@ -49,10 +51,10 @@ inline std::error_code make_error_code(errc e) noexcept {
 
 /// Detail of the last error set by `node::create` on this thread (for example which endpoint
 /// could not be bound and why). Empty when none. Thread-safety: thread-local.
-const std::string& last_error_message() noexcept;
+EVMESH_API const std::string& last_error_message() noexcept;
 
 namespace detail {
-void set_last_error_message(std::string text);
+EVMESH_API void set_last_error_message(std::string text);
 }  // namespace detail
 
 /// Result of a fallible call: a value or an error code.

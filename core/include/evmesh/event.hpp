@@ -3,6 +3,8 @@
 /// Thread-safety: value types; an `event_view` is valid only while the buffer it views lives.
 #pragma once
 
+#include <evmesh/export.hpp>
+
 #include <array>
 #include <cstdint>
 #include <string>
@@ -16,23 +18,23 @@ namespace evmesh {
 using event_id = std::array<std::uint8_t, 16>;
 
 /// Canonical text form `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (lower-case hex).
-std::string to_string(const event_id& id);
+EVMESH_API std::string to_string(const event_id& id);
 
 /// Generates a new UUIDv7. Thread-safe (thread-local generator state).
-event_id new_event_id() noexcept;
+EVMESH_API event_id new_event_id() noexcept;
 
 /// Generates a UUIDv7 for the given time (ns since the Unix epoch).
-event_id new_event_id(std::int64_t time_ns) noexcept;
+EVMESH_API event_id new_event_id(std::int64_t time_ns) noexcept;
 
 /// Nanoseconds since the Unix epoch, from the system clock.
-std::int64_t now_ns() noexcept;
+EVMESH_API std::int64_t now_ns() noexcept;
 
 /// One header: key and value, both UTF-8 strings (W3C trace context goes here).
 using header = std::pair<std::string, std::string>;
 
 /// An event that owns its data. Maps 1:1 to CloudEvents: id, source, type (= topic), time,
 /// datacontenttype (= content_type), data (= payload); `seq` is the evmesh extension `seq`.
-struct event {
+struct EVMESH_API event {
     event_id id{};                 ///< unique id; all-zero means "not set yet"
     std::string source;            ///< producer, "<node>/<publisher>"
     std::string topic;             ///< dot-separated, e.g. "orders.eu.created"
@@ -50,7 +52,7 @@ struct event {
 
 /// A decoded event whose strings point into the received frames (no allocation).
 /// Produced by `decode_event`; valid while those frames live.
-struct event_view {
+struct EVMESH_API event_view {
     event_id id{};
     std::string_view source;
     std::string_view topic;
@@ -74,7 +76,7 @@ struct event_view {
 
 namespace detail {
 /// Reads the i-th msgpack str at `*pos` of already-validated header bytes.
-std::string_view next_header_string(std::string_view raw, std::size_t& pos) noexcept;
+EVMESH_API std::string_view next_header_string(std::string_view raw, std::size_t& pos) noexcept;
 }  // namespace detail
 
 template <class Fn>

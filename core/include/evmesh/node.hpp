@@ -3,6 +3,8 @@
 /// plus the publisher and subscription handles that embedding code uses.
 #pragma once
 
+#include <evmesh/export.hpp>
+
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -44,7 +46,7 @@ struct peer_info {
 };
 
 /// Name of a link state ("connecting", "connected", "gone").
-const char* to_string(peer_info::link_state s) noexcept;
+EVMESH_API const char* to_string(peer_info::link_state s) noexcept;
 
 /// Counters of one node. All monotonic except the gauges marked so.
 struct node_counters {
@@ -122,7 +124,7 @@ struct publisher_options {
 
 /// Publishes events into a node. Not thread-safe: use one publisher per thread (it owns a
 /// socket). Movable. Outliving its node is safe: publishing then has no effect.
-class publisher {
+class EVMESH_API publisher {
 public:
     publisher(publisher&&) noexcept;
     publisher& operator=(publisher&&) noexcept;
@@ -169,7 +171,7 @@ struct subscription_options {
 /// destructor stop delivery at once (no further callback starts) and the dispatcher thread ends
 /// by itself when the callback returns. `counters()` is safe from any thread. A moved-from
 /// subscription receives nothing and reports zero counters.
-class subscription {
+class EVMESH_API subscription {
 public:
     subscription(subscription&&) noexcept;
     subscription& operator=(subscription&&) noexcept;
@@ -196,7 +198,7 @@ private:
 
 /// One evmesh node. `create` starts its I/O thread; the destructor stops it.
 /// Thread-safety: all member functions are safe to call from any thread.
-class node {
+class EVMESH_API node {
 public:
     /// Binds all endpoints and starts the I/O thread and discovery.
     /// Errors: bad_option, bad_endpoint (names the endpoint in the log), io_error.

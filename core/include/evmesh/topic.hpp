@@ -3,6 +3,8 @@
 /// Thread-safety: `topic_pattern` is immutable after parse; safe to share between threads.
 #pragma once
 
+#include <evmesh/export.hpp>
+
 #include <string>
 #include <string_view>
 #include <vector>
@@ -15,7 +17,7 @@ namespace evmesh {
 /// `orders.eu.created`; `orders.>` matches `orders.eu` and `orders.eu.created` (one or more
 /// segments); `>` matches every topic except the reserved `_evmesh.` ones (stats, ping), which
 /// only patterns starting with the literal segment `_evmesh` match.
-class topic_pattern {
+class EVMESH_API topic_pattern {
 public:
     /// Parses `text`. Errors: bad_pattern (empty segment, `>` not last, `*`/`>` inside a segment).
     [[nodiscard]] static result<topic_pattern> parse(std::string_view text);
