@@ -382,6 +382,42 @@ class ServiceTest(OpsTestCase):
         self.assertEqual(sorted(channels(node)), ["a", "b"])
         self.assertTrue(got_b)
 
+    def test_sighup_reloads_the_allow_list(self):
+        secret = os.path.join(self.tmp, "mesh.secret")
+        with open(secret, "w") as f:
+            f.write("a mesh secret of some length\n")
+        os.chmod(secret, 0o600)
+        keys = {}
+        for n in ("a", "b"):
+            p = subprocess.run([INSPECTOR, "keygen", os.path.join(self.tmp, n)], capture_output=True, timeout=10)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            keys[n] = p.stdout.decode().strip()
+        cfg = os.path.join(self.tmp, "a.toml")
+
+        def write(allowed):
+            with open(cfg + ".tmp", "w") as f:
+                f.write("[security]\nenabled = true\n"
+                        f"key_file = {json.dumps(os.path.join(self.tmp, 'a.key'))}\n"
+                        f"mesh_secret_file = {json.dumps(secret)}\n"
+                        f"allowed_keys = {json.dumps(allowed)}\n")
+            os.replace(cfg + ".tmp", cfg)
+
+        write([])  # a trusts only itself
+        a = self.start_node("a", "--config", cfg)
+        b = self.start_node("b", "--security", "--key-file", os.path.join(self.tmp, "b.key"),
+                            "--mesh-secret-file", secret, "--allow-key", keys["a"])
+        connected = lambda: any(p["name"] == "b" and p["state"] == "connected" for p in a.peers())
+        self.assertTrue(wait_for(lambda: a.metric("evmesh_beacons_total", outcome="not_allowed") > 0, timeout=10))
+        self.assertFalse(connected())
+        write([keys["b"]])
+        a.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(connected, timeout=10), a.peers())
+        self.assertIn("reload: applied: allow-list", a.log())
+        write([])  # revoked: b is dropped at once
+        a.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: not any(p["name"] == "b" for p in a.peers()), timeout=10), a.peers())
+        self.assertIn("removed: key no longer allowed", a.log())
+
     def test_sighup_with_a_bad_config_keeps_the_running_one(self):
         rcv = self.receiver()
         cfg = os.path.join(self.tmp, "node.toml")
