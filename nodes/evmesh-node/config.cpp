@@ -385,7 +385,7 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         o.synchronous_full = sync == "full";
         r.duration("dedupe_window", o.dedupe_window);
         r.integer("log_keep", o.log_keep, 0, 100'000'000);
-        r.integer("hold_events", o.hold_events, 0, 10'000'000);
+        r.integer("hold_events", o.hold_events, 0, 65'536);  // the intake queue's bound
         r.strings("plugin_dirs", o.plugin_dirs);
         r.check_unknown();
     }

@@ -398,12 +398,13 @@ int node_app::start() {
             const auto chs = current_channels();
             const bool up = nd->running() && !g_stopping;
             const bool loop_ok = nd->healthy();
-            const bool outbox_ok = chs == nullptr || chs->healthy();
+            const bool outbox_ok = chs == nullptr ? !channels_down_.load() : chs->healthy();
             res.status = up && loop_ok && outbox_ok ? 200 : 503;
             res.set_content(!up ? "stopping\n"
                             : !loop_ok ? "I/O thread not answering\n"
                             : outbox_ok ? "ok\n"
-                                        : "outbox not writable: " + chs->outbox_error() + "\n",
+                                        : chs == nullptr ? std::string("channels not running: the reload failed (see the log)\n")
+                                                         : "outbox not writable: " + chs->outbox_error() + "\n",
                             "text/plain");
         });
         http_->server.Get("/metrics", [this, nd, started](const httplib::Request&, httplib::Response& res) {
@@ -664,7 +665,14 @@ bool node_app::swap_channels(const channels::runtime_options& next) {
         std::lock_guard lk(channels_m_);
         channels_ = started;
     }
-    bridge.clear();  // the new set subscribed before this: no moment without a subscriber
+    // channels configured but none running: /healthz says so, and the next reload tries again
+    channels_down_ = !next.channels.empty() && !started;
+    // The new set subscribed before this, so there is no moment without a subscriber; the bridge
+    // hands over what the node had already sent it before it closes.
+    for (auto& b : bridge) {
+        b.drain_and_close();
+    }
+    bridge.clear();
     std::vector<event> caught;
     {
         std::lock_guard lk(held->m);
@@ -712,7 +720,7 @@ bool node_app::reload() {
         }
     }
     bool ok = true;
-    if (!(next.channels == cfg_.channels)) {
+    if (!(next.channels == cfg_.channels) || channels_down_) {
         ok = swap_channels(next.channels);
         if (ok) {
             cfg_.channels = next.channels;
@@ -759,10 +767,14 @@ int node_app::run_until_signal() {
     spdlog::info("evmesh-node: {} received, stopping (drain up to {} ms; signal again to exit now)",
                  strsignal(sig), cfg_.drain_ms);
     auto done = std::async(std::launch::async, [this] { stop(); });
+    sigset_t again;  // a second SIGTERM/SIGINT exits at once; a SIGHUP while stopping is ignored
+    sigemptyset(&again);
+    sigaddset(&again, SIGINT);
+    sigaddset(&again, SIGTERM);
     while (done.wait_for(std::chrono::milliseconds(0)) != std::future_status::ready) {
         timespec ts{0, 20'000'000};
         siginfo_t info;
-        if (sigtimedwait(&set, &info, &ts) > 0) {
+        if (sigtimedwait(&again, &info, &ts) > 0) {
             std::fprintf(stderr, "evmesh-node: second signal, exiting now\n");
             remove_files();
             std::_Exit(130);

@@ -69,6 +69,7 @@ private:
     std::unique_ptr<node> node_;
     mutable std::mutex channels_m_;  // guards the pointer; HTTP handlers take a reference
     std::shared_ptr<channels::channel_runtime> channels_;
+    std::atomic<bool> channels_down_{false};  // a reload left the configured channels stopped
     std::thread watchdog_;
     std::mutex watchdog_m_;
     std::condition_variable watchdog_cv_;

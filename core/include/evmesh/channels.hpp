@@ -81,6 +81,7 @@ struct runtime_options {
     /// While the outbox cannot be written (disk full, locked, I/O error), matching events wait in
     /// memory, up to this many; beyond that they are counted `lost`. Writes are retried with
     /// backoff (100 ms doubling to 5 s) and everything held is accepted once a write succeeds.
+    /// At most 65536 (the intake queue).
     std::size_t hold_events = 65536;
     friend bool operator==(const runtime_options&, const runtime_options&) = default;
 };

@@ -184,8 +184,15 @@ public:
     /// Pull mode, owning copy.
     std::optional<event> receive(std::chrono::milliseconds timeout);
 
-    /// Stops delivery (unsubscribes at the node) and joins the dispatcher thread.
+    /// Stops delivery (unsubscribes at the node) and joins the dispatcher thread. Events still
+    /// queued for this subscription are discarded.
     void close();
+
+    /// Callback mode: delivers every event the node sent to this subscription before the call
+    /// (the queue, read until it is empty) to the callback, then closes like `close()`. For
+    /// hand-overs where nothing may be lost: subscribe the successor first, then drain this one.
+    /// Returns once the last callback returned. From inside its own callback it is `close()`.
+    void drain_and_close();
 
     const topic_pattern& pattern() const noexcept;
     subscription_counters counters() const noexcept;

@@ -786,6 +786,12 @@ struct channel_runtime::impl {
         std::deque<std::function<void()>> orphans;  // destroyed unrun: their callers get an error
         {
             std::lock_guard lk(m);
+            if (failed) {
+                for (auto& it : intake) {  // held for a write that will not come: counted
+                    channels[it.channel]->c.lost++;
+                }
+                intake.clear();
+            }
             store_done = true;
             stopping = true;
             orphans.swap(commands);
@@ -817,6 +823,16 @@ struct channel_runtime::impl {
         std::uint64_t attempt_us, waited_us;
     };
     std::vector<outcome_delta> outcome_deltas;
+    std::vector<channel*> disabled_in_tx;  // disable() in the open transaction
+    // The breaker's state before the open transaction: a rolled-back batch is applied again,
+    // and its outcomes must not count twice toward tripping the breaker.
+    struct breaker_state {
+        std::uint32_t fail_streak;
+        std::int64_t paused_until_ms, pause_ms;
+        bool probe_out, hold;
+        std::uint64_t paused, trips;
+    };
+    std::vector<breaker_state> breaker_before;
 
     static void apply_delta(const outcome_delta& d) {
         auto& c = d.ch->c;
@@ -887,6 +903,12 @@ struct channel_runtime::impl {
     // written again.
     void write_batch(statements& s, std::deque<intake_item>& in, std::deque<completion>& done, bool refill_all,
                      std::int64_t now) {
+        breaker_before.clear();
+        for (auto& ch : channels) {
+            breaker_before.push_back({ch->fail_streak, ch->paused_until_ms, ch->pause_ms, ch->probe_out,
+                                      ch->hold.load(), ch->c.paused.load(), ch->c.breaker_trips.load()});
+        }
+        disabled_in_tx.clear();
         transaction tx(db);
         if (!in.empty()) {
             insert_batch(s, in);
@@ -914,20 +936,44 @@ struct channel_runtime::impl {
     // hold (a release in the failed transaction took rows from the queues, but its unclaim was
     // rolled back).
     void discard_staged() {
-        for (auto& st : staged) {
-            st.ch->known.erase(st.item.row);
-            st.ch->backlog = true;
-            if (st.item.probe) {
-                st.ch->probe_out = false;
-            }
-        }
         staged.clear();
+        intake_counts.clear();
+        outcome_deltas.clear();
+        for (auto* ch : disabled_in_tx) {
+            ch->disabled = false;
+            std::lock_guard lk(stats_m);
+            ch->disabled_reason.clear();
+        }
+        disabled_in_tx.clear();
+        for (std::size_t i = 0; i < channels.size() && i < breaker_before.size(); ++i) {
+            auto& ch = *channels[i];
+            const auto& b = breaker_before[i];
+            ch.fail_streak = b.fail_streak;
+            ch.paused_until_ms = b.paused_until_ms;
+            ch.pause_ms = b.pause_ms;
+            ch.probe_out = b.probe_out;
+            ch.hold = b.hold;
+            ch.c.paused = b.paused;
+            ch.c.breaker_trips = b.trips;
+        }
+        // `known` is what the workers hold: their ready queue and what they have in hand (a
+        // release in the failed transaction emptied the queue, maybe halfway through its unclaims)
         for (auto& ch : channels) {
             ch->staged_count = 0;
             ch->backlog = true;
+            std::lock_guard lk(ch->m);
+            ch->known.clear();
+            for (const auto& w : ch->ready) {
+                ch->known.insert(w.row);
+            }
+            ch->known.insert(ch->in_hand.begin(), ch->in_hand.end());
         }
-        intake_counts.clear();
-        outcome_deltas.clear();
+        if (sqlite3_get_autocommit(db.get()) == 0) {
+            // the ROLLBACK itself failed: try once more, else the connection is unusable
+            if (sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr) != SQLITE_OK) {
+                throw sqlite_error("the outbox cannot roll back a failed transaction");
+            }
+        }
         resync_claims = true;
     }
 
@@ -1058,6 +1104,10 @@ struct channel_runtime::impl {
                 }
             } catch (const sqlite_error& e) {
                 if (!e.transient()) {
+                    for (auto& it : in) {  // never written and never will be: counted
+                        channels[it.channel]->c.lost++;
+                    }
+                    in.clear();
                     throw;
                 }
                 discard_staged();
@@ -1237,6 +1287,7 @@ struct channel_runtime::impl {
         }
         s.set_state.bind(1, ch.cfg.name).bind(2, 1).bind(3, reason).bind(4, now).run();  // may throw: then
         ch.disabled = true;                                                             // nothing changed
+        disabled_in_tx.push_back(&ch);  // undone if the transaction rolls back
         {
             std::lock_guard lk(stats_m);
             ch.disabled_reason = reason;
@@ -1500,7 +1551,8 @@ struct channel_runtime::impl {
 
     void shutdown(milliseconds drain) {
         std::lock_guard stop_lk(stop_m);  // a concurrent stop() returns once this one is done
-        // 1. No more intake: close the subscriptions (joins their dispatchers).
+        // 1. No more intake: close the subscriptions, after they handed over what the node had
+        //    already sent them (it is accepted into the outbox like any event), then join.
         {
             std::lock_guard lk(m);
             if (stopped) {
@@ -1513,7 +1565,7 @@ struct channel_runtime::impl {
         }
         for (auto& ch : channels) {
             for (auto& s : ch->subs) {
-                s.close();
+                s.drain_and_close();
             }
         }
         // 2. Workers finish what they hold, within `drain`; queued items stay claimed rows that the

@@ -1,5 +1,4 @@
 #include <sys/eventfd.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -128,6 +127,8 @@ struct sub_state {
     std::shared_ptr<shared_context> ctx;
     decode_limits limits;  // the node's
     std::atomic<bool> stop_requested{false};  // close() from inside the callback
+    std::atomic<bool> drain_on_stop{false};   // drain_and_close(): deliver what is queued first
+    int hwm = 0;                              // the subscription's queue bound (drain_rest)
     std::mutex start_mu;                       // held while the dispatcher thread is stored
     std::mutex close_mu;                       // guards thread, detached, the release
     std::atomic<std::thread::id> dispatcher_id{};
@@ -285,6 +286,35 @@ struct sub_state {
         return *v;
     }
 
+    void deliver(const event_view& v) {
+        try {
+            callback(v);
+        } catch (const std::exception& e) {
+            callback_errors.add();
+            detail::log()->warn("evmesh: subscription callback threw: {}", e.what());
+        } catch (...) {
+            callback_errors.add();
+        }
+    }
+
+    // drain_and_close(): everything the node sent before the drain began is queued ahead of
+    // what it sends next, so read until the queue is empty for a moment (then all of it has been
+    // read), or until more events than the pipe can hold have been read (then what still comes
+    // was sent after the drain began: the successor subscription has it). Unsubscribing first
+    // would not do: a SUB socket also filters what is already queued.
+    void drain_rest() {
+        const std::size_t bound = 4 * static_cast<std::size_t>(std::max(hwm, 1)) + 1024;
+        for (std::size_t n = 0; n < bound; ++n) {
+            auto v = take();
+            if (!last_take_received_) {
+                return;
+            }
+            if (v) {
+                deliver(*v);
+            }
+        }
+    }
+
     void dispatch_loop() {
         std::array<zmq_pollitem_t, 2> items{zmq_pollitem_t{sock, 0, ZMQ_POLLIN, 0},
                                             zmq_pollitem_t{nullptr, stop_fd, ZMQ_POLLIN, 0}};
@@ -296,6 +326,9 @@ struct sub_state {
                 return;
             }
             if ((items[1].revents & ZMQ_POLLIN) != 0) {
+                if (drain_on_stop) {
+                    drain_rest();
+                }
                 return;
             }
             // drain what is queued, in a bounded batch per wake-up
@@ -305,14 +338,7 @@ struct sub_state {
                     break;
                 }
                 if (v) {
-                    try {
-                        callback(*v);
-                    } catch (const std::exception& e) {
-                        callback_errors.add();
-                        detail::log()->warn("evmesh: subscription callback threw: {}", e.what());
-                    } catch (...) {
-                        callback_errors.add();
-                    }
+                    deliver(*v);
                 }
             }
         }
@@ -449,6 +475,15 @@ void subscription::close() {
     }
 }
 
+void subscription::drain_and_close() {
+    if (impl_) {
+        if (impl_->st->callback) {
+            impl_->st->drain_on_stop = true;
+        }
+        impl_->st->close();
+    }
+}
+
 const topic_pattern& subscription::pattern() const noexcept {
     static const topic_pattern none;
     return impl_ ? impl_->st->pattern : none;
@@ -547,6 +582,7 @@ result<std::unique_ptr<detail::subscription_impl>> make_sub(detail::node_impl& n
     n.subs.add(s->stats);
     s->sock = zmq_socket(s->ctx->ctx, ZMQ_SUB);
     zmq_setsockopt(s->sock, ZMQ_RCVHWM, &o.hwm, sizeof(o.hwm));
+    s->hwm = o.hwm;
     const auto& prefix = s->pattern.zmq_prefix();
     zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, prefix.data(), prefix.size());
     if (zmq_connect(s->sock, n.local_out_ep.c_str()) != 0) {
@@ -692,9 +728,10 @@ result<void> node::set_allow_list(const std::vector<std::string>& keys, const st
         }
         parsed.insert(*b);
     }
-    struct stat st {};
-    if (!allow_file.empty() && ::stat(allow_file.c_str(), &st) != 0) {
-        detail::set_last_error_message("security: cannot read allow file '" + allow_file + "'");
+    if (!allow_file.empty() && ::access(allow_file.c_str(), R_OK) != 0) {  // e.g. not readable by
+        // the service's user: refused here, instead of an empty list that drops every peer
+        detail::set_last_error_message("security: cannot read allow file '" + allow_file + "': " +
+                                       std::strerror(errno));
         return fail(errc::bad_option);
     }
     bool secure = false;

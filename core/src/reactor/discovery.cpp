@@ -260,6 +260,7 @@ void node_impl::on_datagrams(int fd) {
             if (opt.security.trust_authenticated_beacons && allowed_.size() < 4096) {
                 allowed_.insert(b->public_key);
                 allowed_static_.insert(b->public_key);
+                allowed_learned_.insert(b->public_key);
             }
             if (allowed_.count(b->public_key) == 0) {
                 ++c.peers_not_allowed;

@@ -293,6 +293,8 @@ private:
     std::string curve_public_, curve_secret_;  // 32 bytes each
     std::string mesh_key_;                     // beacon MAC key
     std::set<std::string> allowed_, allowed_static_;  // 32-byte public keys
+    std::set<std::string> allowed_learned_;  // trust_authenticated_beacons: kept across reloads
+    void revoke_disallowed();                // drops peers whose key is no longer allowed
     std::int64_t allow_mtime_ns_ = -1;
     std::chrono::steady_clock::time_point next_allow_check_{};
     std::unordered_map<std::string, std::uint64_t> beacon_last_ms_;  // replay guard, per node id

@@ -69,12 +69,27 @@ bool node_impl::replace_allow_list(std::set<std::string> keys, const std::vector
         return false;
     }
     keys.insert(curve_public_);  // a node always trusts itself
+    keys.insert(allowed_learned_.begin(), allowed_learned_.end());  // learned from beacons: kept
     allowed_static_ = keys;
     allowed_ = std::move(keys);
     opt.security.allowed_keys = inline_keys;
     opt.security.allow_file = allow_file;
-    reload_allow_file(true);  // also drops peers whose key is no longer allowed
+    reload_allow_file(true);
+    revoke_disallowed();  // also without an allow file: in effect when set_allow_list returns
     return true;
+}
+
+void node_impl::revoke_disallowed() {
+    // a peer whose key was removed is dropped (its next beacon is refused)
+    std::vector<std::string> revoked;
+    for (const auto& [k, p] : peers_.peers()) {
+        if (!p.curve_key.empty() && allowed_.count(p.curve_key) == 0) {
+            revoked.push_back(k);
+        }
+    }
+    for (const auto& k : revoked) {
+        remove_peer(k, "key removed from the allow-list");
+    }
 }
 
 void node_impl::reload_allow_file(bool initial) {
@@ -119,16 +134,7 @@ void node_impl::reload_allow_file(bool initial) {
         log()->info("evmesh node '{}': allow-list {}: {} keys{}", name, initial ? "loaded" : "reloaded",
                     allowed_.size(), bad != 0 ? " (some lines ignored)" : "");
     }
-    // a peer whose key was removed is dropped (its next beacon is refused)
-    std::vector<std::string> revoked;
-    for (const auto& [k, p] : peers_.peers()) {
-        if (!p.curve_key.empty() && allowed_.count(p.curve_key) == 0) {
-            revoked.push_back(k);
-        }
-    }
-    for (const auto& k : revoked) {
-        remove_peer(k, "key removed from the allow-list");
-    }
+    revoke_disallowed();
 }
 
 void node_impl::on_zap() {

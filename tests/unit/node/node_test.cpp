@@ -115,6 +115,39 @@ TEST(Node, SubscriptionIsInEffectWhenSubscribeReturns) {
     EXPECT_TRUE(wait_until([&] { return n->counters().subscriptions_local == 0; }));
 }
 
+TEST(Node, DrainAndCloseDeliversWhatWasQueued) {
+    // A slow callback leaves events queued in the subscription. close() discards them;
+    // drain_and_close() hands every one of them to the callback before it returns (a hand-over,
+    // as in evmesh-node's reload, loses nothing).
+    auto n = make_node(local_options("drain"));
+    for (const bool drain : {false, true}) {
+        std::atomic<int> got{0};
+        std::atomic<bool> first{false};
+        auto sub = n->subscribe("drain.>", [&](const event_view&) {
+            if (!first.exchange(true)) {
+                std::this_thread::sleep_for(200ms);  // the rest queues up behind this one
+            }
+            ++got;
+        });
+        ASSERT_TRUE(sub);
+        auto pub = n->make_publisher();
+        ASSERT_TRUE(pub);
+        constexpr int count = 500;
+        for (int i = 0; i < count; ++i) {
+            ASSERT_TRUE(pub->publish("drain.x", "e"));
+        }
+        ASSERT_TRUE(wait_until([&] { return first.load(); }));
+        std::this_thread::sleep_for(50ms);  // all 500 have left the publisher
+        if (drain) {
+            sub->drain_and_close();
+            EXPECT_EQ(got.load(), count) << "drain_and_close lost queued events";
+        } else {
+            sub->close();
+            EXPECT_LT(got.load(), count) << "close() was expected to discard the queued events";
+        }
+    }
+}
+
 TEST(Node, WildcardSubscriptionsDeliverOnlyMatchingEvents) {
     auto n = make_node(local_options("wild"));
     auto star = n->subscribe("orders.*.created");
