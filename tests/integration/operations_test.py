@@ -53,6 +53,19 @@ class OpsTestCase(NodeTestCase):
         self.receivers.append(r)
         return r
 
+    def secured(self, *names):
+        """A mesh secret file and a CURVE key pair per name (mesh-inspector keygen): (secret, keys)."""
+        secret = os.path.join(self.tmp, "mesh.secret")
+        with open(secret, "w") as f:
+            f.write("a mesh secret of some length\n")
+        os.chmod(secret, 0o600)
+        keys = {}
+        for n in names:
+            p = subprocess.run([INSPECTOR, "keygen", os.path.join(self.tmp, n)], capture_output=True, timeout=10)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            keys[n] = p.stdout.decode().strip()
+        return secret, keys
+
     def publish(self, node, n, prefix="orders."):
         pub = Publisher(self.ctx, node.pub, prefix)
         try:
@@ -96,15 +109,7 @@ class PrometheusTest(OpsTestCase):
     def test_promtool_accepts_metrics_of_a_busy_node_with_every_feature(self):
         # two secured nodes with repair, a channel with a live receiver and one with a dead one,
         # client traffic through both: then every family in /metrics must pass promtool's lint
-        secret = os.path.join(self.tmp, "mesh.secret")
-        with open(secret, "w") as f:
-            f.write("a mesh secret of some length\n")
-        os.chmod(secret, 0o600)
-        keys = {}
-        for n in ("a", "b"):
-            p = subprocess.run([INSPECTOR, "keygen", os.path.join(self.tmp, n)], capture_output=True, timeout=10)
-            self.assertEqual(p.returncode, 0, p.stderr)
-            keys[n] = p.stdout.decode().strip()
+        secret, keys = self.secured("a", "b")
         allow = os.path.join(self.tmp, "allow")
         with open(allow, "w") as f:
             f.write("".join(k + "\n" for k in keys.values()))
@@ -383,15 +388,7 @@ class ServiceTest(OpsTestCase):
         self.assertTrue(got_b)
 
     def test_sighup_reloads_the_allow_list(self):
-        secret = os.path.join(self.tmp, "mesh.secret")
-        with open(secret, "w") as f:
-            f.write("a mesh secret of some length\n")
-        os.chmod(secret, 0o600)
-        keys = {}
-        for n in ("a", "b"):
-            p = subprocess.run([INSPECTOR, "keygen", os.path.join(self.tmp, n)], capture_output=True, timeout=10)
-            self.assertEqual(p.returncode, 0, p.stderr)
-            keys[n] = p.stdout.decode().strip()
+        secret, keys = self.secured("a", "b")
         cfg = os.path.join(self.tmp, "a.toml")
 
         def write(allowed):
