@@ -9,6 +9,7 @@ packages=(
   libzmq3-dev cppzmq-dev libmsgpack-cxx-dev libspdlog-dev libexpected-dev libcli11-dev
   libtomlplusplus-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev zlib1g-dev libbrotli-dev
   libgtest-dev libgmock-dev libsodium-dev libcurl4-openssl-dev libsqlite3-dev libsystemd-dev
+  libboost-dev  # Boost.Beast/Asio: the HTTP stack (docs/HTTP-STACK.md); msgpack needs it too
   # benchmark: NATS side by side (the benchmark starts and stops nats-server itself)
   libnats-dev nats-server
   # fuzzing (libFuzzer ships in clang's runtime package)
