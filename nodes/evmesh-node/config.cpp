@@ -455,6 +455,13 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.str("pid_file", cfg.pid_file);
         r.str("ready_file", cfg.ready_file);
         r.str("http", cfg.http_address);
+        r.str("http_cert_file", cfg.http_cert_file);
+        r.str("http_key_file", cfg.http_key_file);
+        r.boolean("http_insecure", cfg.http_insecure);
+        r.integer("http_max_body_bytes", cfg.http_max_body_bytes, 1024, 256 * 1024 * 1024);
+        r.strings("http_allowed_origins", cfg.http_allowed_origins);
+        r.integer("http_header_timeout_ms", cfg.http_header_timeout_ms, 100, 600000);
+        r.integer("http_idle_timeout_ms", cfg.http_idle_timeout_ms, 100, 3600000);
         r.integer("drain_ms", cfg.drain_ms, 0, 600000);
         r.check_unknown();
     }
@@ -570,6 +577,21 @@ bool validate(const app_config& cfg, std::string& error) {
             || port.find_first_not_of("0123456789") != std::string::npos || std::stoi(port) > 65535) {
             error = "key 'run.http' must be host:port with a port from 0 to 65535 (got '"
                     + cfg.http_address + "')";
+            return false;
+        }
+        if (cfg.http_cert_file.empty() != cfg.http_key_file.empty()) {
+            error = "keys 'run.http_cert_file' and 'run.http_key_file' go together (TLS needs both)";
+            return false;
+        }
+        // plain HTTP leaves the host only on purpose: the admin routes change state
+        auto host = cfg.http_address.substr(0, colon);
+        if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
+            host = host.substr(1, host.size() - 2);
+        }
+        const bool loopback = host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+        if (!loopback && cfg.http_cert_file.empty() && !cfg.http_insecure) {
+            error = "key 'run.http' is not a loopback address (" + host +
+                    "): set run.http_cert_file and run.http_key_file for TLS, or run.http_insecure = true";
             return false;
         }
     }

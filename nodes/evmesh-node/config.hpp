@@ -19,6 +19,12 @@ struct app_config {
     std::string pid_file;
     std::string ready_file;
     std::string http_address;  // "127.0.0.1:9464": /healthz, /metrics, /peers; empty = off
+    std::string http_cert_file, http_key_file;  // both set: the HTTP endpoint speaks TLS
+    bool http_insecure = false;  // allow a non-loopback HTTP address without TLS
+    std::size_t http_max_body_bytes = 1 << 20;  // larger request bodies: 413
+    std::vector<std::string> http_allowed_origins;  // browser origins allowed to call the endpoint
+    int http_header_timeout_ms = 10000;  // a request's headers must arrive within this (slowloris)
+    int http_idle_timeout_ms = 60000;    // idle keep-alive connections are closed after this
     int drain_ms = 2000;       // bound on a graceful stop (SIGTERM/SIGINT)
     std::string key_file;          // [security] CURVE key pair (mesh-inspector keygen), mode 0600
     std::string mesh_secret_file;  // [security] the mesh secret, mode 0600

@@ -67,6 +67,11 @@ int main(int argc, char** argv) {
     auto* o_pid = cli.add_option("--pid-file", pid_file, "write the pid here; removed at exit");
     auto* o_ready = cli.add_option("--ready-file", ready_file, "write the READY JSON here once all endpoints are bound");
     auto* o_http = cli.add_option("--http", http, "serve /healthz, /metrics, /peers on host:port (port 0 = any)");
+    std::string http_cert, http_key;
+    bool http_insecure = false;
+    auto* o_hcert = cli.add_option("--http-cert-file", http_cert, "TLS certificate chain (PEM) of the HTTP endpoint");
+    auto* o_hkey = cli.add_option("--http-key-file", http_key, "TLS private key (PEM) of the HTTP endpoint");
+    auto* o_hins = cli.add_flag("--http-insecure", http_insecure, "allow plain HTTP on a non-loopback address");
     auto* o_drain = cli.add_option("--drain-ms", drain, "bound on a graceful stop [2000]")->check(CLI::Range(0, 600000));
     std::string outbox;
     std::vector<std::string> plugin_dirs;
@@ -140,6 +145,9 @@ int main(int argc, char** argv) {
         if (*o_pid) cfg.pid_file = pid_file;
         if (*o_ready) cfg.ready_file = ready_file;
         if (*o_http) cfg.http_address = http;
+        if (*o_hcert) cfg.http_cert_file = http_cert;
+        if (*o_hkey) cfg.http_key_file = http_key;
+        if (*o_hins) cfg.http_insecure = true;
         if (*o_drain) cfg.drain_ms = drain;
         if (*o_outbox) cfg.channels.outbox_path = outbox;
         if (*o_pdirs) cfg.channels.plugin_dirs = plugin_dirs;

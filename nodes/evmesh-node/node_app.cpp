@@ -1,4 +1,5 @@
 #include "node_app.hpp"
+#include "http_server.hpp"
 
 #ifdef EVMESH_HAVE_SYSTEMD
 #include <systemd/sd-daemon.h>
@@ -10,9 +11,9 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <set>
 #include <future>
 
-#include <httplib.h>
 #include <nlohmann/json.hpp>
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_sinks.h>
@@ -331,8 +332,7 @@ std::string render_peers(const node& n) {
 }
 
 struct node_app::http {
-    httplib::Server server;
-    std::thread thread;
+    http_server server;
     int port = 0;
 };
 
@@ -384,66 +384,61 @@ int node_app::start() {
     }
     if (!cfg_.http_address.empty()) {
         http_ = std::make_unique<http>();
-        const auto colon = cfg_.http_address.rfind(':');
-        const auto host = cfg_.http_address.substr(0, colon);
-        const int port = std::stoi(cfg_.http_address.substr(colon + 1));
         auto* nd = node_.get();
         auto started = started_;
-        // cpp-httplib sets SO_REUSEPORT by default, which would let a second node share the port
-        http_->server.set_socket_options([](socket_t sock) {
-            int yes = 1;
-            setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-        });
-        http_->server.Get("/healthz", [this, nd](const httplib::Request&, httplib::Response& res) {
+        auto& srv = http_->server;
+        srv.route("GET", "/healthz", [this, nd](const http_request&, http_response& res) {
             const auto chs = current_channels();
             const bool up = nd->running() && !g_stopping;
             const bool loop_ok = nd->healthy();
             const bool outbox_ok = chs == nullptr ? !channels_down_.load() : chs->healthy();
             res.status = up && loop_ok && outbox_ok ? 200 : 503;
-            res.set_content(!up ? "stopping\n"
-                            : !loop_ok ? "I/O thread not answering\n"
-                            : outbox_ok ? "ok\n"
-                                        : chs == nullptr ? std::string("channels not running: the reload failed (see the log)\n")
-                                                         : "outbox not writable: " + chs->outbox_error() + "\n",
-                            "text/plain");
+            res.body = !up        ? "stopping\n"
+                       : !loop_ok ? "I/O thread not answering\n"
+                       : outbox_ok ? "ok\n"
+                       : chs == nullptr
+                           ? std::string("channels not running: the reload failed (see the log)\n")
+                           : "outbox not writable: " + chs->outbox_error() + "\n";
         });
-        http_->server.Get("/metrics", [this, nd, started](const httplib::Request&, httplib::Response& res) {
+        srv.route("GET", "/metrics", [this, nd, started](const http_request&, http_response& res) {
             const auto chs = current_channels();
             const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-            auto text = render_metrics(*nd, up);
+            res.body = render_metrics(*nd, up);
             if (chs != nullptr) {
-                text += render_channel_metrics(nd->name(), chs->stats());
+                res.body += render_channel_metrics(nd->name(), chs->stats());
             }
-            res.set_content(text, "text/plain; version=0.0.4");
+            res.content_type = "text/plain; version=0.0.4";
         });
-        // Channel administration (docs/CHANNELS.md). The HTTP endpoint binds loopback by default;
-        // anyone who can reach it can replay and enable channels.
-        http_->server.Get("/channels", [this](const httplib::Request&, httplib::Response& res) {
+        // Channel administration (docs/CHANNELS.md). The endpoint binds loopback by default and
+        // refuses browser pages (Origin) and foreign Host names there (http_server.cpp).
+        srv.route("GET", "/channels", [this](const http_request&, http_response& res) {
             const auto chs = current_channels();
-            res.set_content(chs != nullptr ? render_channels(chs->stats()) : "[]", "application/json");
+            res.json(200, chs != nullptr ? render_channels(chs->stats()) : "[]");
         });
-        auto limit_of = [](const httplib::Request& req) {
+        auto limit_of = [](const http_request& req) {
             std::size_t limit = 100;
             if (req.has_param("limit")) {
                 try {
-                    limit = static_cast<std::size_t>(std::stoul(req.get_param_value("limit")));
+                    limit = static_cast<std::size_t>(std::stoul(req.param("limit")));
                 } catch (const std::exception&) {
                     limit = 100;
                 }
             }
             return std::min<std::size_t>(limit, 10000);  // the store thread serves these reads
         };
-        auto answer_error = [](httplib::Response& res, const std::error_code& ec) {
-            res.status = ec == make_error_code(errc::bad_option) ? 404 : 503;
-            res.set_content(nlohmann::json({{"error", res.status == 404 ? "no such channel or event" : ec.message()}}).dump(),
-                            "application/json");
+        auto answer_error = [](http_response& res, const std::error_code& ec) {
+            if (ec == make_error_code(errc::bad_option)) {
+                return http_error(res, 404, "not_found", "no such channel or event");
+            }
+            http_error(res, 503, "unavailable", ec.message());
         };
-        http_->server.Get(R"(/channels/([A-Za-z0-9_.-]+)/log)", [this, limit_of, answer_error](const httplib::Request& req, httplib::Response& res) {
+        const std::string channel_path = R"(/channels/([A-Za-z0-9_.-]+))";
+        srv.route("GET", channel_path + "/log", [this, limit_of, answer_error](const http_request& req, http_response& res) {
             const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
             }
-            auto r = chs->delivery_log(req.matches[1].str(), limit_of(req));
+            auto r = chs->delivery_log(req.matches[0], limit_of(req));
             if (!r) {
                 return answer_error(res, r.error());
             }
@@ -453,14 +448,14 @@ int node_app::start() {
                                {"time_ms", a.time_ms}, {"latency_us", a.latency_us}, {"outcome", a.outcome},
                                {"code", a.code}, {"detail", a.detail}});
             }
-            res.set_content(arr.dump(), "application/json");
+            res.json(200, arr.dump());
         });
-        http_->server.Get(R"(/channels/([A-Za-z0-9_.-]+)/dead)", [this, limit_of, answer_error](const httplib::Request& req, httplib::Response& res) {
+        srv.route("GET", channel_path + "/dead", [this, limit_of, answer_error](const http_request& req, http_response& res) {
             const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
             }
-            auto r = chs->dead_letters(req.matches[1].str(), limit_of(req));
+            auto r = chs->dead_letters(req.matches[0], limit_of(req));
             if (!r) {
                 return answer_error(res, r.error());
             }
@@ -470,44 +465,55 @@ int node_app::start() {
                                {"accepted_ms", d.accepted_ms}, {"dead_ms", d.dead_ms}, {"last_code", d.last_code},
                                {"last_detail", d.last_detail}});
             }
-            res.set_content(arr.dump(), "application/json");
+            res.json(200, arr.dump());
         });
-        http_->server.Post(R"(/channels/([A-Za-z0-9_.-]+)/replay)", [this, answer_error](const httplib::Request& req, httplib::Response& res) {
+        srv.route("POST", channel_path + "/replay", [this, answer_error](const http_request& req, http_response& res) {
             const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
             }
-            auto r = chs->replay(req.matches[1].str(), req.has_param("id") ? req.get_param_value("id") : std::string());
+            auto r = chs->replay(req.matches[0], req.param("id"));
             if (!r) {
                 return answer_error(res, r.error());
             }
-            res.set_content(nlohmann::json({{"replayed", *r}}).dump(), "application/json");
+            res.json(200, nlohmann::json({{"replayed", *r}}).dump());
         });
-        http_->server.Post(R"(/channels/([A-Za-z0-9_.-]+)/enable)", [this, answer_error](const httplib::Request& req, httplib::Response& res) {
+        srv.route("POST", channel_path + "/enable", [this, answer_error](const http_request& req, http_response& res) {
             const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
             }
-            auto r = chs->enable(req.matches[1].str());
+            auto r = chs->enable(req.matches[0]);
             if (!r) {
                 return answer_error(res, r.error());
             }
-            res.set_content(R"({"enabled":true})", "application/json");
+            res.json(200, R"({"enabled":true})");
         });
-        http_->server.Get("/peers", [nd](const httplib::Request&, httplib::Response& res) {
-            res.set_content(render_peers(*nd), "application/json");
+        srv.route("GET", "/peers", [nd](const http_request&, http_response& res) {
+            res.json(200, render_peers(*nd));
         });
-        http_->port = port == 0 ? http_->server.bind_to_any_port(host) : (http_->server.bind_to_port(host, port) ? port : -1);
-        if (http_->port <= 0) {
-            std::fprintf(stderr, "evmesh-node: cannot start: cannot bind http endpoint '%s'\n",
-                         cfg_.http_address.c_str());
+        http_options o;
+        const auto colon = cfg_.http_address.rfind(':');
+        o.host = cfg_.http_address.substr(0, colon);
+        if (o.host.size() > 2 && o.host.front() == '[' && o.host.back() == ']') {
+            o.host = o.host.substr(1, o.host.size() - 2);
+        }
+        o.port = std::stoi(cfg_.http_address.substr(colon + 1));
+        o.cert_file = cfg_.http_cert_file;
+        o.key_file = cfg_.http_key_file;
+        o.body_limit = cfg_.http_max_body_bytes;
+        o.allowed_origins = cfg_.http_allowed_origins;
+        o.header_timeout = std::chrono::milliseconds(cfg_.http_header_timeout_ms);
+        o.idle_timeout = std::chrono::milliseconds(cfg_.http_idle_timeout_ms);
+        if (auto err = srv.start(o); !err.empty()) {
+            std::fprintf(stderr, "evmesh-node: cannot start: %s\n", err.c_str());
             if (channels_) {
                 channels_->stop();
             }
             node_->stop();
             return 3;
         }
-        http_->thread = std::thread([h = http_.get()] { h->server.listen_after_bind(); });
+        http_->port = srv.port();
     }
     if (!cfg_.pid_file.empty() && !write_file_atomically(cfg_.pid_file, std::to_string(getpid()) + "\n")) {
         std::fprintf(stderr, "evmesh-node: cannot start: cannot write pid file '%s'\n", cfg_.pid_file.c_str());
@@ -588,9 +594,6 @@ void node_app::stop() {
     }
     if (http_) {
         http_->server.stop();
-        if (http_->thread.joinable()) {
-            http_->thread.join();
-        }
         http_.reset();
     }
     {
