@@ -458,6 +458,7 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.str("http_cert_file", cfg.http_cert_file);
         r.str("http_key_file", cfg.http_key_file);
         r.boolean("http_insecure", cfg.http_insecure);
+        r.boolean("http_publish", cfg.http_publish);
         r.integer("http_max_body_bytes", cfg.http_max_body_bytes, 1024, 256 * 1024 * 1024);
         r.strings("http_allowed_origins", cfg.http_allowed_origins);
         r.integer("http_header_timeout_ms", cfg.http_header_timeout_ms, 100, 600000);

@@ -20,7 +20,8 @@ struct app_config {
     std::string ready_file;
     std::string http_address;  // "127.0.0.1:9464": /healthz, /metrics, /peers; empty = off
     std::string http_cert_file, http_key_file;  // both set: the HTTP endpoint speaks TLS
-    bool http_insecure = false;  // allow a non-loopback HTTP address without TLS
+    bool http_insecure = false;
+    bool http_publish = false;   // POST /v1/events (CloudEvents in)  // allow a non-loopback HTTP address without TLS
     std::size_t http_max_body_bytes = 1 << 20;  // larger request bodies: 413
     std::vector<std::string> http_allowed_origins;  // browser origins allowed to call the endpoint
     int http_header_timeout_ms = 10000;  // a request's headers must arrive within this (slowloris)

@@ -72,6 +72,8 @@ int main(int argc, char** argv) {
     auto* o_hcert = cli.add_option("--http-cert-file", http_cert, "TLS certificate chain (PEM) of the HTTP endpoint");
     auto* o_hkey = cli.add_option("--http-key-file", http_key, "TLS private key (PEM) of the HTTP endpoint");
     auto* o_hins = cli.add_flag("--http-insecure", http_insecure, "allow plain HTTP on a non-loopback address");
+    bool http_publish = false;
+    auto* o_hpub = cli.add_flag("--http-publish", http_publish, "accept CloudEvents on POST /v1/events");
     auto* o_drain = cli.add_option("--drain-ms", drain, "bound on a graceful stop [2000]")->check(CLI::Range(0, 600000));
     std::string outbox;
     std::vector<std::string> plugin_dirs;
@@ -148,6 +150,7 @@ int main(int argc, char** argv) {
         if (*o_hcert) cfg.http_cert_file = http_cert;
         if (*o_hkey) cfg.http_key_file = http_key;
         if (*o_hins) cfg.http_insecure = true;
+        if (*o_hpub) cfg.http_publish = true;
         if (*o_drain) cfg.drain_ms = drain;
         if (*o_outbox) cfg.channels.outbox_path = outbox;
         if (*o_pdirs) cfg.channels.plugin_dirs = plugin_dirs;

@@ -1,4 +1,5 @@
 #include "node_app.hpp"
+#include "cloudevents_http.hpp"
 #include "http_server.hpp"
 
 #ifdef EVMESH_HAVE_SYSTEMD
@@ -11,6 +12,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <mutex>
+#include <unordered_map>
+#include <optional>
+#include <deque>
 #include <set>
 #include <future>
 
@@ -349,6 +354,111 @@ void notify(const char* state) {
 }
 }  // namespace
 
+// POST /v1/events (docs/PROTOCOL.md section 11): CloudEvents in, evmesh events out through one
+// publisher (handlers run on the HTTP pool: one at a time here). A 202 means the node accepted
+// every event of the request; a CloudEvent (source, id) or an Idempotency-Key seen within the
+// window is not published again.
+struct node_app::ingest {
+    std::mutex m;
+    std::optional<publisher> pub;
+    const node* n = nullptr;
+    std::int64_t window_ms = 10 * 60 * 1000;
+    static constexpr std::size_t max_keys = 100000;
+    std::unordered_map<std::string, std::int64_t> seen;       // dedupe key -> expiry (ms)
+    std::deque<std::pair<std::int64_t, std::string>> seen_order;
+    std::unordered_map<std::string, std::pair<std::int64_t, http_response>> answers;  // Idempotency-Key
+    std::deque<std::pair<std::int64_t, std::string>> answer_order;
+    std::uint64_t accepted = 0, duplicates = 0, refused = 0;
+
+    static std::int64_t now_ms() {
+        return std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::steady_clock::now().time_since_epoch()).count();
+    }
+
+    template <class Map>
+    void expire(Map& map, std::deque<std::pair<std::int64_t, std::string>>& order, std::int64_t now) {
+        while (!order.empty() && (order.front().first <= now || order.size() > max_keys)) {
+            map.erase(order.front().second);
+            order.pop_front();
+        }
+    }
+
+    void handle(const http_request& req, http_response& res) {
+        if (g_stopping) {
+            res.headers.emplace_back("Retry-After", "1");
+            return http_error(res, 503, "stopping", "the node is stopping; nothing was accepted");
+        }
+        std::lock_guard lk(m);
+        const auto now = now_ms();
+        expire(seen, seen_order, now);
+        expire(answers, answer_order, now);
+        const auto key = req.header("idempotency-key");
+        if (!key.empty()) {
+            if (auto it = answers.find(key); it != answers.end()) {
+                res = it->second.second;
+                res.headers.emplace_back("Idempotent-Replayed", "true");
+                return;
+            }
+        }
+        std::vector<ce_event> events;
+        ce_error err;
+        if (!parse_cloudevents(req.headers, req.body, events, err)) {
+            ++refused;
+            return http_error(res, err.status, err.code, err.message, err.field);
+        }
+        // everything is checked before anything is published: a 4xx publishes nothing
+        const auto& lim = n->limits();
+        for (std::size_t i = 0; i < events.size(); ++i) {
+            const auto& ev = events[i].ev;
+            const std::string at = events.size() > 1 ? "[" + std::to_string(i) + "]." : "";
+            if (!valid_topic(ev.topic, lim.max_topic_bytes) || ev.topic.rfind("_evmesh.", 0) == 0) {
+                ++refused;
+                return http_error(res, 400, "bad_topic",
+                                  "type '" + ev.topic + "' is not a valid evmesh topic (dot-separated, no "
+                                  "wildcards, not _evmesh.)", at + "type");
+            }
+            if (ev.payload.size() > lim.max_event_bytes) {
+                ++refused;
+                return http_error(res, 413, "payload_too_large", "the data exceeds max_event_bytes", at + "data");
+            }
+        }
+        auto ids = nlohmann::json::array();
+        std::size_t dup = 0;
+        for (auto& ce : events) {
+            const auto dkey = ce.ce_source + '\0' + ce.ce_id;
+            ids.push_back(to_string(ce.ev.id));
+            if (seen.count(dkey) != 0) {
+                ++dup;
+                continue;
+            }
+            if (auto r = pub->publish(ce.ev); !r) {
+                ids.erase(ids.end() - 1);
+                if (r.error() == make_error_code(errc::would_block) || r.error() == make_error_code(errc::stopped)) {
+                    res.headers.emplace_back("Retry-After", "1");
+                    http_error(res, 503, "unavailable",
+                               "the node cannot take more events now (" + r.error().message() + "); the ids in "
+                               "'accepted' were accepted, send the rest again");
+                } else {
+                    http_error(res, 400, "refused", r.error().message(), "data");
+                }
+                auto body = nlohmann::json::parse(res.body);
+                body["accepted"] = ids;
+                res.body = body.dump();
+                return;
+            }
+            ++accepted;
+            seen.emplace(dkey, now + window_ms);
+            seen_order.emplace_back(now + window_ms, dkey);
+        }
+        duplicates += dup;
+        res.json(202, nlohmann::json({{"ids", ids}, {"duplicates", dup}}).dump());
+        if (!key.empty()) {
+            answers.emplace(key, std::make_pair(now + window_ms, res));
+            answer_order.emplace_back(now + window_ms, key);
+        }
+    }
+};
+
 node_app::node_app(app_config cfg) : cfg_(std::move(cfg)) {}
 
 node_app::~node_app() {
@@ -492,6 +602,21 @@ int node_app::start() {
         srv.route("GET", "/peers", [nd](const http_request&, http_response& res) {
             res.json(200, render_peers(*nd));
         });
+        if (cfg_.http_publish) {
+            ingest_ = std::make_unique<ingest>();
+            ingest_->n = nd;
+            auto pub = nd->make_publisher({.name = "http", .policy = overflow_policy::block,
+                                           .block_timeout = std::chrono::milliseconds(1000)});
+            if (!pub) {
+                std::fprintf(stderr, "evmesh-node: cannot start: the HTTP publisher: %s\n", pub.error().message().c_str());
+                node_->stop();
+                return 3;
+            }
+            ingest_->pub.emplace(std::move(*pub));
+            srv.route("POST", "/v1/events", [this](const http_request& req, http_response& res) {
+                ingest_->handle(req, res);
+            });
+        }
         http_options o;
         const auto colon = cfg_.http_address.rfind(':');
         o.host = cfg_.http_address.substr(0, colon);

@@ -76,6 +76,8 @@ private:
     bool watchdog_stop_ = false;
     struct http;
     std::unique_ptr<http> http_;
+    struct ingest;
+    std::unique_ptr<ingest> ingest_;  // POST /v1/events
     std::chrono::steady_clock::time_point started_;
 };
 

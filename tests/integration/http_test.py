@@ -3,20 +3,23 @@
 limits (413), timeouts, TLS, and the refusal of browser pages and foreign Host names that used to
 let any web page replay dead letters (issue 12). Real node processes, real sockets, loopback only."""
 import http.client
+import hashlib
 import json
 import os
 import socket
 import ssl
 import subprocess
 import time
+import uuid
 
+import msgpack
 import zmq
 
 from channel_helpers import Publisher, Receiver, channel_config
 from evmesh_testlib import NODE, NodeTestCase, main, wait_for
 
 
-class HttpTest(NodeTestCase):
+class HttpBase(NodeTestCase):
     def setUp(self):
         super().setUp()
         self.ctx = zmq.Context()
@@ -40,6 +43,15 @@ class HttpTest(NodeTestCase):
             f.write("[run]\n" + extra)
         return path
 
+    def conn_get(self, node, path):
+        c = self.conn(node)
+        c.request("GET", path)
+        status = c.getresponse().status
+        c.close()
+        return status
+
+
+class HttpTest(HttpBase):
     def test_keep_alive_request_ids_and_json_errors(self):
         node = self.start_node("n0", "--no-mesh")
         c = self.conn(node)
@@ -83,13 +95,6 @@ class HttpTest(NodeTestCase):
         self.assertLess(time.monotonic() - t0, 3)
         s.close()
         self.assertEqual(self.conn_get(node, "/healthz"), 200)  # others are served meanwhile
-
-    def conn_get(self, node, path):
-        c = self.conn(node)
-        c.request("GET", path)
-        status = c.getresponse().status
-        c.close()
-        return status
 
     def test_web_pages_and_foreign_hosts_cannot_replay_dead_letters(self):
         # the finding of issue 12: a cross-origin text/plain POST replayed dead letters with 200
@@ -145,6 +150,140 @@ class HttpTest(NodeTestCase):
                            capture_output=True, timeout=10)
         self.assertEqual(p.returncode, 2)
         self.assertIn(b"go together", p.stderr)
+
+
+def ce_event_id(source, ce_id):
+    """The evmesh id of a CloudEvent whose id is not a UUID (PROTOCOL.md section 11)."""
+    b = bytearray(hashlib.sha256(source.encode() + b"\0" + ce_id.encode()).digest()[:16])
+    b[6] = (b[6] & 0x0F) | 0x80
+    b[8] = (b[8] & 0x3F) | 0x80
+    return bytes(b)
+
+
+class PublishTest(HttpBase):
+    def setUp(self):
+        super().setUp()
+        self.node = self.start_node("n0", "--no-mesh", "--http-publish")
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"orders.")
+        self.sub.setsockopt(zmq.RCVTIMEO, 3000)
+        self.sub.connect(self.node.sub)
+        # the subscription reaches the node asynchronously: publish probes until one arrives
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.post([("content-type", "application/cloudevents+json")], json.dumps(
+                {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "probe", "type": "orders.probe"}))
+            try:
+                self.sub.recv_multipart(flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                time.sleep(0.05)
+        while True:
+            try:
+                self.sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+
+    def tearDown(self):
+        self.sub.close()
+        super().tearDown()
+
+    def post(self, headers, body):
+        c = self.conn(self.node)
+        c.request("POST", "/v1/events", body=body.encode() if isinstance(body, str) else body, headers=dict(headers))
+        r = c.getresponse()
+        out = (r.status, json.loads(r.read() or b"null"), dict(r.getheaders()))
+        c.close()
+        return out
+
+    def receive(self):
+        topic, body = self.sub.recv_multipart()
+        v = msgpack.unpackb(body, raw=False)
+        return {"topic": topic.decode(), "id": v[1], "source": v[2], "time": v[3], "seq": v[4], "ct": v[5],
+                "headers": dict(v[6]) if isinstance(v[6], dict) else dict(v[6] or {}), "payload": v[7]}
+
+    def nothing_more(self):
+        self.sub.setsockopt(zmq.RCVTIMEO, 500)
+        with self.assertRaises(zmq.Again):
+            self.sub.recv_multipart()
+
+    def test_structured_binary_and_batch_modes(self):
+        status, body, _ = self.post([("content-type", "application/cloudevents+json")], json.dumps({
+            "specversion": "1.0", "id": "order-1", "source": "shop", "type": "orders.eu.created",
+            "time": "2026-05-01T12:34:56.5Z", "data": {"n": 1}, "traceparent": "00-abc-01", "seq": "42"}))
+        self.assertEqual(status, 202, body)
+        want = ce_event_id("shop", "order-1")
+        self.assertEqual(body["ids"], [str(uuid.UUID(bytes=want))])
+        e = self.receive()
+        self.assertEqual((e["topic"], e["source"], e["id"], e["ct"]), ("orders.eu.created", "shop", want, "application/json"))
+        self.assertEqual(json.loads(e["payload"]), {"n": 1})
+        self.assertEqual(e["headers"].get("traceparent"), "00-abc-01")
+        self.assertEqual(e["headers"].get("ceid"), "order-1")  # the original id, not a UUID
+        self.assertEqual(e["seq"], 42)
+        self.assertEqual(e["time"], 1777638896500000000)  # 2026-05-01T12:34:56.5Z in ns
+
+        uid = str(uuid.uuid4())
+        status, body, _ = self.post([("content-type", "application/octet-stream"), ("ce-specversion", "1.0"),
+                                     ("ce-id", uid), ("ce-source", "sensor/7"), ("ce-type", "orders.raw"),
+                                     ("ce-region", "eu")], b"\x00\xffbinary")
+        self.assertEqual((status, body["ids"]), (202, [uid]))
+        e = self.receive()
+        self.assertEqual((e["topic"], e["id"], e["payload"], e["ct"]),
+                         ("orders.raw", uuid.UUID(uid).bytes, b"\x00\xffbinary", "application/octet-stream"))
+        self.assertEqual(e["headers"].get("region"), "eu")
+
+        batch = [{"specversion": "1.0", "id": f"b{i}", "source": "shop", "type": f"orders.b{i}",
+                  "data_base64": "aGVsbG8="} for i in range(3)]
+        status, body, _ = self.post([("content-type", "application/cloudevents-batch+json")], json.dumps(batch))
+        self.assertEqual((status, len(body["ids"])), (202, 3))
+        got = [self.receive() for _ in range(3)]
+        self.assertEqual([g["topic"] for g in got], ["orders.b0", "orders.b1", "orders.b2"])
+        self.assertEqual({g["payload"] for g in got}, {b"hello"})
+
+    def test_repeats_are_not_published_twice(self):
+        ev = json.dumps({"specversion": "1.0", "id": "dup-1", "source": "shop", "type": "orders.dup"})
+        hdr = [("content-type", "application/cloudevents+json")]
+        self.assertEqual(self.post(hdr, ev)[:2], (202, {"ids": [str(uuid.UUID(bytes=ce_event_id("shop", "dup-1")))],
+                                                         "duplicates": 0}))
+        self.receive()
+        status, body, _ = self.post(hdr, ev)  # the same (source, id) again
+        self.assertEqual((status, body["duplicates"]), (202, 1))
+        self.nothing_more()
+        # Idempotency-Key: the same answer again, nothing published again
+        key = [("idempotency-key", "req-77")]
+        first = self.post(hdr + key, json.dumps({"specversion": "1.0", "id": "k1", "source": "s", "type": "orders.k"}))
+        self.assertEqual(first[0], 202)
+        self.receive()
+        again = self.post(hdr + key, json.dumps({"specversion": "1.0", "id": "k2", "source": "s", "type": "orders.k"}))
+        self.assertEqual(again[:2], first[:2])
+        self.assertEqual(again[2].get("Idempotent-Replayed"), "true")
+        self.nothing_more()
+
+    def test_invalid_events_are_refused_with_the_field_and_publish_nothing(self):
+        hdr = [("content-type", "application/cloudevents+json")]
+        base = {"specversion": "1.0", "id": "x", "source": "s", "type": "orders.ok"}
+        cases = [({k: v for k, v in base.items() if k != "type"}, "missing_attribute", "type"),
+                 ({**base, "specversion": "0.3"}, "unsupported_specversion", "specversion"),
+                 ({**base, "time": "yesterday"}, "bad_attribute", "time"),
+                 ({**base, "type": "orders.*"}, "bad_topic", "type"),
+                 ({**base, "type": "_evmesh.stats"}, "bad_topic", "type")]
+        for ev, code, field in cases:
+            status, body, headers = self.post(hdr, json.dumps(ev))
+            self.assertEqual((status, body["error"]["code"], body["error"].get("field")), (400, code, field), ev)
+            self.assertTrue(headers.get("X-Request-Id"))
+        status, body, _ = self.post([("content-type", "application/cloudevents-batch+json")],
+                                    json.dumps([base, {**base, "id": "y", "type": "bad type"}]))
+        self.assertEqual((status, body["error"]["field"]), (400, "[1].type"))
+        status, body, _ = self.post(hdr, "{not json")
+        self.assertEqual((status, body["error"]["code"]), (400, "bad_json"))
+        self.nothing_more()  # not even the valid first event of the refused batch
+
+    def test_publishing_is_off_unless_enabled(self):
+        node = self.start_node("n1", "--no-mesh")
+        c = self.conn(node)
+        c.request("POST", "/v1/events", body=b"{}", headers={"content-type": "application/cloudevents+json"})
+        self.assertEqual(c.getresponse().status, 404)
+        c.close()
 
 
 if __name__ == "__main__":
