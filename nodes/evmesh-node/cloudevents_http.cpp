@@ -56,7 +56,11 @@ bool parse_time(const std::string& s, std::int64_t& ns) {
     int offset_s = 0;
     if (i < s.size() && (s[i] == 'Z' || s[i] == 'z')) {
         ++i;
-    } else if (i + 6 == s.size() && (s[i] == '+' || s[i] == '-') && s[i + 3] == ':') {
+    } else if (i + 6 == s.size() && (s[i] == '+' || s[i] == '-') && s[i + 3] == ':' &&
+               std::isdigit(static_cast<unsigned char>(s[i + 1])) != 0 &&
+               std::isdigit(static_cast<unsigned char>(s[i + 2])) != 0 &&
+               std::isdigit(static_cast<unsigned char>(s[i + 4])) != 0 &&
+               std::isdigit(static_cast<unsigned char>(s[i + 5])) != 0) {
         const int oh = std::stoi(s.substr(i + 1, 2)), om = std::stoi(s.substr(i + 4, 2));
         offset_s = (s[i] == '+' ? 1 : -1) * (oh * 3600 + om * 60);
         i += 6;
@@ -163,7 +167,9 @@ bool parse_structured(const nlohmann::json& j, ce_event& ce, ce_error& err) {
         auto it = j.find(k);
         return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
     };
-    for (const auto& [k, v] : j.items()) {
+    for (const auto& item : j.items()) {
+        const std::string k = item.key();
+        const auto& v = item.value();
         static const char* known[] = {"specversion", "id", "source", "type", "time", "datacontenttype", "data",
                                       "data_base64"};
         if (std::find_if(std::begin(known), std::end(known), [&](const char* n) { return k == n; }) !=

@@ -98,7 +98,8 @@ void http_error(http_response& res, int status, const std::string& code, const s
     if (!field.empty()) {
         e["field"] = field;
     }
-    res.json(status, nlohmann::json({{"error", e}}).dump());
+    // the message may quote request bytes that are not UTF-8: replaced, never a throw
+    res.json(status, nlohmann::json({{"error", e}}).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
 }
 
 struct http_server::impl {
