@@ -1,4 +1,5 @@
 #include "config.hpp"
+#include "http_server.hpp"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -187,6 +188,21 @@ private:
 };
 
 }  // namespace
+
+bool split_http_address(const std::string& address, std::string& host, int& port) {
+    const auto colon = address.rfind(':');
+    const auto digits = colon == std::string::npos ? std::string() : address.substr(colon + 1);
+    if (colon == std::string::npos || colon == 0 || digits.empty() || digits.size() > 5 ||
+        digits.find_first_not_of("0123456789") != std::string::npos || std::stoi(digits) > 65535) {
+        return false;
+    }
+    host = address.substr(0, colon);
+    if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
+        host = host.substr(1, host.size() - 2);
+    }
+    port = std::stoi(digits);
+    return true;
+}
 
 bool parse_file_mode(const std::string& text, std::uint32_t& mode) {
     char* end = nullptr;
@@ -572,10 +588,9 @@ bool validate(const app_config& cfg, std::string& error) {
         return false;
     }
     if (!cfg.http_address.empty()) {
-        const auto colon = cfg.http_address.rfind(':');
-        const auto port = colon == std::string::npos ? std::string() : cfg.http_address.substr(colon + 1);
-        if (colon == std::string::npos || colon == 0 || port.empty() || port.size() > 5
-            || port.find_first_not_of("0123456789") != std::string::npos || std::stoi(port) > 65535) {
+        std::string host;
+        int port = 0;
+        if (!split_http_address(cfg.http_address, host, port)) {
             error = "key 'run.http' must be host:port with a port from 0 to 65535 (got '"
                     + cfg.http_address + "')";
             return false;
@@ -585,12 +600,7 @@ bool validate(const app_config& cfg, std::string& error) {
             return false;
         }
         // plain HTTP leaves the host only on purpose: the admin routes change state
-        auto host = cfg.http_address.substr(0, colon);
-        if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
-            host = host.substr(1, host.size() - 2);
-        }
-        const bool loopback = host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
-        if (!loopback && cfg.http_cert_file.empty() && !cfg.http_insecure) {
+        if (!is_loopback_host(host) && cfg.http_cert_file.empty() && !cfg.http_insecure) {
             error = "key 'run.http' is not a loopback address (" + host +
                     "): set run.http_cert_file and run.http_key_file for TLS, or run.http_insecure = true";
             return false;

@@ -32,6 +32,9 @@ struct app_config {
     channels::runtime_options channels;  // [outbox] and [[channel]]; no channels = no outbox
 };
 
+// run.http split into host (IPv6 brackets removed) and port 0..65535; false when malformed.
+bool split_http_address(const std::string& address, std::string& host, int& port);
+
 // Parses an octal file mode such as "0660" (1..0777). False when malformed.
 bool parse_file_mode(const std::string& text, std::uint32_t& mode);
 

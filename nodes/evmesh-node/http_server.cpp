@@ -70,12 +70,6 @@ bool valid_request_id(const std::string& id) {
     });
 }
 
-bool is_loopback_host(const std::string& host) {
-    beast::error_code ec;
-    const auto a = asio::ip::make_address(host, ec);
-    return !ec && a.is_loopback();
-}
-
 // Host header without the port: "127.0.0.1:9464" -> "127.0.0.1", "[::1]:80" -> "::1".
 std::string host_only(const std::string& h) {
     if (!h.empty() && h.front() == '[') {
@@ -87,6 +81,15 @@ std::string host_only(const std::string& h) {
 }
 
 }  // namespace
+
+bool is_loopback_host(const std::string& host) {
+    if (host == "localhost") {
+        return true;
+    }
+    beast::error_code ec;
+    const auto a = asio::ip::make_address(host, ec);
+    return !ec && a.is_loopback();
+}
 
 bool http_request::has_param(const std::string& name) const { return find_param(query, name).has_value(); }
 
@@ -253,7 +256,7 @@ void http_server::impl::handle(http_request& req, http_response& res) const {
     }
     if (loopback) {
         const auto host = host_only(req.header("host"));
-        if (!host.empty() && host != "localhost" && !is_loopback_host(host)) {
+        if (!host.empty() && !is_loopback_host(host)) {
             return http_error(res, 403, "forbidden_host",
                               "this listener is on loopback; Host " + host + " is refused", "Host");
         }

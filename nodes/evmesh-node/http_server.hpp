@@ -50,6 +50,9 @@ void http_error(http_response& res, int status, const std::string& code, const s
 
 using http_handler = std::function<void(const http_request&, http_response&)>;
 
+// "localhost" or a loopback IP address (127.0.0.0/8, ::1), without brackets or port.
+bool is_loopback_host(const std::string& host);
+
 struct http_options {
     std::string host = "127.0.0.1";
     int port = 0;                                 // 0 = any free port

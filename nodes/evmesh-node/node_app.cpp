@@ -23,6 +23,7 @@
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
+#include <fmt/ranges.h>
 
 namespace evmesh::app {
 namespace {
@@ -368,7 +369,6 @@ struct node_app::ingest {
     std::deque<std::pair<std::int64_t, std::string>> seen_order;
     std::unordered_map<std::string, std::pair<std::int64_t, http_response>> answers;  // Idempotency-Key
     std::deque<std::pair<std::int64_t, std::string>> answer_order;
-    std::uint64_t accepted = 0, duplicates = 0, refused = 0;
 
     static std::int64_t now_ms() {
         return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -403,7 +403,6 @@ struct node_app::ingest {
         std::vector<ce_event> events;
         ce_error err;
         if (!parse_cloudevents(req.headers, req.body, events, err)) {
-            ++refused;
             return http_error(res, err.status, err.code, err.message, err.field);
         }
         // everything is checked before anything is published: a 4xx publishes nothing
@@ -412,13 +411,11 @@ struct node_app::ingest {
             const auto& ev = events[i].ev;
             const std::string at = events.size() > 1 ? "[" + std::to_string(i) + "]." : "";
             if (!valid_topic(ev.topic, lim.max_topic_bytes) || ev.topic.rfind("_evmesh.", 0) == 0) {
-                ++refused;
                 return http_error(res, 400, "bad_topic",
                                   "type '" + ev.topic + "' is not a valid evmesh topic (dot-separated, no "
                                   "wildcards, not _evmesh.)", at + "type");
             }
             if (ev.payload.size() > lim.max_event_bytes) {
-                ++refused;
                 return http_error(res, 413, "payload_too_large", "the data exceeds max_event_bytes", at + "data");
             }
         }
@@ -446,11 +443,9 @@ struct node_app::ingest {
                 res.body = body.dump();
                 return;
             }
-            ++accepted;
             seen.emplace(dkey, now + window_ms);
             seen_order.emplace_back(now + window_ms, dkey);
         }
-        duplicates += dup;
         res.json(202, nlohmann::json({{"ids", ids}, {"duplicates", dup}}).dump());
         if (!key.empty()) {
             answers.emplace(key, std::make_pair(now + window_ms, res));
@@ -497,6 +492,14 @@ int node_app::start() {
         auto* nd = node_.get();
         auto started = started_;
         auto& srv = http_->server;
+        auto fail_start = [this](const std::string& why) {
+            std::fprintf(stderr, "evmesh-node: cannot start: %s\n", why.c_str());
+            if (channels_) {
+                channels_->stop();
+            }
+            node_->stop();
+            return 3;
+        };
         srv.route("GET", "/healthz", [this, nd](const http_request&, http_response& res) {
             const auto chs = current_channels();
             const bool up = nd->running() && !g_stopping;
@@ -608,9 +611,7 @@ int node_app::start() {
             auto pub = nd->make_publisher({.name = "http", .policy = overflow_policy::block,
                                            .block_timeout = std::chrono::milliseconds(1000)});
             if (!pub) {
-                std::fprintf(stderr, "evmesh-node: cannot start: the HTTP publisher: %s\n", pub.error().message().c_str());
-                node_->stop();
-                return 3;
+                return fail_start("the HTTP publisher: " + pub.error().message());
             }
             ingest_->pub.emplace(std::move(*pub));
             srv.route("POST", "/v1/events", [this](const http_request& req, http_response& res) {
@@ -618,12 +619,7 @@ int node_app::start() {
             });
         }
         http_options o;
-        const auto colon = cfg_.http_address.rfind(':');
-        o.host = cfg_.http_address.substr(0, colon);
-        if (o.host.size() > 2 && o.host.front() == '[' && o.host.back() == ']') {
-            o.host = o.host.substr(1, o.host.size() - 2);
-        }
-        o.port = std::stoi(cfg_.http_address.substr(colon + 1));
+        (void)split_http_address(cfg_.http_address, o.host, o.port);  // validated with the config
         o.cert_file = cfg_.http_cert_file;
         o.key_file = cfg_.http_key_file;
         o.body_limit = cfg_.http_max_body_bytes;
@@ -631,12 +627,7 @@ int node_app::start() {
         o.header_timeout = std::chrono::milliseconds(cfg_.http_header_timeout_ms);
         o.idle_timeout = std::chrono::milliseconds(cfg_.http_idle_timeout_ms);
         if (auto err = srv.start(o); !err.empty()) {
-            std::fprintf(stderr, "evmesh-node: cannot start: %s\n", err.c_str());
-            if (channels_) {
-                channels_->stop();
-            }
-            node_->stop();
-            return 3;
+            return fail_start(err);
         }
         http_->port = srv.port();
     }
@@ -748,10 +739,11 @@ bool node_app::swap_channels(const channels::runtime_options& next) {
     auto held = std::make_shared<bridge_state>();
     std::vector<subscription> bridge;
     std::set<std::string> patterns;
-    for (const channels::runtime_options* opts : std::initializer_list<const channels::runtime_options*>{&cfg_.channels, &next}) {
-        for (const auto& ch : opts->channels) {
-            patterns.insert(ch.topics.begin(), ch.topics.end());
-        }
+    for (const auto& ch : cfg_.channels.channels) {
+        patterns.insert(ch.topics.begin(), ch.topics.end());
+    }
+    for (const auto& ch : next.channels) {
+        patterns.insert(ch.topics.begin(), ch.topics.end());
     }
     for (const auto& p : patterns) {
         auto sub = node_->subscribe(p, [held](const event_view& ev) {
@@ -864,15 +856,8 @@ bool node_app::reload() {
         a.repair.patterns != b.repair.patterns || next.http_address != cfg_.http_address) {
         restart.push_back("node settings ([node], [discovery], [flow], [repair], http)");
     }
-    std::string applied_text, restart_text;
-    for (const auto& x : applied) {
-        applied_text += (applied_text.empty() ? "" : ", ") + x;
-    }
-    for (const auto& x : restart) {
-        restart_text += (restart_text.empty() ? "" : ", ") + x;
-    }
-    spdlog::info("reload: applied: {}{}{}", applied_text.empty() ? "nothing changed" : applied_text,
-                 restart_text.empty() ? "" : "; need a restart (kept as they were): ", restart_text);
+    spdlog::info("reload: applied: {}{}{}", applied.empty() ? "nothing changed" : fmt::format("{}", fmt::join(applied, ", ")),
+                 restart.empty() ? "" : "; need a restart (kept as they were): ", fmt::join(restart, ", "));
     notify(ok ? "READY=1\nSTATUS=serving (reloaded)" : "READY=1\nSTATUS=serving (reload failed, see log)");
     return ok;
 }

@@ -191,6 +191,7 @@ struct channel_runtime::impl {
         std::size_t index = 0;
         std::size_t ready_cap = 16;
         std::vector<subscription> subs;
+        std::vector<topic_pattern> patterns;  // cfg.topics, parsed once (subscribe)
         channel_counters c;
         std::atomic<bool> disabled{false};
         std::atomic<bool> hold{false};  // breaker open: workers give back what they take
@@ -578,10 +579,10 @@ struct channel_runtime::impl {
 
     bool subscribe(std::string& error) {
         for (auto& ch : channels) {
-            std::vector<topic_pattern> earlier;  // an event matching several patterns is taken once
             for (const auto& t : ch->cfg.topics) {
                 const auto idx = ch->index;
-                auto s = n->subscribe(t, [this, idx, earlier](const event_view& ev) {
+                // an event matching several patterns is taken once, by the first
+                auto s = n->subscribe(t, [this, idx, earlier = ch->patterns](const event_view& ev) {
                     for (const auto& p : earlier) {
                         if (p.matches(ev.topic)) {
                             return;  // the subscription of that earlier pattern takes it
@@ -589,7 +590,7 @@ struct channel_runtime::impl {
                     }
                     on_event(idx, ev);
                 });
-                earlier.push_back(*topic_pattern::parse(t));
+                ch->patterns.push_back(*topic_pattern::parse(t));
                 if (!s) {
                     error = "channel '" + ch->cfg.name + "': cannot subscribe to '" + t + "': " + s.error().message();
                     return false;
@@ -787,10 +788,7 @@ struct channel_runtime::impl {
         {
             std::lock_guard lk(m);
             if (failed) {
-                for (auto& it : intake) {  // held for a write that will not come: counted
-                    channels[it.channel]->c.lost++;
-                }
-                intake.clear();
+                lose(intake);  // held for a write that will not come
             }
             store_done = true;
             stopping = true;
@@ -995,6 +993,22 @@ struct channel_runtime::impl {
         }
     }
 
+    // Events that will never be written (stop or fatal error while they waited): counted lost.
+    void lose(std::deque<intake_item>& items) {
+        for (auto& it : items) {
+            channels[it.channel]->c.lost++;
+        }
+        items.clear();
+    }
+
+    std::uint64_t total_lost() const {
+        std::uint64_t lost = 0;
+        for (const auto& ch : channels) {
+            lost += ch->c.lost;
+        }
+        return lost;
+    }
+
     void set_degraded(const std::string& why) {
         {
             std::lock_guard lk(stats_m);
@@ -1088,10 +1102,6 @@ struct channel_runtime::impl {
                 first = false;
                 if (backoff_ms > 0) {
                     backoff_ms = 0;
-                    std::uint64_t lost = 0;
-                    for (auto& ch : channels) {
-                        lost += ch->c.lost;
-                    }
                     {
                         std::lock_guard lk(stats_m);
                         outbox_err.clear();
@@ -1100,24 +1110,18 @@ struct channel_runtime::impl {
                     evmesh::detail::log()->info("channels: the outbox is writable again after {} ms; the retried batch "
                                                 "({} events) is written, what waits in memory follows; {} events were "
                                                 "lost (memory hold full)",
-                                                now - failed_since_ms, batch, lost - lost_at_failure);
+                                                now - failed_since_ms, batch, total_lost() - lost_at_failure);
                 }
             } catch (const sqlite_error& e) {
                 if (!e.transient()) {
-                    for (auto& it : in) {  // never written and never will be: counted
-                        channels[it.channel]->c.lost++;
-                    }
-                    in.clear();
+                    lose(in);  // never written and never will be
                     throw;
                 }
                 discard_staged();
                 if (backoff_ms == 0) {
                     backoff_ms = 100;
                     failed_since_ms = now;
-                    lost_at_failure = 0;
-                    for (auto& ch : channels) {
-                        lost_at_failure += ch->c.lost;
-                    }
+                    lost_at_failure = total_lost();
                     evmesh::detail::log()->error(
                         "channels: cannot write the outbox ({}); holding up to {} events in memory and retrying with "
                         "backoff; /healthz answers 503 until a write succeeds",
@@ -1130,16 +1134,10 @@ struct channel_runtime::impl {
                 if (quit) {
                     // stopping while the disk is still full: what was never written is lost, counted
                     std::lock_guard lk(m);
-                    for (auto& it : in) {
-                        channels[it.channel]->c.lost++;
-                    }
-                    for (auto& it : intake) {
-                        channels[it.channel]->c.lost++;
-                    }
                     evmesh::detail::log()->error("channels: stopping with the outbox not writable: {} events lost",
                                                  in.size() + intake.size());
-                    in.clear();
-                    intake.clear();
+                    lose(in);
+                    lose(intake);
                     break;
                 }
                 continue;
@@ -1720,12 +1718,10 @@ std::vector<channel_stats> channel_runtime::stats() const { return impl_->snapsh
 std::size_t channel_runtime::offer(const event& ev) {
     std::size_t taken = 0;
     for (auto& ch : impl_->channels) {
-        for (const auto& t : ch->cfg.topics) {
-            if (auto p = topic_pattern::parse(t); p && p->matches(ev.topic)) {
-                impl_->enqueue(ch->index, ev);
-                ++taken;
-                break;
-            }
+        const auto& ps = ch->patterns;
+        if (std::any_of(ps.begin(), ps.end(), [&](const topic_pattern& p) { return p.matches(ev.topic); })) {
+            impl_->enqueue(ch->index, ev);
+            ++taken;
         }
     }
     return taken;
