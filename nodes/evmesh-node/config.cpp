@@ -466,6 +466,53 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
             }
         }
     }
+    if (const auto* t = top.table("api")) {
+        // the listener's keys are the run.http* ones under shorter names
+        table_reader r(*t, "api", error);
+        auto& a = cfg.api;
+        r.str("listen", cfg.http_address);
+        r.str("cert_file", cfg.http_cert_file);
+        r.str("key_file", cfg.http_key_file);
+        r.boolean("insecure", cfg.http_insecure);
+        r.boolean("publish", cfg.http_publish);
+        r.integer("max_body_bytes", cfg.http_max_body_bytes, 1024, 256 * 1024 * 1024);
+        r.strings("allowed_origins", cfg.http_allowed_origins);
+        r.integer("header_timeout_ms", cfg.http_header_timeout_ms, 100, 600000);
+        r.integer("idle_timeout_ms", cfg.http_idle_timeout_ms, 100, 3600000);
+        r.str("database", a.database);
+        r.boolean("allow_private_urls", a.allow_private_urls);
+        r.integer("max_in_flight", a.max_in_flight, 1, 100000);
+        r.integer("endpoint_concurrency", a.endpoint_concurrency, 1, 64);
+        r.duration("request_timeout", a.request_timeout);
+        r.duration("retention", a.retention);
+        r.integer("max_endpoints", a.max_endpoints, 1, 10'000'000);
+        if (const auto* node = t->get("ingest"); node != nullptr && error.empty()) {
+            const auto* arr = node->as_array();
+            if (arr == nullptr || !arr->is_array_of_tables()) {
+                error = "line " + std::to_string(node->source().begin.line) +
+                        ": 'api.ingest' must be an array of tables ([[api.ingest]])";
+            } else {
+                for (const auto& e : *arr) {
+                    ingest_source src;
+                    table_reader ir(*e.as_table(), "api.ingest", error);
+                    ir.str("source", src.name);
+                    ir.str("verify", src.verify);
+                    ir.str("secret", src.secret);
+                    ir.str("secret_file", src.secret_file);
+                    ir.duration("tolerance", src.tolerance);
+                    ir.str("topic", src.topic);
+                    ir.str("id", src.id);
+                    ir.check_unknown();
+                    if (!error.empty()) {
+                        break;
+                    }
+                    a.ingest.push_back(std::move(src));
+                }
+            }
+        }
+        r.seen("ingest");
+        r.check_unknown();
+    }
     if (const auto* t = top.table("run")) {
         table_reader r(*t, "run", error);
         r.str("pid_file", cfg.pid_file);
@@ -603,6 +650,37 @@ bool validate(const app_config& cfg, std::string& error) {
         if (!is_loopback_host(host) && cfg.http_cert_file.empty() && !cfg.http_insecure) {
             error = "key 'run.http' is not a loopback address (" + host +
                     "): set run.http_cert_file and run.http_key_file for TLS, or run.http_insecure = true";
+            return false;
+        }
+    }
+    if ((!cfg.api.database.empty() || !cfg.api.ingest.empty()) && cfg.http_address.empty()) {
+        error = "the API (api.database, api.ingest) needs a listener: set api.listen (or run.http)";
+        return false;
+    }
+    std::set<std::string> sources;
+    for (const auto& src : cfg.api.ingest) {
+        const std::string at = "api.ingest '" + src.name + "': ";
+        const bool name_ok = !src.name.empty() && src.name.size() <= 64 &&
+                             src.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") ==
+                                 std::string::npos;
+        if (!name_ok) {
+            error = "api.ingest: 'source' must be 1 to 64 characters of [A-Za-z0-9_.-] (got '" + src.name + "')";
+            return false;
+        }
+        if (!sources.insert(src.name).second) {
+            error = at + "defined twice";
+            return false;
+        }
+        if (src.verify != "none" && src.verify != "standard-webhooks" && src.verify != "github" && src.verify != "stripe") {
+            error = at + "verify must be standard-webhooks, github, stripe or none (got '" + src.verify + "')";
+            return false;
+        }
+        if (src.verify != "none" && src.secret.empty() && src.secret_file.empty()) {
+            error = at + "verify = \"" + src.verify + "\" needs secret or secret_file";
+            return false;
+        }
+        if (src.topic.empty()) {
+            error = at + "topic is required (a template such as \"github.{header.x-github-event}\")";
             return false;
         }
     }

@@ -12,6 +12,29 @@
 
 namespace evmesh::app {
 
+// A third-party webhook source: POST /v1/ingest/<name> (docs/API.md "Inbound webhooks").
+struct ingest_source {
+    std::string name;                 // [A-Za-z0-9_.-]{1,64}
+    std::string verify = "none";      // standard-webhooks, github, stripe, none
+    std::string secret;               // or secret_file
+    std::string secret_file;
+    std::chrono::milliseconds tolerance{5 * 60 * 1000};  // timestamp tolerance (standard-webhooks, stripe)
+    std::string topic;                // template: literal text, {header.<name>}, {body.<a.b>}, {source}
+    std::string id;                   // template of the event id's key; default per verify scheme
+};
+
+// [api]: the open-platform API on the node's HTTP listener (docs/API.md).
+struct api_config {
+    std::string database;             // SQLite file: keys, audit, apps and endpoints; empty = none
+    bool allow_private_urls = false;  // endpoints may resolve to loopback/private addresses
+    int max_in_flight = 1024;
+    int endpoint_concurrency = 4;
+    std::chrono::milliseconds request_timeout{15000};
+    std::chrono::milliseconds retention{7LL * 24 * 3600 * 1000};
+    std::size_t max_endpoints = 100000;
+    std::vector<ingest_source> ingest;
+};
+
 struct app_config {
     node_options node;
     std::string log_level = "info";   // trace, debug, info, warn, error, off
@@ -30,6 +53,7 @@ struct app_config {
     std::string key_file;          // [security] CURVE key pair (mesh-inspector keygen), mode 0600
     std::string mesh_secret_file;  // [security] the mesh secret, mode 0600
     channels::runtime_options channels;  // [outbox] and [[channel]]; no channels = no outbox
+    api_config api;
 };
 
 // run.http split into host (IPv6 brackets removed) and port 0..65535; false when malformed.

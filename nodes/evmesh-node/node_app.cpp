@@ -1,4 +1,5 @@
 #include "node_app.hpp"
+#include "api.hpp"
 #include "cloudevents_http.hpp"
 #include "http_server.hpp"
 
@@ -383,7 +384,24 @@ struct node_app::ingest {
         }
     }
 
-    void handle(const http_request& req, http_response& res) {
+    void handle(const http_request& req, http_response& res, const principal& who) {
+        std::vector<ce_event> events;
+        ce_error err;
+        if (!parse_cloudevents(req.headers, req.body, events, err)) {
+            return http_error(res, err.status, err.code, err.message, err.field);
+        }
+        for (std::size_t i = 0; i < events.size(); ++i) {
+            if (!who.may_publish(events[i].ev.topic)) {
+                return http_error(res, 403, "forbidden",
+                                  "this key may not publish to '" + events[i].ev.topic + "' (publish:<pattern> scopes)",
+                                  events.size() > 1 ? "[" + std::to_string(i) + "].type" : "type");
+            }
+        }
+        publish(events, req.header("idempotency-key"), res);
+    }
+
+    // Publishes checked events: 202 with their ids, or 503 + Retry-After with what was accepted.
+    void publish(std::vector<ce_event>& events, const std::string& key, http_response& res) {
         if (g_stopping) {
             res.headers.emplace_back("Retry-After", "1");
             return http_error(res, 503, "stopping", "the node is stopping; nothing was accepted");
@@ -392,18 +410,12 @@ struct node_app::ingest {
         const auto now = now_ms();
         expire(seen, seen_order, now);
         expire(answers, answer_order, now);
-        const auto key = req.header("idempotency-key");
         if (!key.empty()) {
             if (auto it = answers.find(key); it != answers.end()) {
                 res = it->second.second;
                 res.headers.emplace_back("Idempotent-Replayed", "true");
                 return;
             }
-        }
-        std::vector<ce_event> events;
-        ce_error err;
-        if (!parse_cloudevents(req.headers, req.body, events, err)) {
-            return http_error(res, err.status, err.code, err.message, err.field);
         }
         // everything is checked before anything is published: a 4xx publishes nothing
         const auto& lim = n->limits();
@@ -500,6 +512,11 @@ int node_app::start() {
             node_->stop();
             return 3;
         };
+        api_ = std::make_unique<api>(*nd, cfg_);
+        if (std::string err; !api_->start(err)) {
+            return fail_start(err);
+        }
+        auto* ap = api_.get();
         srv.route("GET", "/healthz", [this, nd](const http_request&, http_response& res) {
             const auto chs = current_channels();
             const bool up = nd->running() && !g_stopping;
@@ -520,14 +537,15 @@ int node_app::start() {
             if (chs != nullptr) {
                 res.body += render_channel_metrics(nd->name(), chs->stats());
             }
+            res.body += api_->metrics(nd->name());
             res.content_type = "text/plain; version=0.0.4";
         });
         // Channel administration (docs/CHANNELS.md). The endpoint binds loopback by default and
         // refuses browser pages (Origin) and foreign Host names there (http_server.cpp).
-        srv.route("GET", "/channels", [this](const http_request&, http_response& res) {
+        srv.route("GET", "/channels", ap->admin([this](const http_request&, http_response& res) {
             const auto chs = current_channels();
             res.json(200, chs != nullptr ? render_channels(chs->stats()) : "[]");
-        });
+        }));
         auto limit_of = [](const http_request& req) {
             std::size_t limit = 100;
             if (req.has_param("limit")) {
@@ -546,7 +564,7 @@ int node_app::start() {
             http_error(res, 503, "unavailable", ec.message());
         };
         const std::string channel_path = R"(/channels/([A-Za-z0-9_.-]+))";
-        srv.route("GET", channel_path + "/log", [this, limit_of, answer_error](const http_request& req, http_response& res) {
+        srv.route("GET", channel_path + "/log", ap->admin([this, limit_of, answer_error](const http_request& req, http_response& res) {
             const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
@@ -562,8 +580,8 @@ int node_app::start() {
                                {"code", a.code}, {"detail", a.detail}});
             }
             res.json(200, arr.dump());
-        });
-        srv.route("GET", channel_path + "/dead", [this, limit_of, answer_error](const http_request& req, http_response& res) {
+        }));
+        srv.route("GET", channel_path + "/dead", ap->admin([this, limit_of, answer_error](const http_request& req, http_response& res) {
             const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
@@ -579,8 +597,8 @@ int node_app::start() {
                                {"last_detail", d.last_detail}});
             }
             res.json(200, arr.dump());
-        });
-        srv.route("POST", channel_path + "/replay", [this, answer_error](const http_request& req, http_response& res) {
+        }));
+        srv.route("POST", channel_path + "/replay", ap->admin([this, answer_error](const http_request& req, http_response& res) {
             const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
@@ -590,8 +608,8 @@ int node_app::start() {
                 return answer_error(res, r.error());
             }
             res.json(200, nlohmann::json({{"replayed", *r}}).dump());
-        });
-        srv.route("POST", channel_path + "/enable", [this, answer_error](const http_request& req, http_response& res) {
+        }));
+        srv.route("POST", channel_path + "/enable", ap->admin([this, answer_error](const http_request& req, http_response& res) {
             const auto chs = current_channels();
             if (chs == nullptr) {
                 return answer_error(res, make_error_code(errc::bad_option));
@@ -601,11 +619,11 @@ int node_app::start() {
                 return answer_error(res, r.error());
             }
             res.json(200, R"({"enabled":true})");
-        });
-        srv.route("GET", "/peers", [nd](const http_request&, http_response& res) {
+        }));
+        srv.route("GET", "/peers", ap->admin([nd](const http_request&, http_response& res) {
             res.json(200, render_peers(*nd));
-        });
-        if (cfg_.http_publish) {
+        }));
+        if (cfg_.http_publish || !cfg_.api.ingest.empty()) {
             ingest_ = std::make_unique<ingest>();
             ingest_->n = nd;
             auto pub = nd->make_publisher({.name = "http", .policy = overflow_policy::block,
@@ -614,10 +632,16 @@ int node_app::start() {
                 return fail_start("the HTTP publisher: " + pub.error().message());
             }
             ingest_->pub.emplace(std::move(*pub));
-            srv.route("POST", "/v1/events", [this](const http_request& req, http_response& res) {
-                ingest_->handle(req, res);
-            });
+            if (cfg_.http_publish) {
+                srv.route("POST", "/v1/events",
+                          ap->guard([this](const http_request& req, http_response& res, const principal& who) {
+                              ingest_->handle(req, res, who);
+                          }));
+            }
         }
+        ap->routes(srv, [this](std::vector<ce_event>& events, const std::string& key, http_response& res) {
+            ingest_->publish(events, key, res);
+        });
         http_options o;
         (void)split_http_address(cfg_.http_address, o.host, o.port);  // validated with the config
         o.cert_file = cfg_.http_cert_file;
@@ -705,6 +729,9 @@ void node_app::stop() {
         // stops intake and deliveries; the object stays until the admin endpoints are gone
         chs->stop(std::chrono::milliseconds(cfg_.drain_ms / 2));
     }
+    if (api_) {
+        api_->stop();  // stores what its subscriptions took; deliveries in flight resume at the next start
+    }
     if (node_) {
         node_->stop();
     }
@@ -712,6 +739,7 @@ void node_app::stop() {
         http_->server.stop();
         http_.reset();
     }
+    api_.reset();
     {
         std::lock_guard lk(channels_m_);
         channels_.reset();

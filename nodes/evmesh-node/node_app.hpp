@@ -77,7 +77,8 @@ private:
     struct http;
     std::unique_ptr<http> http_;
     struct ingest;
-    std::unique_ptr<ingest> ingest_;  // POST /v1/events
+    std::unique_ptr<ingest> ingest_;  // POST /v1/events, /v1/ingest/<source>
+    std::unique_ptr<class api> api_;  // keys, scopes, the endpoint registry (docs/API.md)
     std::chrono::steady_clock::time_point started_;
 };
 

@@ -105,6 +105,10 @@ public:
         check(sqlite3_bind_text64(s_, i, text.data(), text.size(), SQLITE_TRANSIENT, SQLITE_UTF8));
         return *this;
     }
+    statement& bind_double(int i, double v) {
+        check(sqlite3_bind_double(s_, i, v));
+        return *this;
+    }
     statement& bind_blob(int i, const void* p, std::size_t n) {
         check(sqlite3_bind_blob64(s_, i, n == 0 ? "" : p, n, SQLITE_TRANSIENT));
         return *this;
@@ -136,6 +140,7 @@ public:
     }
 
     std::int64_t i64(int col) const { return sqlite3_column_int64(s_, col); }
+    double f64(int col) const { return sqlite3_column_double(s_, col); }
     std::string_view text(int col) const {
         const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(s_, col));
         return p == nullptr ? std::string_view() : std::string_view(p, static_cast<std::size_t>(sqlite3_column_bytes(s_, col)));
