@@ -6,8 +6,73 @@
 
 #include <CLI/CLI.hpp>
 
+#include <nlohmann/json.hpp>
+
+#include "api_store.hpp"
 #include "config.hpp"
 #include "node_app.hpp"
+
+namespace {
+
+// evmesh-node api-key create|list|revoke: the API keys in api.database (docs/API.md). Works while
+// the node runs (SQLite WAL; the node sees the change at the next request).
+int api_key_command(const std::string& action, const std::string& database, const std::vector<std::string>& scopes,
+                    double rate_limit, const std::string& description, const std::string& id) {
+    using namespace evmesh::app;
+    if (database.empty()) {
+        std::fprintf(stderr, "evmesh-node: api-key needs the API database: -c CONFIG with api.database, or --database\n");
+        return 2;
+    }
+    api_store store;
+    std::string err;
+    if (!store.open(database, err)) {
+        std::fprintf(stderr, "evmesh-node: %s\n", err.c_str());
+        return 3;
+    }
+    try {
+        if (action == "create") {
+            if (scopes.empty()) {
+                std::fprintf(stderr, "evmesh-node: api-key create needs at least one --scope (admin, app:<id>, "
+                                     "publish:<pattern>, ingest:<source>, subscribe:<pattern>)\n");
+                return 2;
+            }
+            for (const auto& sc : scopes) {
+                if (!valid_scope(sc, err)) {
+                    std::fprintf(stderr, "evmesh-node: %s\n", err.c_str());
+                    return 2;
+                }
+            }
+            auto k = store.create_key(scopes, rate_limit, description);
+            store.audit("cli", "key.create", k.info.id, "-", nlohmann::json(scopes).dump());
+            // the token is shown this once; only its hash is stored
+            std::printf("%s\n", nlohmann::json({{"id", k.info.id}, {"key", k.token}, {"scopes", scopes}}).dump().c_str());
+        } else if (action == "list") {
+            for (const auto& k : store.list_keys()) {
+                std::printf("%s\n", nlohmann::json({{"id", k.id},
+                                                    {"scopes", k.scopes},
+                                                    {"rate_limit", k.rate_limit},
+                                                    {"description", k.description},
+                                                    {"created_at", rfc3339_ms(k.created_ms)},
+                                                    {"revoked", k.revoked_ms != 0}})
+                                         .dump()
+                                         .c_str());
+            }
+        } else {
+            if (!store.revoke_key(id)) {
+                std::fprintf(stderr, "evmesh-node: no live key '%s'\n", id.c_str());
+                return 1;
+            }
+            store.audit("cli", "key.revoke", id, "-");
+            std::printf("revoked %s\n", id.c_str());
+        }
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "evmesh-node: api database: %s\n", e.what());
+        return 3;
+    }
+    return 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
     using namespace evmesh;
@@ -79,6 +144,20 @@ int main(int argc, char** argv) {
     std::vector<std::string> plugin_dirs;
     auto* o_outbox = cli.add_option("--outbox", outbox, "the channels' durable outbox (SQLite file); see [outbox]");
     auto* o_pdirs = cli.add_option("--plugin-dir", plugin_dirs, "directory searched for channel plugins; repeatable");
+    auto* keys = cli.add_subcommand("api-key", "manage the API keys in api.database (docs/API.md)");
+    std::string key_db, key_desc, key_id;
+    std::vector<std::string> key_scopes;
+    double key_rate = 0;
+    keys->add_option("--database", key_db, "the API database (default: api.database of --config)");
+    keys->require_subcommand(1);
+    auto* kcreate = keys->add_subcommand("create", "create a key and print it once (JSON: id, key, scopes)");
+    kcreate->add_option("--scope", key_scopes, "admin, app:<id>, publish:<pattern>, ingest:<source>, subscribe:<pattern>; repeatable")
+        ->required();
+    kcreate->add_option("--rate-limit", key_rate, "requests per second, 0 = unlimited [0]")->check(CLI::Range(0.0, 1e6));
+    kcreate->add_option("--description", key_desc, "what the key is for");
+    auto* klist = keys->add_subcommand("list", "list the keys (never their secrets)");
+    auto* krevoke = keys->add_subcommand("revoke", "revoke a key by id (effective at the node's next request)");
+    krevoke->add_option("id", key_id, "the key's id")->required();
     try {
         cli.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -90,6 +169,17 @@ int main(int argc, char** argv) {
     }
 
     std::string err;
+    if (*keys) {
+        if (key_db.empty() && !config_file.empty()) {
+            if (!app::load_toml(config_file, start_cfg, err)) {
+                std::fprintf(stderr, "evmesh-node: invalid config: %s\n", err.c_str());
+                return 2;
+            }
+            key_db = start_cfg.api.database;
+        }
+        const std::string action = *kcreate ? "create" : *klist ? "list" : "revoke";
+        return api_key_command(action, key_db, key_scopes, key_rate, key_desc, key_id);
+    }
     if (!check_file.empty()) {
         if (!app::load_toml(check_file, start_cfg, err) || !app::validate(start_cfg, err)
             || !app::load_security(start_cfg, err)
