@@ -9,10 +9,10 @@ seconds="${1:-20}"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DEVMESH_FUZZ=ON -DEVMESH_BUILD_TESTS=OFF -DEVMESH_BUILD_EXAMPLES=OFF -DEVMESH_BUILD_BENCH=OFF >/dev/null
 cmake --build build-fuzz -j "$(nproc)" --target fuzz_event_decode fuzz_beacon_decode fuzz_config_load fuzz_stats_decode \
-  fuzz_cloudevents_parse
+  fuzz_cloudevents_parse fuzz_ingest_parse
 mkdir -p build-fuzz/artifacts
 status=0
-targets=(event_decode beacon_decode config_load stats_decode cloudevents_parse)
+targets=(event_decode beacon_decode config_load stats_decode cloudevents_parse ingest_parse)
 for target in "${targets[@]}"; do
   t="${target%_*}"
   work="build-fuzz/corpus-$t"

@@ -4,9 +4,10 @@
 Three evmesh-node sidecars discover each other (host-only beacons), an embedded C++ service joins
 with its own node, the Python orders service publishes orders.<region>.created on the first
 sidecar, a C++ partner subscribes to orders.*.created on the second and a Python audit log to
-orders.> on the third. The partner node also delivers orders.*.created to the partner's webhook
-endpoint through a channel (durable outbox, Standard Webhooks signatures checked by the
-receiver). Every line is prefixed with who printed it. Ends after DEMO_SECONDS
+orders.> on the third. The partner node runs the open-platform API (docs/API.md): the operator
+creates an admin key with `evmesh-node api-key`, an application for the partner and a key scoped
+to it; the partner then registers its own callback URL over the API, and the node delivers
+orders.*.created there (durable, retried, Standard Webhooks signatures checked by the receiver). Every line is prefixed with who printed it. Ends after DEMO_SECONDS
 (default 12) or Ctrl-C; every process it started is stopped by PID.
 """
 import base64
@@ -73,23 +74,23 @@ def free_port(kind):
     return port
 
 
-def webhook_channel(url, secret):
-    """The partner node's config: one webhook channel with its outbox in the demo's temp dir."""
+def api_config():
+    """The partner node's config: the API with its database in the demo's temp dir."""
     path = os.path.join(tmp, "partner-node.toml")
     with open(path, "w") as f:
-        f.write(f"""[outbox]
-path = "{os.path.join(tmp, 'partner-outbox.db')}"
-
-[[channel]]
-name = "partner-webhook"
-plugin = "webhook"
-topics = ["orders.*.created"]
-[channel.settings]
-url = "{url}"
-secret = "{secret}"
-allow_private = true   # the demo's receiver is on loopback
+        f.write(f"""[api]
+database = "{os.path.join(tmp, 'partner-api.db')}"
+allow_private_urls = true   # the demo's receiver is on loopback
 """)
     return path
+
+
+def api(ready, method, path, key, body=None):
+    req = urllib.request.Request(f"http://{ready['http']}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
 
 
 def start_node(name, beacon_port, *extra):
@@ -127,7 +128,7 @@ def main():
                      quiet_stdout=True)
     say("partner-webhook", receiver.stdout.readline().decode().rstrip())
     threading.Thread(target=pump, args=("partner-webhook", receiver.stdout), daemon=True).start()
-    cfg = webhook_channel(f"http://127.0.0.1:{hook_port}/hooks/evmesh", secret)
+    cfg = api_config()
     nodes = {n: start_node(n, beacon_port, *(["--config", cfg] if n == "partner-node" else []))
              for n in ("orders-node", "partner-node", "audit-node")}
     deadline = time.monotonic() + 5
@@ -138,6 +139,21 @@ def main():
     for name, r in nodes.items():
         peers = ", ".join(f"{p['name']} ({p['state']})" for p in json.loads(get(r, "/peers")))
         say("demo", f"{name} sees: {peers}")
+    # the platform operator: an admin key (printed once, stored hashed), an application for the
+    # partner and a key that can touch nothing but that application
+    partner_node = nodes["partner-node"]
+    out = subprocess.run([NODE, "--config", cfg, "api-key", "create", "--scope", "admin",
+                          "--description", "demo operator"], capture_output=True, text=True, timeout=10, check=True)
+    admin = json.loads(out.stdout)["key"]
+    say("demo", f"$ evmesh-node api-key create --scope admin  ->  {admin[:20]}... (shown once)")
+    api(partner_node, "POST", "/v1/apps", admin, {"id": "partner", "name": "Partner Inc."})
+    partner_key = api(partner_node, "POST", "/v1/keys", admin, {"scopes": ["app:partner"]})["key"]
+    say("demo", "operator created app 'partner' and a key scoped to app:partner")
+    # the partner registers its own callback URL with its own signing secret
+    ep = api(partner_node, "POST", "/v1/apps/partner/endpoints", partner_key,
+             {"url": f"http://127.0.0.1:{hook_port}/hooks/evmesh", "topics": ["orders.*.created"],
+              "secret": secret, "description": "partner order feed"})
+    say("demo", f"partner registered {ep['url']} for {ep['topics']} -> endpoint {ep['id']}")
     count = int(seconds * 5)
     spawn("partner(C++)", [os.path.join(BUILD, "examples", "sidecar_client"), "sub",
                            nodes["partner-node"]["sub"][0], "orders.*.created", str(count + 10), str(int(seconds) + 5)])
@@ -169,10 +185,20 @@ def main():
                     f" | out: local {metric(r, 'evmesh_events_out_total', output='local'):4}"
                     f"  mesh {metric(r, 'evmesh_events_out_total', output='mesh'):4}"
                     f" | peers {metric(r, 'evmesh_peers')} | rejected {metric(r, 'evmesh_client_events_rejected_total')}")
-    for ch in json.loads(get(nodes["partner-node"], "/channels")):
-        say("demo", f"  channel {ch['name']} ({ch['plugin']}): accepted {ch['accepted']}, delivered {ch['delivered']}, "
-                    f"pending {ch['pending']}, retried {ch['retried']}, dead {ch['dead']}, "
-                    f"avg attempt {ch['attempt_latency_avg_us']} us")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        got = api(partner_node, "GET", f"/v1/apps/partner/endpoints/{ep['id']}", partner_key)
+        if got["stats"]["pending"] == 0 and got["stats"]["in_flight"] == 0:
+            break
+        time.sleep(0.05)
+    st = got["stats"]
+    say("demo", f"  endpoint {ep['id']} (partner): delivered {st['delivered']}, pending {st['pending']}, "
+                f"dead {st['dead']}, in flight {st['in_flight']}")
+    last = api(partner_node, "GET", f"/v1/apps/partner/endpoints/{ep['id']}/attempts?limit=1", partner_key)["data"]
+    if last:
+        a = last[0]
+        say("demo", f"  last attempt: event {a['event_id']} -> {a['outcome']} {a['status_code']} "
+                    f"in {a['latency_ms']:.1f} ms")
 
 
 def cleanup():

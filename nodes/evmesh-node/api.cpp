@@ -508,7 +508,15 @@ std::string api::metrics(const std::string& node_name) const {
     for (const auto& [series, v] : counters_) {
         const auto family = series.substr(0, series.find('{'));
         if (family != last_family) {
-            os << "# TYPE " << family << " counter\n";
+            static const std::map<std::string, std::string> help = {
+                {"evmesh_api_requests_total", "API requests answered, by method and status code."},
+                {"evmesh_api_auth_failures_total", "API requests refused for a missing or invalid key."},
+                {"evmesh_api_rate_limited_total", "API requests refused by a key's rate limit (429)."},
+                {"evmesh_api_ingest_total", "Inbound webhooks accepted for publishing, by source."},
+                {"evmesh_api_ingest_rejected_total", "Inbound webhooks refused, by source and reason."}};
+            const auto h = help.find(family);
+            os << "# HELP " << family << " " << (h != help.end() ? h->second : family) << "\n# TYPE " << family
+               << " counter\n";
             last_family = family;
         }
         const auto brace = series.find('{');

@@ -202,7 +202,6 @@ void api_store::load_keys() {
     v.step();
     data_version_ = v.i64(0);
     keys_.clear();
-    live_keys_ = 0;
     sql::statement s(db, "SELECT id, hash, scopes, rate_limit, description, created_ms, revoked_ms FROM api_keys");
     while (s.step()) {
         key_row k;
@@ -220,9 +219,6 @@ void api_store::load_keys() {
         k.info.description = std::string(s.text(4));
         k.info.created_ms = s.i64(5);
         k.info.revoked_ms = s.i64(6);
-        if (k.info.revoked_ms == 0) {
-            ++live_keys_;
-        }
         keys_.emplace(k.info.id, std::move(k));
     }
 }
@@ -278,7 +274,8 @@ api_store::auth api_store::authenticate(std::string_view authorization, principa
             load_keys();
         }
     }
-    if (live_keys_ == 0) {
+    // open only until the first key is made: revoking every key does not reopen the API
+    if (keys_.empty()) {
         return auth::open;
     }
     constexpr std::string_view bearer = "Bearer ";

@@ -68,7 +68,7 @@ public:
     std::vector<api_key_info> list_keys();
 
     enum class auth { open, ok, missing, invalid };
-    // Checks an Authorization header ("Bearer <token>"). open: no live key exists.
+    // Checks an Authorization header ("Bearer <token>"). open: no key was ever created.
     auth authenticate(std::string_view authorization, principal& out, double& rate_limit);
 
     // One row of the audit log (state-changing calls).
@@ -85,7 +85,6 @@ private:
         api_key_info info;
     };
     std::unordered_map<std::string, key_row> keys_;
-    std::size_t live_keys_ = 0;
     std::int64_t data_version_ = -1;
 };
 

@@ -198,8 +198,9 @@ private:
             } catch (const std::exception& e) {
                 http_error(res, 500, "internal", e.what());
             }
-            asio::post(self->srv_.ioc, [self, res = std::move(res), id = req->request_id]() mutable {
-                self->write(std::move(res), id);
+            asio::post(self->srv_.ioc, [self, res = std::move(res), id = req->request_id,
+                                        head = req->method == "HEAD"]() mutable {
+                self->write(std::move(res), id, head);
             });
         });
     }
@@ -208,7 +209,8 @@ private:
         return valid_request_id(given) ? given : to_string(new_event_id());
     }
 
-    void write(http_response res, const std::string& request_id) {
+    // A HEAD answer has the GET answer's headers (Content-Length included) and no body (RFC 9110 9.3.2).
+    void write(http_response res, const std::string& request_id, bool head = false) {
         auto out = std::make_shared<http::response<http::string_body>>(static_cast<http::status>(res.status), 11);
         out->set(http::field::server, "evmesh-node");
         out->set(http::field::content_type, res.content_type);
@@ -217,8 +219,12 @@ private:
             out->set(k, v);
         }
         out->keep_alive(keep_alive_);
-        out->body() = std::move(res.body);
-        out->prepare_payload();
+        if (head) {
+            out->content_length(res.body.size());
+        } else {
+            out->body() = std::move(res.body);
+            out->prepare_payload();
+        }
         beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(30));
         http::async_write(stream_, *out, [self = this->shared_from_this(), out](beast::error_code ec, std::size_t) {
             if (ec || !self->keep_alive_) {
@@ -261,13 +267,16 @@ void http_server::impl::handle(http_request& req, http_response& res) const {
                               "this listener is on loopback; Host " + host + " is refused", "Host");
         }
     }
-    bool path_known = false;
+    std::vector<std::string> allowed;  // the methods of the routes whose pattern matches (405's Allow)
     for (const auto& r : routes) {
         std::smatch m;
         if (!std::regex_match(req.path, m, r.pattern)) {
             continue;
         }
-        path_known = true;
+        allowed.push_back(r.method);
+        if (r.method == "GET") {
+            allowed.emplace_back("HEAD");
+        }
         if (r.method != req.method && !(r.method == "GET" && req.method == "HEAD")) {
             continue;
         }
@@ -277,8 +286,16 @@ void http_server::impl::handle(http_request& req, http_response& res) const {
         r.handler(req, res);
         return;
     }
-    if (path_known) {
-        return http_error(res, 405, "method_not_allowed", req.method + " is not allowed on " + req.path);
+    if (!allowed.empty()) {
+        std::sort(allowed.begin(), allowed.end());
+        allowed.erase(std::unique(allowed.begin(), allowed.end()), allowed.end());
+        std::string allow;
+        for (const auto& m : allowed) {
+            allow += (allow.empty() ? "" : ", ") + m;
+        }
+        http_error(res, 405, "method_not_allowed", req.method + " is not allowed on " + req.path);
+        res.headers.emplace_back("Allow", allow);
+        return;
     }
     http_error(res, 404, "not_found", "no such path: " + req.path);
 }

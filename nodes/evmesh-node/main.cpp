@@ -150,6 +150,7 @@ int main(int argc, char** argv) {
     double key_rate = 0;
     keys->add_option("--database", key_db, "the API database (default: api.database of --config)");
     keys->require_subcommand(1);
+    keys->fallthrough();  // -c CONFIG may come after the subcommand too
     auto* kcreate = keys->add_subcommand("create", "create a key and print it once (JSON: id, key, scopes)");
     kcreate->add_option("--scope", key_scopes, "admin, app:<id>, publish:<pattern>, ingest:<source>, subscribe:<pattern>; repeatable")
         ->required();
@@ -158,6 +159,9 @@ int main(int argc, char** argv) {
     auto* klist = keys->add_subcommand("list", "list the keys (never their secrets)");
     auto* krevoke = keys->add_subcommand("revoke", "revoke a key by id (effective at the node's next request)");
     krevoke->add_option("id", key_id, "the key's id")->required();
+    for (auto* sub : {kcreate, klist, krevoke}) {
+        sub->fallthrough();
+    }
     try {
         cli.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

@@ -123,7 +123,7 @@ bool header_name_ok(const std::string& s) {
     }
     std::string lower(s);
     std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
-    return lower != "host" && lower != "content-length" && lower != "content-type" && lower != "transfer-encoding" &&
+    return lower != "host" && lower.rfind("content-", 0) != 0 && lower != "transfer-encoding" &&
            lower != "connection" && lower.rfind("webhook-", 0) != 0;
 }
 
@@ -1134,10 +1134,10 @@ struct registry::impl {
             fail(403, "forbidden", "creating applications needs the admin scope");
         }
         auto b = parse_body(req);
-        std::string id = b.value("id", std::string());
-        if (b.contains("id") && (!b["id"].is_string() || !valid_id(id))) {
+        if (b.contains("id") && (!b["id"].is_string() || !valid_id(b["id"].get<std::string>()))) {
             fail(400, "bad_attribute", "id must be 1 to 64 characters of [A-Za-z0-9_.-]", "id");
         }
+        std::string id = b.contains("id") ? b["id"].get<std::string>() : std::string();
         if (id.empty()) {
             id = "app_" + random_hex(8);
         }
@@ -1182,9 +1182,10 @@ struct registry::impl {
         bool more = false;
         {
             std::lock_guard lk(store.m);
+            // a scoped key's apps are filtered before the limit applies (no LIMIT for it: few rows)
             sql::statement s(store.db, "SELECT id, name, metadata, created_ms, updated_ms FROM apps WHERE id > ? "
                                        "ORDER BY id LIMIT ?");
-            s.bind(1, after).bind(2, static_cast<std::int64_t>(limit + 1));
+            s.bind(1, after).bind(2, p.admin() ? static_cast<std::int64_t>(limit + 1) : std::int64_t{-1});
             while (s.step()) {
                 if (!p.app(s.text(0))) {
                     continue;
@@ -1484,7 +1485,8 @@ struct registry::impl {
         auto b = parse_body(req);
         std::string key = new_webhook_secret();
         if (auto it = b.find("key"); it != b.end()) {
-            if (!it->is_string() || secret_key(it->get<std::string>()).size() < 24) {
+            if (!it->is_string() || secret_key(it->get<std::string>()).size() < 24 ||
+                secret_key(it->get<std::string>()).size() > 64) {
                 fail(400, "bad_attribute", "key must be \"whsec_\" and the base64 of 24 to 64 bytes", "key");
             }
             key = it->get<std::string>();
@@ -1517,9 +1519,12 @@ struct registry::impl {
         ev.id = new_event_id();
         ev.time_ns = now_ns();
         ev.source = n.name() + "/api";
-        ev.topic = b.value("topic", std::string("evmesh.test"));
-        if (!b.value("topic", json("evmesh.test")).is_string() || !topic_pattern::parse(ev.topic) ||
-            ev.topic.find_first_of("*>") != std::string::npos) {
+        if (b.contains("topic") && !b["topic"].is_string()) {
+            fail(400, "bad_topic", "topic must be a topic (dot-separated, no wildcards)", "topic");
+        }
+        ev.topic = b.contains("topic") ? b["topic"].get<std::string>() : std::string("evmesh.test");
+        if (!topic_pattern::parse(ev.topic) || ev.topic.find_first_of("*>") != std::string::npos ||
+            ev.topic.rfind("_evmesh", 0) == 0) {
             fail(400, "bad_topic", "topic must be a topic (dot-separated, no wildcards)", "topic");
         }
         ev.content_type = "application/json";
@@ -1602,14 +1607,23 @@ struct registry::impl {
 
     void list_dead(const http_request& req, http_response& res, const principal& p) {
         const auto limit = limit_param(req);
+        const auto after = param_or(req, "iterator", "");
+        const std::int64_t after_id = after.empty() ? 0 : std::strtoll(after.c_str(), nullptr, 10);
         json data = json::array();
+        bool more = false;
+        std::int64_t last_id = 0;
         std::lock_guard lk(store.m);
         auto e = find_endpoint(p, req.matches[0], req.matches[1]);
         sql::statement s(store.db, "SELECT d.message_id, m.topic, d.attempts, d.last_code, d.last_detail, d.accepted_ms, "
-                                   "d.done_ms FROM deliveries d JOIN messages m ON m.id = d.message_id "
-                                   "WHERE d.endpoint_id = ? AND d.status = 3 ORDER BY d.done_ms, d.id LIMIT ?");
-        s.bind(1, e->id).bind(2, static_cast<std::int64_t>(limit));
+                                   "d.done_ms, d.id FROM deliveries d JOIN messages m ON m.id = d.message_id "
+                                   "WHERE d.endpoint_id = ? AND d.status = 3 AND d.id > ? ORDER BY d.id LIMIT ?");
+        s.bind(1, e->id).bind(2, after_id).bind(3, static_cast<std::int64_t>(limit + 1));
         while (s.step()) {
+            if (data.size() == limit) {
+                more = true;
+                break;
+            }
+            last_id = s.i64(7);
             data.push_back({{"event_id", std::string(s.text(0))},
                             {"topic", std::string(s.text(1))},
                             {"attempts", s.i64(2)},
@@ -1618,7 +1632,9 @@ struct registry::impl {
                             {"accepted_at", rfc3339_ms(s.i64(5))},
                             {"dead_at", rfc3339_ms(s.i64(6))}});
         }
-        res.json(200, json({{"data", data}, {"done", data.size() < limit}, {"iterator", nullptr}}).dump());
+        json out = {{"data", data}, {"done", !more}};
+        out["iterator"] = more ? json(std::to_string(last_id)) : json(nullptr);
+        res.json(200, out.dump());
     }
 
     void replay(const http_request& req, http_response& res, const principal& p) {
