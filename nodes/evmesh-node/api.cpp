@@ -265,12 +265,16 @@ void api::count(const std::string& series) {
     ++counters_[series];
 }
 
-http_handler api::guard(api_handler h) {
-    return [this, h = std::move(h)](const http_request& req, http_response& res) {
+http_handler api::guard(api_handler h, bool query_token) {
+    return [this, h = std::move(h), query_token](const http_request& req, http_response& res) {
         principal who;
         double rate = 0;
         if (store_) {
-            switch (store_->authenticate(req.header("authorization"), who, rate)) {
+            std::string authorization = req.header("authorization");
+            if (authorization.empty() && query_token && req.has_param("access_token")) {
+                authorization = "Bearer " + req.param("access_token");
+            }
+            switch (store_->authenticate(authorization, who, rate)) {
                 case api_store::auth::open:
                 case api_store::auth::ok:
                     break;

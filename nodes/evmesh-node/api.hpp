@@ -45,7 +45,9 @@ public:
     void stop();
 
     // Authenticates the request (once a key exists), applies the key's rate limit, then calls `h`.
-    http_handler guard(api_handler h);
+    // query_token: also take the key from ?access_token= (EventSource and browser WebSockets
+    // cannot send headers).
+    http_handler guard(api_handler h, bool query_token = false);
     // The node's own admin routes (/channels..., /peers): the admin scope once a key exists.
     http_handler admin(http_handler h);
 

@@ -486,6 +486,15 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.duration("request_timeout", a.request_timeout);
         r.duration("retention", a.retention);
         r.integer("max_endpoints", a.max_endpoints, 1, 10'000'000);
+        r.boolean("streams", a.streams);
+        r.boolean("dashboard", a.dashboard);
+        r.integer("stream_resume_events", a.stream_resume_events, 0, 10'000'000);
+        r.integer("stream_queue_bytes", a.stream_queue_bytes, 4096, 1LL << 30);
+        r.str("stream_slow", a.stream_slow);
+        if (a.stream_slow != "skip" && a.stream_slow != "disconnect" && error.empty()) {
+            error = "key 'api.stream_slow' must be \"skip\" or \"disconnect\"";
+        }
+        r.integer("stream_max_connections", a.stream_max_connections, 1, 1'000'000);
         if (const auto* node = t->get("ingest"); node != nullptr && error.empty()) {
             const auto* arr = node->as_array();
             if (arr == nullptr || !arr->is_array_of_tables()) {

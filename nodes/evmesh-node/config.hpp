@@ -33,6 +33,13 @@ struct api_config {
     std::chrono::milliseconds retention{7LL * 24 * 3600 * 1000};
     std::size_t max_endpoints = 100000;
     std::vector<ingest_source> ingest;
+    // live streams (docs/STREAMS.md): GET /v1/stream (SSE) and /v1/ws (WebSocket)
+    bool streams = true;
+    bool dashboard = true;  // GET / (docs/DASHBOARD.md); needs streams
+    std::size_t stream_resume_events = 10000;
+    std::size_t stream_queue_bytes = 1 << 20;
+    std::string stream_slow = "skip";  // skip (gap notice) or disconnect
+    std::size_t stream_max_connections = 20000;
 };
 
 struct app_config {

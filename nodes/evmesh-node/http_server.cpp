@@ -4,6 +4,7 @@
 #include "http_server.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <optional>
 #include <thread>
@@ -13,6 +14,11 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
+
+#include <atomic>
+#include <deque>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
@@ -23,6 +29,7 @@ namespace evmesh::app {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
+namespace websocket = beast::websocket;
 namespace ssl = asio::ssl;
 using tcp = asio::ip::tcp;
 
@@ -128,6 +135,289 @@ struct http_server::impl {
 
 namespace {
 
+// Server-Sent Events: the headers, then whatever is sent, until either side closes. The socket is
+// read only to notice that the client went away.
+template <class Stream>
+class sse_conn : public live_conn, public std::enable_shared_from_this<sse_conn<Stream>> {
+public:
+    sse_conn(http_server::impl& srv, Stream stream, std::shared_ptr<live_handlers> h)
+        : srv_(srv), stream_(std::move(stream)), h_(std::move(h)) {}
+
+    void start(const std::string& request_id, const std::string& extra_headers) {
+        auto head = std::make_shared<std::string>(
+            "HTTP/1.1 200 OK\r\nServer: evmesh-node\r\nContent-Type: text/event-stream\r\n"
+            "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: close\r\nX-Request-Id: " +
+            request_id + "\r\n" + extra_headers + "\r\n");
+        beast::get_lowest_layer(stream_).expires_never();
+        asio::async_write(stream_, asio::buffer(*head),
+                          [self = this->shared_from_this(), head](beast::error_code ec, std::size_t) {
+                              if (ec) {
+                                  return self->finish();
+                              }
+                              if (self->h_->open) {
+                                  self->h_->open(self);
+                              }
+                              self->watch();
+                          });
+    }
+
+    using live_conn::send;
+    bool send(std::shared_ptr<const std::string> data, bool) override {
+        if (closed_) {
+            return false;
+        }
+        queued_ += data->size();
+        bool post = false;
+        {
+            std::lock_guard lk(pm_);
+            pending_.push_back(std::move(data));
+            post = !flush_posted_;
+            flush_posted_ = true;
+        }
+        if (post) {  // one post per burst, not per message
+            asio::post(srv_.ioc, [self = this->shared_from_this()] {
+                {
+                    std::lock_guard lk(self->pm_);
+                    for (auto& d : self->pending_) {
+                        self->q_.push_back(std::move(d));
+                    }
+                    self->pending_.clear();
+                    self->flush_posted_ = false;
+                }
+                if (!self->writing_) {
+                    self->write_next();
+                }
+            });
+        }
+        return true;
+    }
+
+    void close(int, const std::string&) override {
+        closed_ = true;
+        asio::post(srv_.ioc, [self = this->shared_from_this()] {
+            self->closing_ = true;
+            if (!self->writing_) {
+                self->finish();
+            }
+        });
+    }
+
+    std::size_t queued_bytes() const override { return queued_; }
+    bool websocket() const override { return false; }
+
+private:
+    void watch() {
+        stream_.async_read_some(asio::buffer(rbuf_), [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
+            if (ec) {
+                return self->finish();
+            }
+            self->watch();
+        });
+    }
+
+    void write_next() {
+        if (done_ || q_.empty()) {
+            writing_ = false;
+            if (closing_) {
+                finish();
+            }
+            return;
+        }
+        writing_ = true;
+        // everything queued, up to 64 chunks, in one gathered write (writev)
+        bufs_.clear();
+        std::size_t bytes = 0;
+        for (std::size_t i = 0; i < q_.size() && i < 64; ++i) {
+            bufs_.emplace_back(q_[i]->data(), q_[i]->size());
+            bytes += q_[i]->size();
+        }
+        asio::async_write(stream_, bufs_,
+                          [self = this->shared_from_this(), n = bufs_.size(), bytes](beast::error_code ec, std::size_t) {
+                              self->queued_ -= bytes;
+                              self->q_.erase(self->q_.begin(), self->q_.begin() + static_cast<std::ptrdiff_t>(n));
+                              if (ec) {
+                                  return self->finish();
+                              }
+                              self->write_next();
+                          });
+    }
+
+    void finish() {
+        if (done_) {
+            return;
+        }
+        done_ = true;
+        closed_ = true;
+        beast::error_code ec;
+        beast::get_lowest_layer(stream_).socket().shutdown(tcp::socket::shutdown_both, ec);
+        beast::get_lowest_layer(stream_).close();
+        if (h_->closed) {
+            h_->closed();
+        }
+    }
+
+    http_server::impl& srv_;
+    Stream stream_;
+    std::shared_ptr<live_handlers> h_;
+    std::deque<std::shared_ptr<const std::string>> q_;  // loop thread only
+    std::vector<asio::const_buffer> bufs_;                // loop thread only
+    std::mutex pm_;
+    std::vector<std::shared_ptr<const std::string>> pending_;  // guarded by pm_
+    bool flush_posted_ = false;                                // guarded by pm_
+    std::array<char, 512> rbuf_{};
+    std::atomic<std::size_t> queued_{0};
+    std::atomic<bool> closed_{false};
+    bool writing_ = false, closing_ = false, done_ = false;  // loop thread only
+};
+
+// WebSocket (RFC 6455) on the same listener: Beast does the handshake, the framing, the close
+// codes (1002 on a malformed frame, 1009 on a message over `max_message_bytes`) and keep-alive
+// pings (an idle connection is pinged; one that answers nothing is closed: half-open peers go).
+template <class Stream>
+class ws_conn : public live_conn, public std::enable_shared_from_this<ws_conn<Stream>> {
+public:
+    ws_conn(http_server::impl& srv, Stream stream, std::shared_ptr<live_handlers> h)
+        : srv_(srv), ws_(std::move(stream)), h_(std::move(h)) {}
+
+    void start(std::shared_ptr<http::request<http::string_body>> req, const std::string& request_id) {
+        beast::get_lowest_layer(ws_).expires_never();
+        websocket::stream_base::timeout t{};
+        t.handshake_timeout = std::chrono::seconds(10);
+        t.idle_timeout = std::chrono::seconds(30);  // a ping after 15 s of silence, closed after 30 s
+        t.keep_alive_pings = true;
+        ws_.set_option(t);
+        ws_.read_message_max(h_->max_message_bytes);
+        ws_.set_option(websocket::stream_base::decorator([request_id](websocket::response_type& r) {
+            r.set(http::field::server, "evmesh-node");
+            r.set("X-Request-Id", request_id);
+        }));
+        ws_.async_accept(*req, [self = this->shared_from_this(), req](beast::error_code ec) {
+            if (ec) {
+                return self->finish();
+            }
+            if (self->h_->open) {
+                self->h_->open(self);
+            }
+            self->read();
+        });
+    }
+
+    using live_conn::send;
+    bool send(std::shared_ptr<const std::string> data, bool binary) override {
+        if (closed_) {
+            return false;
+        }
+        queued_ += data->size();
+        bool post = false;
+        {
+            std::lock_guard lk(pm_);
+            pending_.emplace_back(std::move(data), binary);
+            post = !flush_posted_;
+            flush_posted_ = true;
+        }
+        if (post) {  // one post per burst, not per message
+            asio::post(srv_.ioc, [self = this->shared_from_this()] {
+                {
+                    std::lock_guard lk(self->pm_);
+                    for (auto& d : self->pending_) {
+                        self->q_.push_back(std::move(d));
+                    }
+                    self->pending_.clear();
+                    self->flush_posted_ = false;
+                }
+                if (!self->writing_) {
+                    self->write_next();
+                }
+            });
+        }
+        return true;
+    }
+
+    void close(int code, const std::string& reason) override {
+        closed_ = true;
+        asio::post(srv_.ioc, [self = this->shared_from_this(), code, reason] {
+            self->close_code_ = code;
+            self->close_reason_ = reason;
+            self->closing_ = true;
+            if (!self->writing_) {
+                self->write_next();
+            }
+        });
+    }
+
+    std::size_t queued_bytes() const override { return queued_; }
+    bool websocket() const override { return true; }
+
+private:
+    void read() {
+        ws_.async_read(rbuf_, [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
+            if (ec) {
+                return self->finish();
+            }
+            std::string msg = beast::buffers_to_string(self->rbuf_.data());
+            self->rbuf_.consume(self->rbuf_.size());
+            if (self->h_->message) {
+                self->h_->message(msg, !self->ws_.got_text());
+            }
+            self->read();
+        });
+    }
+
+    void write_next() {
+        if (done_) {
+            return;
+        }
+        if (q_.empty()) {
+            writing_ = false;
+            if (closing_ && !close_sent_) {
+                close_sent_ = true;
+                writing_ = true;
+                ws_.async_close(websocket::close_reason(static_cast<websocket::close_code>(close_code_), close_reason_),
+                                [self = this->shared_from_this()](beast::error_code) { self->finish(); });
+            }
+            return;
+        }
+        writing_ = true;
+        ws_.text(!q_.front().second);
+        ws_.async_write(asio::buffer(*q_.front().first), [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
+            self->queued_ -= self->q_.front().first->size();
+            self->q_.pop_front();
+            if (ec) {
+                return self->finish();
+            }
+            self->write_next();
+        });
+    }
+
+    void finish() {
+        if (done_) {
+            return;
+        }
+        done_ = true;
+        closed_ = true;
+        beast::error_code ec;
+        beast::get_lowest_layer(ws_).socket().shutdown(tcp::socket::shutdown_both, ec);
+        beast::get_lowest_layer(ws_).close();
+        if (h_->closed) {
+            h_->closed();
+        }
+    }
+
+    http_server::impl& srv_;
+    websocket::stream<Stream> ws_;
+    std::shared_ptr<live_handlers> h_;
+    beast::flat_buffer rbuf_;
+    std::deque<std::pair<std::shared_ptr<const std::string>, bool>> q_;  // loop thread only
+    std::mutex pm_;
+    std::vector<std::pair<std::shared_ptr<const std::string>, bool>> pending_;  // guarded by pm_
+    bool flush_posted_ = false;                                                 // guarded by pm_
+    std::atomic<std::size_t> queued_{0};
+    std::atomic<bool> closed_{false};
+    bool writing_ = false, closing_ = false, close_sent_ = false, done_ = false;
+    int close_code_ = 1000;
+    std::string close_reason_;
+};
+
 template <class Stream>
 class session : public std::enable_shared_from_this<session<Stream>> {
 public:
@@ -188,6 +478,10 @@ private:
                            [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
             req->headers[name] = std::string(f.value());
         }
+        if (websocket::is_upgrade(msg)) {
+            req->websocket_upgrade = true;
+            upgrade_ = std::make_shared<http::request<http::string_body>>(msg);
+        }
         req->body = std::move(msg.body());
         req->request_id = valid_request_id_or_new(req->header("x-request-id"));
         beast::get_lowest_layer(stream_).expires_never();  // the handler takes what it takes
@@ -199,10 +493,27 @@ private:
                 http_error(res, 500, "internal", e.what());
             }
             asio::post(self->srv_.ioc, [self, res = std::move(res), id = req->request_id,
-                                        head = req->method == "HEAD"]() mutable {
+                                        head = req->method == "HEAD", ws = req->websocket_upgrade]() mutable {
+                if (res.live && res.status == 200) {
+                    std::string extra;  // CORS for an allowed origin's EventSource
+                    for (const auto& [k, v] : res.headers) {
+                        extra += k + ": " + v + "\r\n";
+                    }
+                    self->go_live(std::move(res.live), id, ws, extra);
+                    return;
+                }
                 self->write(std::move(res), id, head);
             });
         });
+    }
+
+    // The connection leaves this session for a live one (SSE or WebSocket).
+    void go_live(std::shared_ptr<live_handlers> live, const std::string& id, bool ws, const std::string& extra) {
+        if (ws) {
+            std::make_shared<ws_conn<Stream>>(srv_, std::move(stream_), std::move(live))->start(upgrade_, id);
+        } else {
+            std::make_shared<sse_conn<Stream>>(srv_, std::move(stream_), std::move(live))->start(id, extra);
+        }
     }
 
     static std::string valid_request_id_or_new(const std::string& given) {
@@ -243,6 +554,7 @@ private:
 
     http_server::impl& srv_;
     Stream stream_;
+    std::shared_ptr<http::request<http::string_body>> upgrade_;  // a WebSocket upgrade request
     beast::flat_buffer buf_;
     std::optional<http::request_parser<http::string_body>> parser_;
     bool keep_alive_ = true;
@@ -254,11 +566,22 @@ private:
 void http_server::impl::handle(http_request& req, http_response& res) const {
     // A browser page of another origin (or a DNS-rebinding name for a loopback listener) must not
     // drive the node: browsers always send Origin on cross-origin requests and on every POST.
+    // A page this node served itself (same origin: the dashboard) may: browsers send Origin on
+    // every WebSocket and on same-origin POSTs too.
     const auto origin = req.header("origin");
-    if (!origin.empty() && std::find(opt.allowed_origins.begin(), opt.allowed_origins.end(), origin) ==
-                               opt.allowed_origins.end()) {
+    const auto host_header = req.header("host");
+    const std::string scheme = tls ? "https://" : "http://";
+    const bool same_origin = !host_header.empty() && origin == scheme + host_header;
+    if (!origin.empty() && !same_origin &&
+        std::find(opt.allowed_origins.begin(), opt.allowed_origins.end(), origin) == opt.allowed_origins.end()) {
         return http_error(res, 403, "forbidden_origin", "requests from web pages of origin " + origin +
                                                             " are refused", "Origin");
+    }
+    if (!origin.empty() && !same_origin) {
+        // an origin of api.allowed_origins: its page may read the answer (simple requests:
+        // EventSource, GET; there is no preflight, so no custom headers from such pages)
+        res.headers.emplace_back("Access-Control-Allow-Origin", origin);
+        res.headers.emplace_back("Vary", "Origin");
     }
     if (loopback) {
         const auto host = host_only(req.header("host"));

@@ -25,10 +25,40 @@ struct http_request {
     std::string body;
     std::string request_id;
     std::vector<std::string> matches;  // the route's capture groups
+    bool websocket_upgrade = false;    // a valid WebSocket upgrade request (GET, Upgrade: websocket)
 
     std::string header(const std::string& lower_name) const;
     bool has_param(const std::string& name) const;
     std::string param(const std::string& name) const;  // percent-decoded query parameter
+};
+
+// A live connection: a Server-Sent Events stream or a WebSocket (docs/STREAMS.md). Thread-safe.
+class live_conn {
+public:
+    virtual ~live_conn() = default;
+    // Queues `data` for the client (an SSE chunk, or one WebSocket message, text or binary).
+    // False once the connection is closed: the caller forgets it.
+    virtual bool send(std::string data, bool binary = false) {
+        return send(std::make_shared<const std::string>(std::move(data)), binary);
+    }
+    // The same bytes for many connections (an event rendered once): queued without a copy.
+    virtual bool send(std::shared_ptr<const std::string> data, bool binary) = 0;
+    // Closes it (WebSocket: with this close code and reason).
+    virtual void close(int code = 1000, const std::string& reason = {}) = 0;
+    // Bytes queued and not written yet: what a slow client has not taken.
+    virtual std::size_t queued_bytes() const = 0;
+    virtual bool websocket() const = 0;
+};
+
+// Set by a handler to turn its answer into a live stream. For a WebSocket upgrade request the
+// server completes the handshake; otherwise it answers 200 text/event-stream and keeps the
+// connection. `open` runs once the stream is established, `message` for each WebSocket message
+// received, `closed` once when it ends (client gone, error, close()).
+struct live_handlers {
+    std::function<void(std::shared_ptr<live_conn>)> open;
+    std::function<void(const std::string& data, bool binary)> message;
+    std::function<void()> closed;
+    std::size_t max_message_bytes = 64 * 1024;  // a larger WebSocket message closes with 1009
 };
 
 struct http_response {
@@ -36,6 +66,7 @@ struct http_response {
     std::string content_type = "text/plain";
     std::string body;
     std::vector<std::pair<std::string, std::string>> headers;
+    std::shared_ptr<live_handlers> live;  // set: the answer is a live stream (SSE or WebSocket)
 
     void json(int code, std::string text) {
         status = code;

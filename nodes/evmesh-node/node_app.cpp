@@ -1,7 +1,9 @@
 #include "node_app.hpp"
 #include "api.hpp"
+#include "streams.hpp"
 #include "cloudevents_http.hpp"
 #include "http_server.hpp"
+#include "dashboard_html.hpp"  // generated from evmesh-node/dashboard/index.html
 
 #ifdef EVMESH_HAVE_SYSTEMD
 #include <systemd/sd-daemon.h>
@@ -538,6 +540,9 @@ int node_app::start() {
                 res.body += render_channel_metrics(nd->name(), chs->stats());
             }
             res.body += api_->metrics(nd->name());
+            if (streams_) {
+                res.body += streams_->metrics(nd->name());
+            }
             res.content_type = "text/plain; version=0.0.4";
         });
         // Channel administration (docs/CHANNELS.md). The endpoint binds loopback by default and
@@ -642,6 +647,48 @@ int node_app::start() {
         ap->routes(srv, [this](std::vector<ce_event>& events, const std::string& key, http_response& res) {
             ingest_->publish(events, key, res);
         });
+        srv.route("GET", "/v1/node", ap->guard([this, nd](const http_request&, http_response& res, const principal& who) {
+            res.json(200, nlohmann::json({{"id", nd->id()},
+                                          {"name", nd->name()},
+                                          {"mesh", cfg_.node.mesh},
+                                          {"version", EVMESH_NODE_VERSION},
+                                          {"streams", cfg_.api.streams},
+                                          {"registry", !cfg_.api.database.empty()},
+                                          {"admin", who.admin()}})
+                              .dump());
+        }));
+        if (cfg_.api.streams && cfg_.api.dashboard) {
+            // The dashboard (docs/DASHBOARD.md): one page built into the binary; it asks for a
+            // key itself, so loading it needs none (it holds no data).
+            srv.route("GET", "/", [](const http_request&, http_response& res) {
+                res.status = 200;
+                res.body = dashboard_html;
+                res.content_type = "text/html; charset=utf-8";
+                res.headers.emplace_back("Content-Security-Policy",
+                                         "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                         "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'");
+                res.headers.emplace_back("Cache-Control", "no-cache");
+            });
+        }
+        if (cfg_.api.streams) {
+            stream_options so;
+            so.resume_events = cfg_.api.stream_resume_events;
+            so.queue_bytes = cfg_.api.stream_queue_bytes;
+            so.disconnect_slow = cfg_.api.stream_slow == "disconnect";
+            so.max_connections = cfg_.api.stream_max_connections;
+            streams_ = std::make_unique<stream_hub>(*nd, so);
+            auto* hub = streams_.get();
+            // EventSource and WebSocket in a browser cannot set Authorization: ?access_token= too
+            srv.route("GET", "/v1/stream", ap->guard([hub](const http_request& req, http_response& res, const principal& who) {
+                hub->sse(req, res, who);
+            }, true));
+            srv.route("GET", "/v1/ws", ap->guard([hub](const http_request& req, http_response& res, const principal& who) {
+                hub->ws(req, res, who);
+            }, true));
+            srv.route("GET", "/v1/streams", ap->guard([hub](const http_request& req, http_response& res, const principal& who) {
+                hub->list(req, res, who);
+            }));
+        }
         http_options o;
         (void)split_http_address(cfg_.http_address, o.host, o.port);  // validated with the config
         o.cert_file = cfg_.http_cert_file;
@@ -729,6 +776,9 @@ void node_app::stop() {
         // stops intake and deliveries; the object stays until the admin endpoints are gone
         chs->stop(std::chrono::milliseconds(cfg_.drain_ms / 2));
     }
+    if (streams_) {
+        streams_->stop();  // closes every stream (1001 going away)
+    }
     if (api_) {
         api_->stop();  // stores what its subscriptions took; deliveries in flight resume at the next start
     }
@@ -739,6 +789,7 @@ void node_app::stop() {
         http_->server.stop();
         http_.reset();
     }
+    streams_.reset();
     api_.reset();
     {
         std::lock_guard lk(channels_m_);

@@ -1367,12 +1367,16 @@ struct registry::impl {
         std::lock_guard lk(store.m);
         auto e = find_endpoint(p, req.matches[0], req.matches[1]);
         auto out = endpoint_json(*e);
-        sql::statement s(store.db, "SELECT status, COUNT(*) FROM deliveries WHERE endpoint_id = ? GROUP BY status");
+        sql::statement s(store.db,
+                         "SELECT status, COUNT(*), SUM(attempts > 0) FROM deliveries WHERE endpoint_id = ? GROUP BY status");
         s.bind(1, e->id);
-        json st = {{"pending", 0}, {"delivered", 0}, {"dead", 0}, {"in_flight", e->in_flight}};
+        json st = {{"pending", 0}, {"retrying", 0}, {"delivered", 0}, {"dead", 0}, {"in_flight", e->in_flight}};
         while (s.step()) {
             const char* k = s.i64(0) == st_pending ? "pending" : s.i64(0) == st_delivered ? "delivered" : "dead";
             st[k] = s.i64(1);
+            if (s.i64(0) == st_pending) {
+                st["retrying"] = s.i64(2);  // pending after at least one failed attempt
+            }
         }
         out["stats"] = st;
         res.json(200, out.dump());
