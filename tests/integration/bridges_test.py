@@ -45,6 +45,7 @@ class NatsClient:
 
     def __init__(self, port, timeout=10.0):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # request/reply: no Nagle delay
         self.buf = b""
         self.sid = 0
         self._line()  # INFO
@@ -105,13 +106,13 @@ class NatsClient:
                 raise AssertionError(line)
 
     def request(self, subject, payload=b""):
-        inbox = f"_INBOX.{uuid.uuid4().hex}"
-        sid = self.subscribe(inbox)
-        self.sock.sendall(f"PUB {subject} {inbox} {len(payload)}\r\n".encode() + payload + b"\r\n")
+        if not hasattr(self, "inbox"):
+            self.inbox = f"_INBOX.{uuid.uuid4().hex}"
+            self.subscribe(self.inbox)
+        self.sock.sendall(f"PUB {subject} {self.inbox} {len(payload)}\r\n".encode() + payload + b"\r\n")
         msg = self.next()
         while msg is None:
             msg = self.next()
-        self.sock.sendall(f"UNSUB {sid}\r\n".encode())
         return json.loads(msg["data"]) if msg["data"] else msg
 
     def close(self):
@@ -324,32 +325,232 @@ class MqttTest(BridgeTestCase):
         self.assertEqual(set(seen), set(ids))
 
 
+def nats_stream_messages(client, stream):
+    """Every message of a JetStream stream, through the JetStream API (STREAM.INFO, MSG.GET)."""
+    info = client.request(f"$JS.API.STREAM.INFO.{stream}")
+    out = []
+    for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
+        m = client.request(f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": seq}).encode())["message"]
+        out.append({"subject": m["subject"], "data": base64.b64decode(m.get("data", "")),
+                    "headers": parse_nats_headers(base64.b64decode(m["hdrs"])) if m.get("hdrs") else {}})
+    return out
+
+
+class NatsTest(BridgeTestCase):
+    def check_headers(self, h):
+        self.assertEqual(h["ce-specversion"], "1.0")
+        self.assertEqual(h["ce-source"], "it/bridges")
+        self.assertEqual(h["ce-type"], "orders.eu.created")
+        self.assertEqual(h["ce-tenant"], "acme")
+        self.assertEqual(h["content-type"], "application/json")
+        self.assertIn("ce-time", h)
+
+    def test_core_publish_every_event_with_headers(self):
+        n = self.broker(Nats(self.btmp))
+        sub = NatsClient(n.port)
+        self.addCleanup(sub.close)
+        sub.subscribe("evm.>")
+        sub.flush()
+        node = self.node_with([bridge("nc", "nats", {"url": n.url, "subject": "evm.{topic.1}.{data.customer.id}"})])
+        pub = self.publisher(node)
+        ids = self.publish(pub, 300)
+        got = []
+        while len(got) < 300:
+            m = sub.next()
+            if m is not None:
+                got.append(m)
+        for m in got:
+            self.check_headers(m["headers"])
+            self.assertEqual(m["subject"], f"evm.eu.{json.loads(m['data'])['customer']['id']}")
+        self.assert_exactly([m["headers"]["ce-id"] for m in got], ids)
+        self.delivered(node, "nc", 300)
+
+    def test_jetstream_acked_and_survives_a_server_sigkill(self):
+        n = self.broker(Nats(self.btmp, jetstream=True))
+        admin = NatsClient(n.port)
+        created = admin.request("$JS.API.STREAM.CREATE.EVM", json.dumps(
+            {"name": "EVM", "subjects": ["js.>"], "storage": "file", "duplicate_window": 120_000_000_000}).encode())
+        self.assertNotIn("error", created, created)
+        admin.close()
+        node = self.node_with([bridge("js", "nats", {"url": n.url, "subject": "js.{topic}", "jetstream": True,
+                                                     "stream": "EVM", "timeout_ms": 2000}, concurrency=16)])
+        pub = self.publisher(node)
+        total = 2000
+        ids = self.publish(pub, total)
+        self.assertTrue(wait_for(lambda: channels(node)["js"]["delivered"] >= total * 0.3, timeout=30, step=0.005))
+        n.kill()
+        at_kill = channels(node)["js"]["delivered"]
+        time.sleep(1.0)
+        n.start()
+        self.delivered(node, "js", total, timeout=60)
+        client = NatsClient(n.port)
+        self.addCleanup(client.close)
+        msgs = nats_stream_messages(client, "EVM")
+        seen = [m["headers"]["ce-id"] for m in msgs]
+        dups = len(seen) - len(set(seen))
+        st = channels(node)["js"]
+        print(f"nats jetstream crash: {total} events, killed at {at_kill} delivered, {len(seen)} stored, "
+              f"{dups} duplicates (Nats-Msg-Id de-duplication), {st['retried']} retried")
+        self.assertEqual(set(seen), set(ids))
+        for m in msgs[:50]:
+            self.check_headers(m["headers"])
+            self.assertEqual(m["headers"]["Nats-Msg-Id"], m["headers"]["ce-id"])
+            self.assertEqual(m["subject"], "js.orders.eu.created")
+
+    def test_jetstream_without_a_stream_is_retried(self):
+        n = self.broker(Nats(self.btmp, jetstream=True))
+        node = self.node_with([bridge("js", "nats", {"url": n.url, "subject": "nostream.{topic}", "jetstream": True,
+                                                     "timeout_ms": 500})])
+        pub = self.publisher(node)
+        self.publish(pub, 5)
+        self.assertTrue(wait_for(lambda: channels(node)["js"]["retried"] >= 5, timeout=15), channels(node))
+        self.assertEqual(channels(node)["js"]["delivered"], 0)
+        log = json.loads(node.http("/channels/js/log?limit=1"))[0]
+        self.assertEqual(log["outcome"], "retry")
+        self.assertIn("No responders", log["detail"])
+
+
+class KafkaTest(BridgeTestCase):
+    def test_idempotent_producer_with_cloudevents_headers_and_keys(self):
+        k = self.broker(KafkaMock(self.btmp, topics=["evm.orders"]))
+        node = self.node_with([bridge("kf", "kafka", {"brokers": k.bootstrap, "topic": "evm.{topic.0}",
+                                                      "key": "{data.customer.id}"}, concurrency=32)])
+        pub = self.publisher(node)
+        ids = self.publish(pub, 500)
+        self.delivered(node, "kf", 500)
+        recs = k.consume("evm.orders", 500)
+        partition_of_key = {}
+        for rec in recs:
+            h = rec["headers"]
+            self.assertEqual(h["ce_specversion"], "1.0")
+            self.assertEqual(h["ce_source"], "it/bridges")
+            self.assertEqual(h["ce_type"], "orders.eu.created")
+            self.assertEqual(h["ce_tenant"], "acme")
+            self.assertEqual(h["content-type"], "application/json")
+            self.assertIn("ce_time", h)
+            self.assertEqual(rec["key"], json.loads(rec["value"])["customer"]["id"])
+            # one key, one partition: the order of one key's records is kept
+            self.assertEqual(partition_of_key.setdefault(rec["key"], rec["partition"]), rec["partition"])
+        self.assert_exactly([r["headers"]["ce_id"] for r in recs], ids)
+        st = channels(node)["kf"]
+        self.assertEqual((st["delivered"], st["retried"], st["pending"]), (500, 0, 0))
+
+
+class AmqpTest(BridgeTestCase):
+    def test_publisher_confirms_routing_and_failures(self):
+        rb = self.broker(Rabbit(self.btmp))
+        conn, ch = rb.channel()
+        self.addCleanup(lambda: conn.is_open and conn.close())
+        ch.exchange_declare("evm", exchange_type="topic", durable=True)
+        ch.queue_declare("orders", durable=True)
+        ch.queue_bind("orders", "evm", routing_key="orders.#")
+        node = self.node_with([
+            bridge("am", "amqp", {"url": rb.url, "exchange": "evm", "routing_key": "{topic}.{data.customer.id}"},
+                   concurrency=8),
+            bridge("unroutable", "amqp", {"url": rb.url, "exchange": "evm", "routing_key": "nowhere.{id}"},
+                   topics=["orders.eu.x"], breaker={"failures": 0}),
+            bridge("noexchange", "amqp", {"url": rb.url, "exchange": "missing-{topic.0}"},
+                   topics=["orders.eu.x"], breaker={"failures": 0})])
+        pub = self.publisher(node)
+        ids = self.publish(pub, 300)
+        self.publish(pub, 2, topic="orders.eu.x")
+        self.delivered(node, "am", 302)
+        got = []
+        while True:
+            method, props, body = ch.basic_get("orders", auto_ack=True)
+            if method is None:
+                break
+            got.append((method, props, body))
+        main_lane = [g for g in got if g[1].type == "orders.eu.created"]
+        for method, props, body in main_lane:
+            h = props.headers
+            self.assertEqual(h["cloudEvents_specversion"], "1.0")
+            self.assertEqual(h["cloudEvents_source"], "it/bridges")
+            self.assertEqual(h["cloudEvents_type"], "orders.eu.created")
+            self.assertEqual(h["cloudEvents_tenant"], "acme")
+            self.assertEqual(props.message_id, h["cloudEvents_id"])
+            self.assertEqual(props.content_type, "application/json")
+            self.assertEqual(props.delivery_mode, 2)
+            self.assertEqual(method.routing_key, f"orders.eu.created.{json.loads(body)['customer']['id']}")
+        self.assert_exactly([g[1].message_id for g in main_lane], ids)
+        # unroutable (mandatory, basic.return) and a missing exchange (channel closed 404): retried
+        self.assertTrue(wait_for(lambda: channels(node)["unroutable"]["retried"] >= 2 and
+                                 channels(node)["noexchange"]["retried"] >= 2, timeout=15), channels(node))
+        for name, code, text in (("unroutable", 312, "NO_ROUTE"), ("noexchange", 404, "NOT_FOUND")):
+            st = channels(node)[name]
+            self.assertEqual(st["delivered"], 0)
+            log = json.loads(node.http(f"/channels/{name}/log?limit=1"))[0]
+            self.assertEqual((log["outcome"], log["code"]), ("retry", code), log)
+            self.assertIn(text, log["detail"])
+        conn.close()
+
+
+    def test_rabbitmq_sigkill_mid_stream_loses_nothing(self):
+        rb = self.broker(Rabbit(self.btmp))
+        conn, ch = rb.channel()
+        ch.queue_declare("crash", durable=True)  # the default exchange routes by queue name
+        conn.close()
+        node = self.node_with([bridge("am", "amqp", {"url": rb.url, "routing_key": "crash", "timeout_ms": 2000},
+                                      concurrency=16)])
+        pub = self.publisher(node)
+        total = 2000
+        ids = self.publish(pub, total)
+        self.assertTrue(wait_for(lambda: channels(node)["am"]["delivered"] >= total * 0.3, timeout=30, step=0.005))
+        rb.kill()
+        at_kill = channels(node)["am"]["delivered"]
+        time.sleep(1.0)
+        rb.start()
+        self.delivered(node, "am", total, timeout=90)
+        conn, ch = rb.channel()
+        seen = []
+        while True:
+            method, props, _ = ch.basic_get("crash", auto_ack=True)
+            if method is None:
+                break
+            seen.append(props.message_id)
+        conn.close()
+        dups = len(seen) - len(set(seen))
+        print(f"rabbitmq crash: {total} events, killed at {at_kill} delivered, {len(seen)} in the queue, "
+              f"{dups} duplicates, {channels(node)['am']['retried']} retried")
+        self.assertEqual(set(seen), set(ids))
+
+
 class DownTest(BridgeTestCase):
     def test_broker_down_retries_then_delivers(self):
         r = self.broker(Redis(self.btmp), start=False)
         m = self.broker(Mosquitto(self.btmp), start=False)
+        n = self.broker(Nats(self.btmp), start=False)
+        dead = free_port()
         node = self.node_with([bridge("rs", "redis", {"url": r.url, "stream": "s", "timeout_ms": 500}),
-                               bridge("mq", "mqtt", {"url": m.url, "timeout_ms": 500})])
+                               bridge("mq", "mqtt", {"url": m.url, "timeout_ms": 500}),
+                               bridge("nc", "nats", {"url": n.url, "timeout_ms": 500}),
+                               bridge("am", "amqp", {"url": f"amqp://127.0.0.1:{dead}", "timeout_ms": 500}),
+                               bridge("kf", "kafka", {"brokers": f"127.0.0.1:{dead}", "topic": "t",
+                                                      "timeout_ms": 1000})])
         pub = self.publisher(node)
         ids = self.publish(pub, 50)
-        names = ("rs", "mq")
+        names = ("rs", "mq", "nc", "am", "kf")
         self.assertTrue(wait_for(lambda: all(channels(node)[n]["retried"] > 0 for n in names), timeout=15),
                         channels(node))
         st = channels(node)
-        for n in names:
-            self.assertEqual(st[n]["delivered"], 0)
-            self.assertEqual(st[n]["pending"], 50, st[n])
-            self.assertEqual(st[n]["dead"], 0)
-            self.assertEqual(node.metric("evmesh_channel_pending", channel=n), 50)
-            self.assertGreater(node.metric("evmesh_channel_retried_total", channel=n), 0)
-            log = json.loads(node.http(f"/channels/{n}/log?limit=1"))
+        for name in names:
+            self.assertEqual(st[name]["delivered"], 0)
+            self.assertEqual(st[name]["pending"], 50, st[name])
+            self.assertEqual(st[name]["dead"], 0)
+            self.assertEqual(node.metric("evmesh_channel_pending", channel=name), 50)
+            self.assertGreater(node.metric("evmesh_channel_retried_total", channel=name), 0)
+            log = json.loads(node.http(f"/channels/{name}/log?limit=1"))
             self.assertEqual(log[0]["outcome"], "retry", log)
         self.assertIn("connect", json.loads(node.http("/channels/rs/log?limit=1"))[0]["detail"])
         self.assertIn("not connected", json.loads(node.http("/channels/mq/log?limit=1"))[0]["detail"])
+        self.assertIn("not connected", json.loads(node.http("/channels/nc/log?limit=1"))[0]["detail"])
+        self.assertIn("connect", json.loads(node.http("/channels/am/log?limit=1"))[0]["detail"])
+        self.assertIn("timed out", json.loads(node.http("/channels/kf/log?limit=1"))[0]["detail"])
         r.start()
         m.start()
-        for n in names:
-            self.delivered(node, n, 50, timeout=30)
+        n.start()
+        for name in ("rs", "mq", "nc"):
+            self.delivered(node, name, 50, timeout=30)
         self.assertEqual(len({f[b"id"] for _, f in r.client().xrange("s")}), 50)
         self.assertEqual(channels(node)["mq"]["pending"], 0)
         self.assertTrue(ids)
@@ -375,6 +576,22 @@ class ConfigTest(BridgeTestCase):
             ("mqtt", {"url": "mqtt://127.0.0.1:1", "topic": "a/#"}, "mqtt: settings.topic must not contain the wildcards"),
             ("mqtt", {"url": "mqtt://127.0.0.1:1", "qos": 0}, "mqtt: settings.qos must be between 1 and 2"),
             ("mqtt", {"url": "mqtt://127.0.0.1:1", "mode": "x"}, "mqtt: settings.mode must be one of"),
+            ("nats", {}, "nats: settings.url is required"),
+            ("nats", {"url": "nats://127.0.0.1:1", "subject": "a.*"}, "nats: settings.subject must not contain wildcards"),
+            ("nats", {"url": "nats://127.0.0.1:1", "subject": "{data.}"}, "nats: settings.subject has an empty key"),
+            ("nats", {"url": "nats://127.0.0.1:1", "stream": "S"}, "nats: settings.stream needs jetstream = true"),
+            ("amqp", {}, "amqp: settings.url is required"),
+            ("amqp", {"url": "http://x"}, "amqp: settings.url must be amqp://"),
+            ("amqp", {"url": "amqp://127.0.0.1:1", "routing_key": "}"}, "amqp: settings.routing_key has a lone '}'"),
+            ("amqp", {"url": "amqp://127.0.0.1:1", "exchange_type": "topic"}, "amqp: unknown setting settings.exchange_type"),
+            ("kafka", {"topic": "t"}, "kafka: settings.brokers is required"),
+            ("kafka", {"brokers": "127.0.0.1:1"}, "kafka: settings.topic is required"),
+            ("kafka", {"brokers": "127.0.0.1:1", "topic": "a b"}, "kafka: settings.topic may only contain"),
+            ("kafka", {"brokers": "127.0.0.1:1", "topic": "t", "key": "{nope}"}, "kafka: settings.key has an unknown field"),
+            ("kafka", {"brokers": "127.0.0.1:1", "topic": "t", "properties": {"acks": "many"}},
+             "kafka: settings.properties.acks is refused by librdkafka"),
+            ("kafka", {"brokers": "127.0.0.1:1", "topic": "t", "properties": {"enable.idempotence": "false"}},
+             "kafka: settings.properties.enable.idempotence must stay true"),
         ]
         for plugin, settings, needle in cases:
             rc, err = self.run_node(plugin, settings)

@@ -207,7 +207,7 @@ class Rabbit(Broker):
 
     @property
     def url(self):
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        return f"amqp://guest:guest@127.0.0.1:{self.port}"
 
     def channel(self):
         import pika
@@ -228,8 +228,8 @@ class KafkaMock(Broker):
 
     def start(self):
         argv = [KAFKA_MOCK, "serve"] + [a for t in self.topics for a in ("--topic", t)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(self.log_path, "a"),
-                                     start_new_session=True)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         line = read_line(self.proc, 15).decode()
         if not line.startswith("BOOTSTRAP "):
             self.stop()
