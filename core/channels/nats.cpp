@@ -50,7 +50,7 @@ public:
     explicit nats_bridge(const evmesh_host& host) : log_(host) {
         settings s(plugin_name, host.settings_json);
         url_ = s.required_string("url");
-        if (!parse_url(url_, {"nats", "tls"}, 4222)) s.fail("url", "must be nats://[user:password@]host[:port]");
+        if (!parse_url(url_, {"nats"}, 4222)) s.fail("url", "must be nats://[user:password@]host[:port] (TLS is not supported yet)");
         subject_ = template_setting(s, "subject", "{topic}");
         std::string literal = subject_.literal_text();
         if (literal.find_first_of("*> \t\r\n") != std::string::npos)

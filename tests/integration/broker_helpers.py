@@ -17,7 +17,7 @@ import pwd
 import signal
 import socket
 import subprocess
-import time
+import uuid
 
 from evmesh_testlib import BUILD, free_port, read_line, wait_for
 
@@ -256,6 +256,96 @@ class KafkaMock(Broker):
         if p.returncode != 0:
             raise AssertionError(f"kafka consume failed: {p.stderr}")
         return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+
+class NatsClient:
+    """A minimal NATS protocol client (https://docs.nats.io/reference/reference-protocols/nats-protocol)
+    on a raw socket: subscribe, request/reply (for the JetStream API), message headers."""
+
+    def __init__(self, port, timeout=10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # request/reply: no Nagle delay
+        self.buf = b""
+        self.sid = 0
+        self._line()  # INFO
+        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\nPING\r\n')
+        while self._line() != b"PONG":
+            pass
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("nats closed the connection")
+        self.buf += chunk
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _take(self, n):
+        while len(self.buf) < n + 2:
+            self._fill()
+        data, self.buf = self.buf[:n], self.buf[n + 2:]
+        return data
+
+    def subscribe(self, subject):
+        self.sid += 1
+        self.sock.sendall(f"SUB {subject} {self.sid}\r\n".encode())
+        return self.sid
+
+    def flush(self):
+        self.sock.sendall(b"PING\r\n")
+        while True:
+            m = self.next()
+            if m is None:
+                return
+
+    def next(self):
+        """The next message as dict(subject, headers, data), or None for a PONG."""
+        while True:
+            line = self._line()
+            if line == b"PING":
+                self.sock.sendall(b"PONG\r\n")
+                continue
+            if line == b"PONG":
+                return None
+            parts = line.split()
+            if parts[0] == b"MSG":
+                n = int(parts[-1])
+                return {"subject": parts[1].decode(), "headers": {}, "data": self._take(n)}
+            if parts[0] == b"HMSG":
+                hlen, total = int(parts[-2]), int(parts[-1])
+                raw = self._take(total)
+                return {"subject": parts[1].decode(), "headers": parse_nats_headers(raw[:hlen]), "data": raw[hlen:]}
+            if parts[0] in (b"+OK",):
+                continue
+            if parts[0] == b"-ERR":
+                raise AssertionError(line)
+
+    def request(self, subject, payload=b""):
+        if not hasattr(self, "inbox"):
+            self.inbox = f"_INBOX.{uuid.uuid4().hex}"
+            self.subscribe(self.inbox)
+        self.sock.sendall(f"PUB {subject} {self.inbox} {len(payload)}\r\n".encode() + payload + b"\r\n")
+        msg = self.next()
+        while msg is None:
+            msg = self.next()
+        return json.loads(msg["data"]) if msg["data"] else msg
+
+    def close(self):
+        self.sock.close()
+
+
+def parse_nats_headers(raw):
+    lines = raw.decode().split("\r\n")
+    out = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            out[k.strip()] = v.strip()
+    return out
 
 
 def stop_all(brokers):
