@@ -64,7 +64,7 @@ public:
             has_key_ = true;
         }
         timeout_ms_ = s.duration_ms_or("timeout_ms", 30000);
-        linger_ms_ = s.integer_or("linger_ms", 5, 0, 900000);
+        linger_ms_ = s.integer_or("linger_ms", 1, 0, 900000);
         properties_ = s.string_table("properties");
         for (const auto& [k, v] : properties_) {
             if (k == "enable.idempotence" && v != "true")
@@ -248,7 +248,7 @@ private:
     name_template key_;
     bool has_key_ = false;
     int64_t timeout_ms_ = 30000;
-    int64_t linger_ms_ = 5;
+    int64_t linger_ms_ = 1;
     std::vector<std::pair<std::string, std::string>> properties_;
     body_mode mode_ = body_mode::binary;
 

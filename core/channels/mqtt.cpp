@@ -217,7 +217,7 @@ private:
                 if (stop_cv_.wait_for(lock, std::chrono::milliseconds(backoff_ms), [this] { return stop_; })) return;
             }
             backoff_ms = std::min<int64_t>(backoff_ms * 2, 5000);
-            rc = mosquitto_reconnect(mosq_);
+            rc = mosquitto_reconnect_async(mosq_);  // non-blocking: a stop never waits for a TCP connect timeout
             if (rc != MOSQ_ERR_SUCCESS) {
                 std::lock_guard lock(mutex_);
                 last_error_ = std::string("connect: ") + mosquitto_strerror(rc);

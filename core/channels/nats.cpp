@@ -1,7 +1,8 @@
 // The "nats" bridge (libnats): core NATS publish, delivered = a flush (PING/PONG) after it
-// returned, i.e. the server has read the message; or, with jetstream = true, a JetStream publish,
-// delivered = the stream's PubAck (stored). JetStream publishes carry Nats-Msg-Id = the event id,
-// so the stream drops a re-sent copy within its duplicate window (2 minutes by default).
+// returned, i.e. the server has read the message (one flush serves every worker waiting); or,
+// with jetstream = true, a JetStream publish, delivered = the stream's PubAck (stored). JetStream
+// publishes carry Nats-Msg-Id = the event id, so the stream drops a re-sent copy within its
+// duplicate window (2 minutes by default).
 // The CloudEvents attributes travel as ce-<name> message headers (NATS 2.2+).
 //
 // One connection per channel instance (libnats connections are thread-safe); libnats reconnects
@@ -120,13 +121,45 @@ private:
         return st == NATS_MAX_PAYLOAD ? EVMESH_FAIL : EVMESH_RETRY;
     }
 
+    // Core NATS: one flush proves that the server has read everything published on the
+    // connection before it (the PONG answers a PING sent after those messages). So workers do not
+    // flush one by one: each takes a number after its publish, one of them flushes for everyone
+    // numbered so far, and the others wait for a flush that covers their number.
     evmesh_status publish_core(natsMsg* msg, evmesh_result& r) {
         natsStatus st = natsConnection_PublishMsg(nc_, msg);
         if (st != NATS_OK) return status_error(r, "publish", st);
-        // the PONG to a PING sent after our message proves the server has read it
-        st = natsConnection_FlushTimeout(nc_, timeout_ms_);
-        if (st != NATS_OK) return status_error(r, "flush", st);
-        return EVMESH_DELIVERED;
+        std::unique_lock lock(flush_mutex_);
+        uint64_t mine = ++published_;
+        auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms_);
+        while (true) {
+            // a failed flush covering this message: the connection may have lost it
+            if (mine <= failed_through_) {
+                set_detail(&r, "flush: %s", natsStatus_GetText(failed_status_));
+                r.code = static_cast<int32_t>(failed_status_);
+                return EVMESH_RETRY;
+            }
+            if (mine <= flushed_) return EVMESH_DELIVERED;
+            if (!flushing_) {
+                flushing_ = true;
+                uint64_t target = published_;
+                lock.unlock();
+                st = natsConnection_FlushTimeout(nc_, timeout_ms_);
+                lock.lock();
+                flushing_ = false;
+                if (st == NATS_OK)
+                    flushed_ = std::max(flushed_, target);
+                else {
+                    failed_through_ = std::max(failed_through_, target);
+                    failed_status_ = st;
+                }
+                flush_cv_.notify_all();
+                continue;
+            }
+            if (flush_cv_.wait_until(lock, deadline) == std::cv_status::timeout && mine > flushed_) {
+                set_detail(&r, "flush: no PONG within %lld ms", static_cast<long long>(timeout_ms_));
+                return EVMESH_RETRY;
+            }
+        }
     }
 
     evmesh_status publish_js(const evmesh_event& ev, natsMsg* msg, evmesh_result& r) {
@@ -198,6 +231,15 @@ private:
     body_mode mode_ = body_mode::binary;
     natsConnection* nc_ = nullptr;
     jsCtx* js_ = nullptr;
+
+    // the shared flush of core publishes (publish_core)
+    std::mutex flush_mutex_;
+    std::condition_variable flush_cv_;
+    uint64_t published_ = 0;       // publishes numbered so far
+    uint64_t flushed_ = 0;         // every publish up to this number is flushed
+    uint64_t failed_through_ = 0;  // a flush covering up to this number failed
+    natsStatus failed_status_ = NATS_OK;
+    bool flushing_ = false;
 };
 
 }  // namespace

@@ -463,6 +463,50 @@ class DownTest(BridgeTestCase):
         self.assertTrue(ids)
 
 
+class LifecycleTest(BridgeTestCase):
+    def dead_bridges(self):
+        dead = free_port()
+        return [bridge("rs", "redis", {"url": f"redis://127.0.0.1:{dead}", "timeout_ms": 500}),
+                bridge("mq", "mqtt", {"url": f"mqtt://127.0.0.1:{dead}", "timeout_ms": 500}),
+                bridge("nc", "nats", {"url": f"nats://127.0.0.1:{dead}", "timeout_ms": 500, "jetstream": True}),
+                bridge("am", "amqp", {"url": f"amqp://127.0.0.1:{dead}", "timeout_ms": 500}),
+                bridge("kf", "kafka", {"brokers": f"127.0.0.1:{dead}", "topic": "t", "timeout_ms": 1000})]
+
+    def test_check_config_and_sigterm_with_every_broker_down(self):
+        # --check-config runs each plugin's create and destroy: no broker needed, no hang
+        cfg = channel_config(self.tmp, self.dead_bridges())
+        t0 = time.monotonic()
+        p = subprocess.run([NODE, "--check-config", cfg], capture_output=True, text=True, timeout=30)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertLess(time.monotonic() - t0, 10)
+        node = self.node_with(self.dead_bridges())
+        pub = self.publisher(node)
+        self.publish(pub, 10)
+        self.assertTrue(wait_for(lambda: all(c["retried"] > 0 for c in channels(node).values()), timeout=15),
+                        channels(node))
+        # a stop while every bridge is reconnecting ends promptly, and nothing is lost
+        t0 = time.monotonic()
+        node.proc.terminate()
+        self.assertEqual(node.proc.wait(timeout=20), 0, node.log()[-2000:])
+        self.assertLess(time.monotonic() - t0, 10)
+        node = self.node_with(self.dead_bridges())
+        self.assertTrue(all(c["pending"] == 10 for c in channels(node).values()), channels(node))
+
+    def test_a_destination_no_retry_can_fix_is_dead_lettered_at_once(self):
+        r = self.broker(Redis(self.btmp))
+        node = self.node_with([bridge("rs", "redis", {"url": r.url, "stream": "{header.nope}"}),
+                               bridge("mq", "mqtt", {"url": "mqtt://127.0.0.1:1", "topic": "{header.nope}"})])
+        pub = self.publisher(node)
+        self.publish(pub, 3)
+        # checked before anything is sent: the mqtt broker need not even be up
+        self.assertTrue(wait_for(lambda: channels(node)["rs"]["dead"] == 3 and channels(node)["mq"]["dead"] == 3,
+                                 timeout=10), channels(node))
+        dead = json.loads(node.http("/channels/rs/dead?limit=10"))
+        self.assertEqual([d["attempts"] for d in dead], [1, 1, 1])
+        self.assertIn("expanded to an empty key", dead[0]["last_detail"])
+        self.assertEqual(r.client().dbsize(), 0)
+
+
 class ConfigTest(BridgeTestCase):
     def run_node(self, plugin, settings):
         path = channel_config(self.tmp, [{"name": "b", "plugin": plugin, "topics": ["x.>"], "settings": settings}])
