@@ -41,6 +41,19 @@ void mqtt_escape(std::string& out, std::string_view v) {
     for (char c : v) out += (c == '+' || c == '#' || c == '\0') ? '_' : c;
 }
 
+// MQTT 5 strings are UTF-8, and libmosquitto refuses control characters (C0, DEL, C1) in them.
+// A value that is not such a string (an event source or header with other bytes) is sent with
+// those bytes as '?' (CR, LF, TAB as ' ') rather than making the event undeliverable.
+std::string mqtt_string(std::string_view v) {
+    bool ok = valid_utf8(v.data(), v.size());
+    for (size_t i = 0; ok && i < v.size(); ++i) {
+        auto c = static_cast<unsigned char>(v[i]);
+        if (c < 0x20 || c == 0x7f) ok = false;
+        if (c == 0xC2 && i + 1 < v.size() && static_cast<unsigned char>(v[i + 1]) <= 0x9F) ok = false;  // C1
+    }
+    return ok ? std::string(v) : printable(v, v.size());
+}
+
 class mqtt_bridge {
 public:
     static constexpr const char* plugin_name = "mqtt";
@@ -115,11 +128,19 @@ public:
         }
         message_body body = make_body(ev, mode_);
         property_list props;
+        int prc = MOSQ_ERR_SUCCESS;
         if (!body.content_type.empty())
-            mosquitto_property_add_string(&props.head, MQTT_PROP_CONTENT_TYPE, body.content_type.c_str());
+            prc = mosquitto_property_add_string(&props.head, MQTT_PROP_CONTENT_TYPE,
+                                                mqtt_string(body.content_type).c_str());
         if (mode_ == body_mode::binary)
             for (const auto& [k, v] : ce_attributes(ev))
-                mosquitto_property_add_string_pair(&props.head, MQTT_PROP_USER_PROPERTY, k.c_str(), v.c_str());
+                if (prc == MOSQ_ERR_SUCCESS)
+                    prc = mosquitto_property_add_string_pair(&props.head, MQTT_PROP_USER_PROPERTY, k.c_str(),
+                                                             mqtt_string(v).c_str());
+        if (prc != MOSQ_ERR_SUCCESS) {  // an attribute silently missing would be worse than no message
+            set_detail(&r, "properties: %s", mosquitto_strerror(prc));
+            return prc == MOSQ_ERR_NOMEM ? EVMESH_RETRY : EVMESH_FAIL;
+        }
 
         std::unique_lock lock(mutex_);
         if (!connected_) {

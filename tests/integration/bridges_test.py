@@ -206,6 +206,21 @@ class MqttTest(BridgeTestCase):
         self.assert_exactly(by["q1"], ids)
         self.assert_exactly(by["q2"], ids)
 
+    def test_attribute_values_that_are_not_mqtt_strings(self):
+        m = self.broker(Mosquitto(self.btmp))
+        got = self.subscriber(m, "odd/#")
+        node = self.node_with([bridge("mq", "mqtt", {"url": m.url, "topic": "odd/{topic}"})])
+        pub = self.publisher(node)
+        eid = uuid.uuid4().bytes
+        body = msgpack.packb([1, eid, "it/bridges", time.time_ns(), 0, "text/plain",
+                              {"tenant": "a\tb\u0085c"}, b"x"], use_bin_type=True)
+        pub.sock.send_multipart([b"orders.odd", body])
+        self.delivered(node, "mq", 1)
+        self.assertTrue(wait_for(lambda: len(got()) == 1, timeout=10))
+        props = dict(got()[0].properties.UserProperty)
+        self.assertEqual(props["id"], str(uuid.UUID(bytes=eid)))
+        self.assertEqual(props["tenant"], "a b??c")  # TAB and the C1 control (2 bytes) replaced
+
     def test_mosquitto_sigkill_mid_stream_loses_nothing(self):
         m = self.broker(Mosquitto(self.btmp))
         # a persistent session: what the broker stored for it while it was down survives the crash
