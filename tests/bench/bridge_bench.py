@@ -15,12 +15,13 @@ The bridge waits for each event's acknowledgement before the worker takes the ne
 rate is about concurrency / round trip; the native clients pipeline. Every broker is started on
 free loopback ports in a temporary directory and killed at the end (also on failure).
 
-  bridge_bench.py [--quick] [--events N] [--size BYTES] [--concurrency C] [--only a,b]
+  bridge_bench.py [--quick] [--events N] [--size BYTES] [--concurrency C] [--only a,b] [--reps R]
 """
 import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,25 +184,37 @@ def main():
     ap.add_argument("--size", type=int, default=200, help="payload bytes")
     ap.add_argument("--concurrency", type=int, default=64, help="the channel's workers")
     ap.add_argument("--only", default="mqtt,redis,nats,jetstream,amqp,kafka")
+    ap.add_argument("--reps", type=int, default=1, help="runs of everything; the table shows medians")
     args = ap.parse_args()
     if args.quick:
         args.events = min(args.events, 1000)
-    bench = Bench(args)
-    rows = []
-    try:
-        for name in args.only.split(","):
-            t0 = time.perf_counter()
-            rate, native, client, retried = getattr(bench, name)()
-            rows.append((name, rate, native, client, retried))
-            print(f"# {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    finally:
-        bench.close()
-    print(f"bridge benchmark: {args.events} events of {len(bench.payload)} bytes, channel concurrency "
-          f"{args.concurrency}, {os.cpu_count()} cores")
+        args.reps = 1
+    names = args.only.split(",")
+    runs = {name: [] for name in names}
+    clients = {}
+    payload_len = 0
+    for rep in range(args.reps):
+        bench = Bench(args)  # fresh brokers, nodes and directories each run
+        payload_len = len(bench.payload)
+        try:
+            for name in names:
+                t0 = time.perf_counter()
+                rate, native, client, retried = getattr(bench, name)()
+                runs[name].append((rate, native, retried))
+                clients[name] = client
+                print(f"# run {rep + 1} {name}: {rate:,.0f} vs {native:,.0f} /s ({time.perf_counter() - t0:.1f} s)",
+                      file=sys.stderr, flush=True)
+        finally:
+            bench.close()
+    print(f"bridge benchmark: {args.events} events of {payload_len} bytes, channel concurrency "
+          f"{args.concurrency}, {os.cpu_count()} cores, median of {args.reps} run(s)")
     print(f"{'bridge':<10} {'evmesh events/s':>16} {'native msgs/s':>14} {'ratio':>6}  native client")
-    for name, rate, native, client, retried in rows:
+    for name in names:
+        rate = statistics.median(r[0] for r in runs[name])
+        native = statistics.median(r[1] for r in runs[name])
+        retried = sum(r[2] for r in runs[name])
         note = f" ({retried} retried)" if retried else ""
-        print(f"{name:<10} {rate:>16,.0f} {native:>14,.0f} {rate / native:>6.2f}  {client}{note}")
+        print(f"{name:<10} {rate:>16,.0f} {native:>14,.0f} {rate / native:>6.2f}  {clients[name]}{note}")
     return 0
 
 
