@@ -90,7 +90,6 @@ public:
         mosquitto_int_option(mosq_, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
         mosquitto_int_option(mosq_, MOSQ_OPT_SEND_MAXIMUM, max_inflight_);
         if (user) mosquitto_username_pw_set(mosq_, user->c_str(), password ? password->c_str() : nullptr);
-        mosquitto_reconnect_delay_set(mosq_, 1, 10, true);
         mosquitto_connect_v5_callback_set(mosq_, &mqtt_bridge::on_connect);
         mosquitto_disconnect_v5_callback_set(mosq_, &mqtt_bridge::on_disconnect);
         mosquitto_publish_v5_callback_set(mosq_, &mqtt_bridge::on_publish);
