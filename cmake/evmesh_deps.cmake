@@ -23,3 +23,13 @@ pkg_check_modules(sodium REQUIRED IMPORTED_TARGET libsodium)                  # 
 pkg_check_modules(zmq REQUIRED IMPORTED_TARGET libzmq)                        # libzmq3-dev (the C API the core uses)
 find_package(CURL REQUIRED)                         # libcurl4-openssl-dev (webhook, email channels)
 find_package(SQLite3 REQUIRED)                      # libsqlite3-dev (the channel outbox)
+
+# Outbound broker bridges (core/channels: kafka, amqp, mqtt, nats, redis; docs/BRIDGES.md).
+# pkg-config for all of them: Debian's cnats CMake config names a static library it does not ship.
+if(EVMESH_BRIDGES)
+    pkg_check_modules(rdkafka REQUIRED IMPORTED_TARGET rdkafka)           # librdkafka-dev
+    pkg_check_modules(rabbitmq REQUIRED IMPORTED_TARGET librabbitmq)      # librabbitmq-dev
+    pkg_check_modules(mosquitto REQUIRED IMPORTED_TARGET libmosquitto)    # libmosquitto-dev
+    pkg_check_modules(hiredis REQUIRED IMPORTED_TARGET hiredis)           # libhiredis-dev
+    pkg_check_modules(nats REQUIRED IMPORTED_TARGET libnats)              # libnats-dev
+endif()

@@ -12,6 +12,11 @@ packages=(
   libboost-dev  # Boost.Beast/Asio: the HTTP stack (docs/HTTP-STACK.md); msgpack needs it too
   # benchmark: NATS side by side (the benchmark starts and stops nats-server itself)
   libnats-dev nats-server
+  # outbound broker bridges (docs/BRIDGES.md): client libraries, and the real brokers and clients
+  # bridges_test and bridge_bench start themselves on free ports (never the system services)
+  librdkafka-dev librabbitmq-dev libmosquitto-dev libhiredis-dev
+  mosquitto mosquitto-clients redis-server redis-tools rabbitmq-server
+  python3-paho-mqtt python3-redis python3-pika
   # fuzzing (libFuzzer ships in clang's runtime package)
   clang libclang-rt-14-dev
   # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)
@@ -35,7 +40,7 @@ echo "deps: installing ${missing[*]}"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 export DEBIAN_FRONTEND=noninteractive
-# Packages with a daemon (prometheus) must not start it: tests start their own servers on free
+# Packages with a daemon (prometheus, mosquitto, redis-server, rabbitmq-server) must not start it: tests start their own servers on free
 # ports. policy-rc.d answering 101 tells invoke-rc.d not to start services during this install.
 cleanup_policy=""
 if [ ! -e /usr/sbin/policy-rc.d ]; then
