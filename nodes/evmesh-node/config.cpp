@@ -495,6 +495,11 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
             error = "key 'api.stream_slow' must be \"skip\" or \"disconnect\"";
         }
         r.integer("stream_max_connections", a.stream_max_connections, 1, 1'000'000);
+        r.duration("stream_heartbeat", a.stream_heartbeat);
+        if ((a.stream_heartbeat < std::chrono::milliseconds(100) || a.stream_heartbeat > std::chrono::hours(1)) &&
+            error.empty()) {
+            error = "key 'api.stream_heartbeat' must be between 100ms and 1h";
+        }
         if (const auto* node = t->get("ingest"); node != nullptr && error.empty()) {
             const auto* arr = node->as_array();
             if (arr == nullptr || !arr->is_array_of_tables()) {

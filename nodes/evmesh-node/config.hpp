@@ -40,6 +40,7 @@ struct api_config {
     std::size_t stream_queue_bytes = 1 << 20;
     std::string stream_slow = "skip";  // skip (gap notice) or disconnect
     std::size_t stream_max_connections = 20000;
+    std::chrono::milliseconds stream_heartbeat{15000};  // SSE comment / WebSocket ping interval
 };
 
 struct app_config {

@@ -59,6 +59,9 @@ struct live_handlers {
     std::function<void(const std::string& data, bool binary)> message;
     std::function<void()> closed;
     std::size_t max_message_bytes = 64 * 1024;  // a larger WebSocket message closes with 1009
+    // WebSocket keep-alive: a ping after this much silence from the client; closed when that
+    // ping is not answered within it either
+    std::chrono::milliseconds ping_interval{15000};
 };
 
 struct http_response {

@@ -676,6 +676,7 @@ int node_app::start() {
             so.queue_bytes = cfg_.api.stream_queue_bytes;
             so.disconnect_slow = cfg_.api.stream_slow == "disconnect";
             so.max_connections = cfg_.api.stream_max_connections;
+            so.heartbeat = cfg_.api.stream_heartbeat;
             streams_ = std::make_unique<stream_hub>(*nd, so);
             auto* hub = streams_.get();
             // EventSource and WebSocket in a browser cannot set Authorization: ?access_token= too

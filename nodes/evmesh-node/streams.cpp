@@ -13,13 +13,14 @@
 #include <sstream>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include <evmesh/codec.hpp>
 
-#include "channels/common.hpp"  // cloudevent_json: the same CloudEvents JSON as webhooks
+#include "ce_render.hpp"  // the same CloudEvents JSON as webhooks and the registry
 
 namespace evmesh::app {
 
@@ -57,32 +58,6 @@ std::string covering(const std::string& pattern) {
         }
     }
     return dot == std::string::npos ? first : first + ".>";
-}
-
-std::string render_json(const event& ev) {
-    const auto id_text = to_string(ev.id);
-    std::vector<evmesh_header> hs;
-    hs.reserve(ev.headers.size());
-    for (const auto& [k, v] : ev.headers) {
-        hs.push_back({k.c_str(), k.size(), v.c_str(), v.size()});
-    }
-    evmesh_event ce{};
-    ce.struct_size = sizeof ce;
-    std::memcpy(ce.id, ev.id.data(), 16);
-    ce.id_text = id_text.c_str();
-    ce.topic = ev.topic.c_str();
-    ce.topic_len = ev.topic.size();
-    ce.source = ev.source.c_str();
-    ce.source_len = ev.source.size();
-    ce.time_ns = ev.time_ns;
-    ce.seq = ev.seq;
-    ce.content_type = ev.content_type.c_str();
-    ce.content_type_len = ev.content_type.size();
-    ce.headers = hs.data();
-    ce.header_count = hs.size();
-    ce.payload = ev.payload.data();
-    ce.payload_len = ev.payload.size();
-    return channels::dump_json(channels::cloudevent_json(ce));
 }
 
 // A stats event (PROTOCOL.md 10.2) as a CloudEvent whose `data` is the decoded payload: the
@@ -154,7 +129,33 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
         std::string key_id, remote_kind;
         std::uint64_t sent = 0, skipped = 0, pending_gap = 0, gaps = 0;
         std::int64_t connected_ms = 0;
+        std::uint64_t last_idx = 0;  // the last event delivered: once per event, however many patterns match
     };
+
+    // Clients by pattern (under m): an event is matched against each distinct pattern once, not
+    // against every client's (10,000 clients on a few patterns: a few matches per event).
+    struct group {
+        topic_pattern pattern;
+        std::unordered_set<client*> members;
+    };
+    std::unordered_map<std::string, group> by_pattern;
+
+    void index_add(client* c, const topic_pattern& p) {
+        auto it = by_pattern.find(p.text());
+        if (it == by_pattern.end()) {
+            it = by_pattern.emplace(p.text(), group{p, {}}).first;
+        }
+        it->second.members.insert(c);
+    }
+
+    void index_remove(client* c, const std::string& text) {
+        if (auto it = by_pattern.find(text); it != by_pattern.end()) {
+            it->second.members.erase(c);
+            if (it->second.members.empty()) {
+                by_pattern.erase(it);
+            }
+        }
+    }
 
     mutable std::mutex m;
     std::deque<entry> ring;
@@ -278,7 +279,7 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
         entry e;
         e.id = to_string(ev.id);
         e.topic = ev.topic;
-        e.json_text = std::make_shared<const std::string>(stats ? render_stats_json(ev) : render_json(ev));
+        e.json_text = std::make_shared<const std::string>(stats ? render_stats_json(ev) : render_cloudevent_json(ev));
         e.sse = std::make_shared<const std::string>("id: " + e.id + "\ndata: " + *e.json_text + "\n\n");
         std::string body;
         encode_event_body(ev, body);
@@ -304,9 +305,15 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
                     ring.pop_front();
                 }
             }
-            for (auto& [id, c] : clients) {
-                if (matches(*c, e.topic)) {
-                    deliver(*c, e, drop);
+            for (auto& [text, g] : by_pattern) {
+                if (!g.pattern.matches(e.topic)) {
+                    continue;
+                }
+                for (client* c : g.members) {
+                    if (c->last_idx != e.idx) {
+                        c->last_idx = e.idx;
+                        deliver(*c, e, drop);
+                    }
                 }
             }
         }
@@ -372,6 +379,7 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
         {
             std::lock_guard lk(m);
             for (auto& p : add) {
+                index_add(c.get(), p);
                 c->patterns.push_back(std::move(p));
             }
             if (!last_id.empty()) {
@@ -416,6 +424,7 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
         if (auto it = clients.find(id); it != clients.end()) {
             for (const auto& p : it->second->patterns) {
                 patterns_out.push_back(p.text());
+                index_remove(it->second.get(), p.text());
             }
             clients.erase(it);
         }
@@ -550,6 +559,7 @@ void stream_hub::ws(const http_request& req, http_response& res, const principal
     };
     auto st = std::make_shared<state>();
     auto h = std::make_shared<live_handlers>();
+    h->ping_interval = p->o.heartbeat;
     h->open = [p, who, st](std::shared_ptr<live_conn> conn) {
         st->c = p->add_client(conn, who);
         (void)conn->send(json({{"control", "welcome"}, {"node", p->n.name()}}).dump(), false);
@@ -610,6 +620,9 @@ void stream_hub::ws(const http_request& req, http_response& res, const principal
                                             return std::find(topics.begin(), topics.end(), x.text()) != topics.end();
                                         }),
                          ps.end());
+                for (const auto& t : topics) {
+                    p->index_remove(&c, t);
+                }
             }
             reply({{"control", "unsubscribed"}, {"topics", topics}});
             return;

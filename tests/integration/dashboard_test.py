@@ -96,8 +96,16 @@ class BrowserBase(NodeTestCase):
         return [e for e in self.driver.get_log("browser") if e.get("level") == "SEVERE"]
 
     def text(self, css):
-        els = self.driver.find_elements(By.CSS_SELECTOR, css)
-        return els[0].text if els else ""
+        # read in one script call: the page re-renders its tables every second, so an element
+        # found first and read second can already be gone (StaleElementReferenceException)
+        return self.driver.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText.trim() : '';",
+            css)
+
+    def attrs(self, css, name):
+        return self.driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map(e => e.getAttribute(arguments[1]));",
+            css, name)
 
     def screenshot(self, name):
         path = os.path.join(self.tmp, name)
@@ -145,9 +153,9 @@ class DashboardTest(BrowserBase):
         self.assertTrue(wait_for(lambda: d.title == "evmesh · alpha", 10), d.title)
         # all three nodes, from their stats events
         self.assertTrue(wait_for(lambda: self.text("#nodes-count") == "3", 15), self.text("#nodes-count"))
-        names = {e.get_attribute("data-name") for e in d.find_elements(By.CSS_SELECTOR, "#graph g.node")}
+        names = set(self.attrs("#graph g.node", "data-name"))
         self.assertEqual(names, {"alpha", "bravo", "charlie"})
-        rows = {e.get_attribute("data-name") for e in d.find_elements(By.CSS_SELECTOR, "#nodes tr.node-row")}
+        rows = set(self.attrs("#nodes tr.node-row", "data-name"))
         self.assertEqual(rows, {"alpha", "bravo", "charlie"})
         self.assertTrue(wait_for(lambda: self.text("#links-count") == "3", 10), self.text("#links-count"))
 
@@ -155,7 +163,7 @@ class DashboardTest(BrowserBase):
         pub = Publisher(self.ctx, b.pub, "")  # waits for the dashboard's subscription to reach bravo
         eid = str(uuid.UUID(bytes=pub.publish("orders.created", json.dumps({"order": 42}).encode())))
         self.assertTrue(wait_for(lambda: d.find_elements(By.CSS_SELECTOR, f'#tail li[data-id="{eid}"]'), 10))
-        line = d.find_element(By.CSS_SELECTOR, f'#tail li[data-id="{eid}"]').text
+        line = self.text(f'#tail li[data-id="{eid}"]')
         self.assertIn("orders.created", line)
         self.assertIn('"order":42', line)
 
