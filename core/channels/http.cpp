@@ -169,6 +169,9 @@ private:
             return EVMESH_FAIL;
         }
         set_detail(&r, "HTTP %ld%s%s", status, head.empty() ? "" : ": ", head.c_str());
+        // A token read from a file expires (OAuth access tokens live an hour) and its refresher
+        // replaces the file: a refused token is a reason to try again, not to dead-letter the event.
+        if (status == 401 && !bearer_file_.empty()) return EVMESH_RETRY;
         if (status == 429 || status == 503) {
             r.retry_after_ms = http::parse_retry_after(ctx.retry_after);
             return EVMESH_RETRY;

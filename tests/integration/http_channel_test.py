@@ -309,6 +309,23 @@ class HttpChannelTest(NodeTestCase):
         self.assertEqual(len(rcv.received()), 3)
         self.assertEqual(len(bodies), 1)  # the same request each time
 
+    def test_expired_token_file_is_retried_until_refreshed(self):
+        with open(self.token_file, "w") as f:
+            f.write("ya29.expired\n")
+        rcv = self.receiver(behave=lambda path, req: (401, {}, b'{"error": {"status": "UNAUTHENTICATED"}}')
+                            if req["headers"]["authorization"] == "Bearer ya29.expired" else (200, {}, b"{}"))
+        ch = self.fcm(rcv)
+        ch["retry"] = {"schedule": ["0ms"] + ["200ms"] * 20, "jitter": 0}
+        ch["breaker"] = {"failures": 0}
+        node = self.node_with([ch])
+        self.publisher(node, "fcm.").publish("fcm.x", b'{"token": "device-token-1", "order": "1"}')
+        self.assertTrue(wait_for(lambda: self.channels(node)["fcm"]["retried"] >= 2, timeout=10), self.channels(node))
+        self.assertEqual(self.channels(node)["fcm"]["dead"], 0)
+        with open(self.token_file, "w") as f:
+            f.write("ya29.refreshed\n")
+        self.assertTrue(wait_for(lambda: self.channels(node)["fcm"]["delivered"] == 1, timeout=10), self.channels(node))
+        self.assertEqual(rcv.received()[-1]["headers"]["authorization"], "Bearer ya29.refreshed")
+
     def test_private_destinations_are_refused_unless_allowed(self):
         rcv = self.receiver()
         ch = self.sms(rcv)
