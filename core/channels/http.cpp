@@ -49,7 +49,8 @@ public:
                                         : preset_kind::none;
 
         method_ = s.choice_or("method", "POST", {"GET", "POST", "PUT", "PATCH", "DELETE"});
-        if (preset_ != preset_kind::none && method_ != "POST") s.fail("method", "must be POST with preset = \"" + preset + "\"");
+        if (preset_ != preset_kind::none && method_ != "POST")
+            s.fail("method", "must be POST with preset = \"" + preset + "\"");
         read_url(s);
         read_auth(s);
         read_body(s);
@@ -193,7 +194,8 @@ private:
             }
         }
         auto text = s.optional_string("url");
-        if (!text && !def) s.fail("url", preset_ == preset_kind::fcm_v1 ? "is required (or project_id)" : "is required");
+        if (!text && !def)
+            s.fail("url", preset_ == preset_kind::fcm_v1 ? "is required (or project_id)" : "is required");
         url_ = url_template(s, "url", text ? *text : *def);
         if (url_.constant())
             if (auto why = http::check_http_url(url_.text()); !why.empty()) s.fail("url", why);
@@ -217,7 +219,8 @@ private:
         if (!bearer_file_.empty() && ::access(bearer_file_.c_str(), R_OK) != 0)
             s.fail("bearer_token_file", "cannot be read");
         if (bearer_ && !bearer_file_.empty()) s.fail("bearer_token_file", "and bearer_token are exclusive");
-        if (basic_ && (bearer_ || !bearer_file_.empty())) s.fail("username", "(basic auth) and a bearer token are exclusive");
+        if (basic_ && (bearer_ || !bearer_file_.empty()))
+            s.fail("username", "(basic auth) and a bearer token are exclusive");
         if (preset_ == preset_kind::sms_form && !basic_) s.fail("username", "is required with preset = \"sms-form\"");
         if (preset_ == preset_kind::fcm_v1 && !bearer_ && bearer_file_.empty())
             s.fail("bearer_token", "(or bearer_token_file) is required with preset = \"fcm-v1\"");
@@ -238,7 +241,8 @@ private:
         if (form_doc) {
             if (!form_doc->is_object()) s.fail("form", "must be a table of strings");
             if (preset_ == preset_kind::fcm_v1 || preset_ == preset_kind::webpush)
-                s.fail("form", "does not apply to preset = \"" + std::string(preset_ == preset_kind::fcm_v1 ? "fcm-v1" : "webpush") + "\"");
+                s.fail("form", std::string("does not apply to preset = \"") +
+                                   (preset_ == preset_kind::fcm_v1 ? "fcm-v1" : "webpush") + "\"");
         }
 
         switch (preset_) {
@@ -281,7 +285,8 @@ private:
         auto key_text = s.optional_string("vapid_private_key");
         auto key_file = s.optional_string("vapid_private_key_file");
         if (key_text && key_file) s.fail("vapid_private_key_file", "and vapid_private_key are exclusive");
-        if (!key_text && !key_file) s.fail("vapid_private_key", "(or vapid_private_key_file) is required with preset = \"webpush\"");
+        if (!key_text && !key_file)
+            s.fail("vapid_private_key", "(or vapid_private_key_file) is required with preset = \"webpush\"");
         webpush::pkey_ptr key;
         try {
             if (key_file) {
@@ -359,7 +364,8 @@ private:
             bool ok = !topic.empty() && topic.size() <= 32;  // RFC 8030 section 5.4: 32 base64url characters
             for (char c : topic) ok = ok && (http::unreserved(c) && c != '.' && c != '~');
             if (!ok) {
-                set_detail(&r, "web push: Topic \"%s\" is not 1 to 32 base64url characters", printable(topic, 40).c_str());
+                set_detail(&r, "web push: Topic \"%s\" is not 1 to 32 base64url characters",
+                           printable(topic, 40).c_str());
                 return false;
             }
         }

@@ -84,8 +84,8 @@ inline name_template parse_template(settings& s, const std::string& key, const s
         } catch (const template_error&) {
             continue;  // not a field name: a literal brace text it is
         }
-        s.fail(key, "writes {{" + inner + "}}, which is the literal text {" + inner + "}; a field takes single braces: {" +
-                        inner + "}");
+        s.fail(key, "writes {{" + inner + "}}, which is the literal text {" + inner +
+                        "}; a field takes single braces: {" + inner + "}");
     }
     return t;
 }

@@ -53,7 +53,8 @@ TEST(HttpTemplate, UrlValuesArePercentEncoded) {
     auto s = no_settings();
     http::url_template u(s, "url", "https://sms.example/v1/{source}/send?to={data.phone}&t={topic}");
     // '/' '+' ' ' '&' '=' inside values cannot add a path segment or a query parameter
-    EXPECT_EQ(u.render(f), "https://sms.example/v1/shop%2Fcheckout/send?to=%2B1%20555%2F0100%26x%3Dy&t=orders.eu.created");
+    EXPECT_EQ(u.render(f),
+              "https://sms.example/v1/shop%2Fcheckout/send?to=%2B1%20555%2F0100%26x%3Dy&t=orders.eu.created");
     // a URL that is one field alone is the whole URL (a push subscription's endpoint)
     http::url_template whole(s, "url", "{data.endpoint}");
     EXPECT_EQ(whole.render(f), "https://push.example.net/send/abc?x=1");
@@ -189,7 +190,8 @@ TEST(WebPush, VapidJwtVerifies) {
     EXPECT_EQ(header, json::parse(R"({"typ":"JWT","alg":"ES256"})"));
     auto claims_bytes = b64(jwt.substr(d1 + 1, d2 - d1 - 1));
     auto claims = json::parse(std::string(claims_bytes.begin(), claims_bytes.end()));
-    EXPECT_EQ(claims, json::parse(R"({"aud":"https://push.example.net","exp":1700000000,"sub":"mailto:ops@example.com"})"));
+    EXPECT_EQ(claims,
+              json::parse(R"({"aud":"https://push.example.net","exp":1700000000,"sub":"mailto:ops@example.com"})"));
 
     // verify r || s with the public key in k= (as a push service does)
     auto sig = b64(jwt.substr(d2 + 1));
