@@ -70,13 +70,13 @@ inline bool valid_header_name(std::string_view name) noexcept {
     return true;
 }
 
-// A header value without control characters (TAB kept): nothing substituted into a header can
-// end it early or add another one.
+// A header value without control characters: nothing substituted into a header can end it early
+// or add another one.
 inline std::string header_safe(std::string_view v) {
     std::string out;
     for (char c : v) {
         auto u = static_cast<unsigned char>(c);
-        if ((u >= 0x20 && u != 0x7f) || c == '\t') out += c;
+        if (u >= 0x20 && u != 0x7f) out += c;
     }
     return out;
 }

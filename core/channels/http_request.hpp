@@ -62,7 +62,7 @@ inline void form_encode(std::string& out, std::string_view value) {
     }
 }
 
-// Control characters (but TAB) removed: the value of a header line.
+// Control characters removed: the value of a header line.
 inline void header_escape(std::string& out, std::string_view value) { out += header_safe(value); }
 
 // Parses a template setting, refusing the likely mistake "{{data.phone}}": in this syntax that is
