@@ -270,6 +270,33 @@ class HttpChannelTest(NodeTestCase):
         self.assertEqual(rcv.received("/v1/projects/demo-1/messages:send")[-1]["headers"]["authorization"],
                          "Bearer ya29.rotated-token")
 
+    def test_generic_request_from_templates(self):
+        rcv = self.receiver()
+        node = self.node_with([{"name": "api", "topics": ["api.>"], "settings": {
+            "url": rcv.url("/users/{data.user}/notify?to={data.phone}&src={source}"),
+            "headers": {"X-Order": "{data.order}", "X-Subject": "{subject}"},
+            "bearer_token": "static-token",
+            "json": {"event": "{id}", "text": "{data.text}", "priority": 5, "tags": ["{topic.1}", "fixed"]},
+            "allow_private": True}}])
+        pub = self.publisher(node, "api.")
+        data = {"user": "ann/../admin?x=1", "phone": "+1 555&to=evil", "order": "A\r\nX-Injected: 1",
+                "text": 'quote " backslash \\ newline \n end'}
+        eid = str(uuid.UUID(bytes=pub.publish("api.orders.created", json.dumps(data).encode())))
+        self.assertTrue(wait_for(lambda: len(rcv.received()) == 1, timeout=10), self.channels(node))
+        req = rcv.received()[0]
+        # the values stayed inside their path segment and query parameter
+        path, _, query = req["path"].partition("?")
+        self.assertEqual(path, "/users/ann%2F..%2Fadmin%3Fx%3D1/notify")
+        self.assertEqual(urllib.parse.parse_qs(query), {"to": ["+1 555&to=evil"], "src": ["it/test"]})
+        h = req["headers"]
+        self.assertEqual(h["x-order"], "AX-Injected: 1")  # CR/LF removed: no second header
+        self.assertNotIn("x-injected", h)
+        self.assertEqual(h["x-subject"], "")
+        self.assertEqual(h["authorization"], "Bearer static-token")
+        self.assertEqual(h["content-type"], "application/json")
+        self.assertEqual(json.loads(req["body"]), {"event": eid, "text": data["text"], "priority": 5,
+                                                   "tags": ["orders", "fixed"]})
+
     def test_gone_subscription_is_dead_lettered_not_the_channel(self):
         rcv = self.receiver(behave=lambda path, req: (410, {}, b"push subscription has unsubscribed or expired")
                             if path == "/push/gone" else (201, {}, b""))
