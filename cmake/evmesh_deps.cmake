@@ -23,6 +23,7 @@ pkg_check_modules(sodium REQUIRED IMPORTED_TARGET libsodium)                  # 
 pkg_check_modules(zmq REQUIRED IMPORTED_TARGET libzmq)                        # libzmq3-dev (the C API the core uses)
 find_package(CURL REQUIRED)                         # libcurl4-openssl-dev (webhook, email channels)
 find_package(SQLite3 REQUIRED)                      # libsqlite3-dev (the channel outbox)
+find_package(OpenSSL 3 REQUIRED)                    # libssl-dev (the http channel: Web Push crypto; the node: TLS)
 
 # Outbound broker bridges (core/channels: kafka, amqp, mqtt, nats, redis; docs/BRIDGES.md).
 # pkg-config for all of them: Debian's cnats CMake config names a static library it does not ship.

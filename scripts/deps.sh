@@ -20,7 +20,7 @@ packages=(
   # fuzzing (libFuzzer ships in clang's runtime package)
   clang libclang-rt-14-dev
   # integration tests, examples and demo (Debian's /usr/bin/python3 and its modules)
-  python3 python3-zmq python3-msgpack python3-aiosmtpd python3-jsonschema python3-websockets nodejs node-ws openssl curl iproute2 procps graphviz bsdutils tcpdump
+  python3 python3-zmq python3-msgpack python3-cryptography python3-aiosmtpd python3-jsonschema python3-websockets nodejs node-ws openssl curl iproute2 procps graphviz bsdutils tcpdump
   # the dashboard test in a real browser (headless Chromium driven by Selenium)
   chromium chromium-driver python3-selenium
   # operations tests: promtool (prometheus), man page lint (groff), the .deb (dpkg-dev for cpack)

@@ -24,6 +24,7 @@ namespace evmesh::channels::bridge {
 //   {topic} {type}     the event topic ({type}: the CloudEvents name of the same thing)
 //   {topic.N}          its N-th dot-separated segment, from 0 (empty when there is none)
 //   {id} {source} {time} {seq} {content_type}
+//   {subject}          the CloudEvents subject: the event header "subject" (empty when absent)
 //   {header.NAME}      an event header (empty when absent)
 //   {data.a.b.0}       a field of the JSON payload: object keys and array indexes separated by
 //                      dots; strings as they are, numbers/booleans as JSON text, objects/arrays as
@@ -110,6 +111,9 @@ public:
         return true;
     }
 
+    // The template is one field and nothing else ("{data.endpoint}"): its value is the whole result.
+    bool single_field() const noexcept { return parts_.size() == 1 && parts_[0].kind != part::literal; }
+
     // Literal text only (what a destination check looks at once at create).
     std::string literal_text() const {
         std::string out;
@@ -154,6 +158,7 @@ public:
                 esc(out, view(ev.content_type, ev.content_type_len));
                 break;
             case part::header:
+            case part::subject:
                 for (size_t k = 0; ev.headers && k < ev.header_count; ++k)
                     if (view(ev.headers[k].key, ev.headers[k].key_len) == p.text) {
                         esc(out, view(ev.headers[k].value, ev.headers[k].value_len));
@@ -177,7 +182,7 @@ public:
 
 private:
     struct part {
-        enum kind_t { literal, topic, segment, id, source, time, seq, content_type, header, data } kind;
+        enum kind_t { literal, topic, segment, id, source, time, seq, content_type, header, subject, data } kind;
         std::string text;               // literal text, or the header name
         std::vector<std::string> path;  // data.a.b
         size_t index;                   // topic.N
@@ -191,6 +196,7 @@ private:
         if (name == "time") return {part::time, {}, {}, 0};
         if (name == "seq") return {part::seq, {}, {}, 0};
         if (name == "content_type") return {part::content_type, {}, {}, 0};
+        if (name == "subject") return {part::subject, "subject", {}, 0};  // PROTOCOL.md: header "subject"
         if (name.substr(0, 6) == "topic.") {
             std::string_view n = name.substr(6);
             if (n.empty() || n.size() > 3 || n.find_first_not_of("0123456789") != std::string_view::npos)
@@ -215,8 +221,8 @@ private:
             return p;
         }
         throw template_error("has an unknown field {" + printable(name, 40) +
-                             "} (known: topic, type, topic.N, id, source, time, seq, content_type, header.NAME, "
-                             "data.PATH)");
+                             "} (known: topic, type, topic.N, id, source, time, seq, content_type, subject, "
+                             "header.NAME, data.PATH)");
     }
 
     static std::string_view segment(std::string_view topic, size_t index) {

@@ -59,6 +59,16 @@ TEST(BridgeTemplate, EventAttributes) {
     EXPECT_EQ(expand("", e), "");
 }
 
+TEST(BridgeTemplate, SubjectIsTheSubjectHeader) {
+    test_event e;
+    EXPECT_EQ(expand("{subject}", e), "");  // absent
+    e.headers.emplace_back("subject", "order-42");
+    EXPECT_EQ(expand("s/{subject}", e), "s/order-42");
+    EXPECT_TRUE(name_template("{data.endpoint}").single_field());
+    EXPECT_FALSE(name_template("x{id}").single_field());
+    EXPECT_FALSE(name_template("literal").single_field());
+}
+
 TEST(BridgeTemplate, TopicSegmentsAndSeparator) {
     test_event e;
     EXPECT_EQ(expand("{topic.0}", e), "orders");
