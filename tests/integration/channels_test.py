@@ -200,7 +200,8 @@ class WebhookTest(ChannelTestCase):
             for a, b in zip(rows, rows[1:]):
                 gap = (b["time_ms"] - a["time_ms"] - b["latency_us"] / 1000) / 1000
                 self.assertGreaterEqual(gap, delays[a["attempt"] - 1] - 0.05, (eid, rows))
-                self.assertLess(gap, delays[a["attempt"] - 1] + 1.0, (eid, rows))
+                # never early; late only by scheduling (a loaded 2-core CI machine: up to 2 s)
+                self.assertLess(gap, delays[a["attempt"] - 1] + 2.0, (eid, rows))
 
     def test_breaker_holds_a_down_endpoint_and_loses_nothing(self):
         port = free_port()

@@ -178,11 +178,14 @@ class PublishTest(HttpBase):
                 break
             except zmq.Again:
                 time.sleep(0.05)
+        # earlier probes may still be on their way: drain until nothing came for 300 ms
+        self.sub.setsockopt(zmq.RCVTIMEO, 300)
         while True:
             try:
-                self.sub.recv_multipart(flags=zmq.NOBLOCK)
+                self.sub.recv_multipart()
             except zmq.Again:
                 break
+        self.sub.setsockopt(zmq.RCVTIMEO, 3000)
 
     def tearDown(self):
         self.sub.close()
