@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -408,6 +409,44 @@ class WebSocketTest(StreamsBase):
         alive.sendall(masked(8, (1000).to_bytes(2, "big")))
         self.assertTrue(wait_for(lambda: n0.metric("evmesh_stream_connections", kind="websocket") == 0, 5))
         self.assertEqual(n0.http("/healthz"), "ok\n")
+
+    def test_websocket_and_sse_over_tls(self):
+        cert, key = os.path.join(self.tmp, "cert.pem"), os.path.join(self.tmp, "key.pem")
+        p = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                            "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=30)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        n0 = self.stream_node("n0", "", "--no-mesh", "--http-cert-file", cert, "--http-key-file", key)
+        ctx = ssl.create_default_context(cafile=cert)
+        pub = Publisher(self.ctx, n0.pub, "")
+        n = 2000
+
+        async def scenario():
+            async with websockets.connect(f"wss://{n0.ready['http']}/v1/ws", ssl=ctx) as ws:
+                self.assertEqual(json.loads(await ws.recv())["control"], "welcome")
+                await ws.send(json.dumps({"control": "subscribe", "topics": ["orders.>"]}))
+                self.assertEqual(json.loads(await ws.recv())["control"], "subscribed")
+                await asyncio.sleep(0.2)
+                ids = [str(uuid.UUID(bytes=pub.publish("orders.tls", json.dumps({"i": i}).encode())))
+                       for i in range(n)]
+                got = [json.loads(await ws.recv())["id"] for _ in range(n)]
+                self.assertEqual(got, ids)  # every event, in order, over TLS with gathered frames
+                await ws.ping()
+
+        self.run_ws(scenario())
+        host, port = n0.ready["http"].rsplit(":", 1)
+        c = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+        c.request("GET", "/v1/stream?topics=orders.>")
+        r = c.getresponse()
+        self.assertEqual((r.status, r.getheader("Content-Type")), (200, "text/event-stream"))
+        time.sleep(0.2)
+        eid = str(uuid.UUID(bytes=pub.publish("orders.tls", b'{"sse": true}')))
+        lines = []
+        while not any(line.startswith("id: ") for line in lines):
+            lines.append(r.fp.readline().decode().rstrip("\n"))
+        self.assertIn(f"id: {eid}", lines)
+        c.close()
+        pub.close()
 
     def test_scopes_and_tokens(self):
         n0 = self.stream_node("n0", f'database = "{os.path.join(self.tmp, "api.db")}"\n', "--no-mesh")
