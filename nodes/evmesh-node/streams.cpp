@@ -484,6 +484,14 @@ void stream_hub::stop() {
     for (auto& [id, c] : all) {
         c->conn->close(1001, "the node is stopping");
     }
+    {
+        // the hub lets go of its clients (and so of their connections, whose handlers hold the
+        // hub): what the HTTP loop has not closed yet goes when its io_context goes
+        std::lock_guard lk(p.m);
+        p.by_pattern.clear();
+        p.clients.clear();
+    }
+    all.clear();
     std::map<std::string, std::pair<int, subscription>> subs;
     {
         std::lock_guard lk(p.subs_m);
@@ -553,7 +561,10 @@ void stream_hub::ws(const http_request& req, http_response& res, const principal
         return http_error(res, 503, "too_many_streams", "this node serves stream.max_connections streams already");
     }
     struct state {
-        std::shared_ptr<impl::client> c;
+        // weak: the hub's client map owns the client, the client owns the connection, and the
+        // connection owns these handlers; a strong reference here would be a cycle that outlives
+        // the connection
+        std::weak_ptr<impl::client> c;
         std::mutex m;
         std::vector<std::string> topics;  // acquired, to release at the end
     };
@@ -565,7 +576,11 @@ void stream_hub::ws(const http_request& req, http_response& res, const principal
         (void)conn->send(json({{"control", "welcome"}, {"node", p->n.name()}}).dump(), false);
     };
     h->message = [p, who, st](const std::string& data, bool binary) {
-        auto& c = *st->c;
+        const auto cp = st->c.lock();
+        if (!cp) {
+            return;  // already removed (the node is stopping)
+        }
+        auto& c = *cp;
         auto reply = [&](const json& j) { (void)c.conn->send(j.dump(), false); };
         const auto j = binary ? json() : json::parse(data, nullptr, false);
         if (!j.is_object() || !j.contains("control") || !j["control"].is_string()) {
@@ -608,7 +623,7 @@ void stream_hub::ws(const http_request& req, http_response& res, const principal
             const auto last = j.contains("last_event_id") && j["last_event_id"].is_string()
                                   ? j["last_event_id"].get<std::string>()
                                   : std::string();
-            p->attach(st->c, std::move(pats), last);
+            p->attach(cp, std::move(pats), last);
             return;
         }
         if (kind == "unsubscribe") {
@@ -630,9 +645,9 @@ void stream_hub::ws(const http_request& req, http_response& res, const principal
         reply({{"control", "error"}, {"code", "bad_message"}, {"message", "unknown control '" + kind + "'"}});
     };
     h->closed = [p, st] {
-        if (st->c) {
+        if (const auto c = st->c.lock()) {
             std::vector<std::string> unused;
-            p->remove_client(st->c->id, unused);
+            p->remove_client(c->id, unused);
         }
         std::lock_guard lk(st->m);
         p->release(st->topics);
