@@ -31,6 +31,12 @@ for f in ./usr/bin/evmesh-node ./usr/bin/mesh-inspector ./usr/lib/evmesh/channel
          ./usr/include/evmesh/node.hpp ./usr/lib/cmake/evmesh/evmesh-config.cmake ./usr/lib/pkgconfig/evmesh.pc; do
     grep -q " $f\$" <<<"$contents" || fail "$f is not in the package"
 done
+# every channel plugin this build made (webhook, email, file, exec, http, the broker bridges)
+for so in "$build"/channels/evmesh_channel_*.so; do
+    name=$(basename "$so")
+    [ "$name" = evmesh_channel_stdout-example.so ] && continue  # an example, not installed
+    grep -q " ./usr/lib/evmesh/channels/$name\$" <<<"$contents" || fail "$name is not in the package"
+done
 dpkg-deb -f "$deb" Depends | grep -q libzmq5 || fail "Depends has no libzmq5"
 [ "$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles)" = "/etc/evmesh/evmesh-node.toml" ] || fail "conffiles"
 
