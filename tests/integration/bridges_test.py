@@ -77,8 +77,9 @@ class BridgeTestCase(NodeTestCase):
         return ids
 
     def delivered(self, node, name, n, timeout=30):
-        self.assertTrue(wait_for(lambda: channels(node)[name]["delivered"] >= n, timeout=timeout, step=0.05),
-                        channels(node)[name])
+        if not wait_for(lambda: channels(node)[name]["delivered"] >= n, timeout=timeout, step=0.05):
+            # what the channel last saw says why (the broker refusing, not up yet, a timeout)
+            self.fail((channels(node)[name], json.loads(node.http(f"/channels/{name}/log?limit=3"))))
 
     def assert_exactly(self, got_ids, want_ids):
         missing = set(want_ids) - set(got_ids)
@@ -422,7 +423,9 @@ class AmqpTest(BridgeTestCase):
         at_kill = channels(node)["am"]["delivered"]
         time.sleep(1.0)
         rb.start()
-        self.delivered(node, "am", total, timeout=90)
+        # a restarted RabbitMQ recovers its durable queue after it accepts connections; on a
+        # loaded 2-core machine that took up to a minute and more
+        self.delivered(node, "am", total, timeout=180)
         conn, ch = rb.channel()
         seen = []
         while True:

@@ -5,6 +5,7 @@ Traffic stays on loopback; each test class gets its own mesh name and beacon por
 """
 import json
 import os
+import shutil
 import random
 import select
 import signal
@@ -111,8 +112,18 @@ class NodeTestCase(unittest.TestCase):
             for f in (p.stdout, p.stderr):
                 if f is not None:
                     f.close()
+        keep = os.environ.get("EVMESH_KEEP_LOGS")  # a directory: the nodes' logs are copied there
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            for name in os.listdir(self.tmp):
+                if name.endswith(".log"):
+                    shutil.copy(os.path.join(self.tmp, name), os.path.join(keep, f"{self.id()}.{name}"))
         for name in os.listdir(self.tmp):
-            os.unlink(os.path.join(self.tmp, name))
+            path = os.path.join(self.tmp, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
         os.rmdir(self.tmp)
 
     def spawn(self, args, **kw):
