@@ -494,6 +494,10 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
                 r.str("field", s.field);
                 r.integer("batch", s.batch, 1, 10000);
                 r.duration("claim_idle", s.claim_idle);
+                r.str("subject", s.subject);
+                r.boolean("jetstream", s.jetstream);
+                r.str("durable", s.durable);
+                r.duration("ack_wait", s.ack_wait);
                 r.check_unknown();
                 if (!error.empty()) {
                     break;

@@ -116,6 +116,7 @@ private:
 // The factories of the broker sources (source_mqtt.cpp, source_redis.cpp).
 std::unique_ptr<inbound_source> make_mqtt_source(node& n, const source_config& cfg);
 std::unique_ptr<inbound_source> make_redis_source(node& n, const source_config& cfg);
+std::unique_ptr<inbound_source> make_nats_source(node& n, const source_config& cfg);
 
 // The default consumer identity: stable across restarts, so the broker keeps the session (MQTT)
 // or the pending entries (Redis) for the restarted node.

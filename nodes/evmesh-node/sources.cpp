@@ -212,8 +212,8 @@ bool validate_sources(const std::vector<source_config>& sources, std::string& er
             if (s.subscribe.empty()) {
                 return fail("subscribe is required (an MQTT topic filter such as \"sensors/#\")");
             }
-            if (!s.stream.empty() || !s.group.empty() || !s.consumer.empty()) {
-                return fail("stream, group and consumer are redis keys, not mqtt");
+            if (!s.stream.empty() || !s.group.empty() || !s.consumer.empty() || !s.subject.empty()) {
+                return fail("stream, group, consumer and subject are not mqtt keys");
             }
             if (s.qos != 1) {
                 return fail("qos must be 1 (QoS 2 is not supported by the source)");
@@ -232,16 +232,33 @@ bool validate_sources(const std::vector<source_config>& sources, std::string& er
             if (s.group.empty()) {
                 return fail("group is required (the consumer group; created at the stream's start when missing)");
             }
-            if (!s.subscribe.empty()) {
-                return fail("subscribe is an mqtt key; redis reads 'stream'");
+            if (!s.subscribe.empty() || !s.subject.empty()) {
+                return fail("subscribe and subject are not redis keys; redis reads 'stream'");
             }
             if (s.field.empty()) {
                 return fail("field must not be empty");
             }
-        } else if (s.type == "nats" || s.type == "amqp" || s.type == "kafka") {
-            return fail("type '" + s.type + "' is not implemented yet (supported: mqtt, redis)");
+        } else if (s.type == "nats") {
+            auto u = parse_broker_url(s.url, {"nats"}, 4222);
+            if (!u || !u->path.empty()) {
+                return fail("url must be nats://[user:password@]host[:port] (got '" + printable_ascii(s.url) + "')");
+            }
+            if (s.subject.empty() || s.subject.find_first_of(" \t\r\n") != std::string::npos) {
+                return fail("subject is required (a NATS subject, wildcards allowed, no whitespace)");
+            }
+            if (!s.jetstream && (!s.durable.empty() || !s.stream.empty())) {
+                return fail("durable and stream need jetstream = true");
+            }
+            if (s.durable.find_first_of(".*> \t") != std::string::npos) {
+                return fail("durable must not contain '.', '*', '>' or whitespace");
+            }
+            if (s.ack_wait < std::chrono::milliseconds(100)) {
+                return fail("ack_wait must be at least 100ms");
+            }
+        } else if (s.type == "amqp" || s.type == "kafka") {
+            return fail("type '" + s.type + "' is not implemented yet (supported: mqtt, redis, nats)");
         } else {
-            return fail("type must be mqtt or redis (got '" + printable_ascii(s.type) + "')");
+            return fail("type must be mqtt, redis or nats (got '" + printable_ascii(s.type) + "')");
         }
     }
     return true;
@@ -456,6 +473,8 @@ bool source_set::start(node& n, const std::vector<source_config>& sources, std::
             s = make_mqtt_source(n, cfg);
         } else if (cfg.type == "redis") {
             s = make_redis_source(n, cfg);
+        } else if (cfg.type == "nats") {
+            s = make_nats_source(n, cfg);
         }
 #endif
         if (!s) {

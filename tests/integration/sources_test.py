@@ -20,7 +20,7 @@ import uuid
 import msgpack
 import zmq
 
-from broker_helpers import Mosquitto, Redis, stop_all
+from broker_helpers import Mosquitto, Nats, NatsClient, Redis, stop_all
 from evmesh_testlib import NODE, Node, NodeTestCase, free_port, main, read_line, wait_for
 
 
@@ -41,6 +41,14 @@ def ce_event_id(source, ce_id):
 
 def mqtt_id(topic, payload):
     return ce_event_id("evmesh:mqtt", topic + "#" + ce_event_id("mqtt-payload", payload))
+
+
+def nats_core_id(subject, payload):
+    return ce_event_id("evmesh:nats", subject + "#" + ce_event_id("nats-payload", payload))
+
+
+def nats_js_id(stream, seq):
+    return ce_event_id("evmesh:nats", f"nats-js/{stream}/{seq}")
 
 
 def redis_id(stream, entry_id):
@@ -356,6 +364,97 @@ class RedisSourceTest(SourceTestCase):
         self.assertTrue(wait_for(lambda: redis_id("orders:in", eid) in sub.ids(), timeout=30, step=0.1))
 
 
+def nats_pub(client, subject, payload, headers=None):
+    """PUB, or HPUB with headers (the NATS protocol), as a request when JetStream should answer."""
+    if headers:
+        h = "NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        hb = h.encode()
+        client.sock.sendall(f"HPUB {subject} {len(hb)} {len(hb) + len(payload)}\r\n".encode() + hb + payload + b"\r\n")
+    else:
+        client.sock.sendall(f"PUB {subject} {len(payload)}\r\n".encode() + payload + b"\r\n")
+
+
+def nats_source(broker, **kw):
+    s = {"name": "n", "type": "nats", "url": broker.url, "subject": "orders.>", "wait_for_subscribers": True}
+    s.update(kw)
+    return s
+
+
+class NatsSourceTest(SourceTestCase):
+    def test_core_round_trip_ids_cloudevents(self):
+        b = self.broker(Nats(self.btmp))
+        node = self.node([nats_source(b)])
+        sub = self.subscriber(node, ["orders."])
+        self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="n") == 1, timeout=30, step=0.1),
+                        node.log()[-3000:])
+        c = NatsClient(b.port)
+        want = {}
+        for i in range(200):
+            payload = f"core {i}".encode()
+            nats_pub(c, "orders.core", payload)
+            want[nats_core_id("orders.core", payload)] = "orders.core"
+        nats_pub(c, "orders.bin", b'{"z":3}', {"ce-specversion": "1.0", "ce-id": "n-ce-1", "ce-source": "it/nats",
+                                              "ce-type": "orders.nats.ce", "content-type": "application/json"})
+        want[ce_event_id("it/nats", "n-ce-1")] = "orders.nats.ce"
+        nats_pub(c, "orders.bad", json.dumps({"specversion": "1.0", "id": "only"}).encode())
+        c.flush()
+        self.assertTrue(wait_for(lambda: set(want) <= set(sub.ids()), timeout=60, step=0.1),
+                        f"{len(set(want) - set(sub.ids()))} missing\n{node.log()[-3000:]}")
+        for eid, topic in want.items():
+            self.assertEqual(sub.by_id(eid)[0], topic)
+        self.assertEqual(len(sub.ids()), len(want))
+        _, ev = sub.by_id(ce_event_id("it/nats", "n-ce-1"))
+        self.assertEqual((ev[2], ev[5], ev[7]), ("it/nats", "application/json", b'{"z":3}'))
+        self.assertTrue(wait_for(lambda: self.events_metric(node, "n", "undecodable") == 1, timeout=30, step=0.1))
+        c.close()
+
+    def test_jetstream_kill9_mid_stream_nothing_lost(self):
+        b = self.broker(Nats(self.btmp, jetstream=True))
+        c = NatsClient(b.port)
+        created = c.request("$JS.API.STREAM.CREATE.EVM", json.dumps(
+            {"name": "EVM", "subjects": ["js.>"], "storage": "file"}).encode())
+        self.assertNotIn("error", created, created)
+        n = 1500
+        want = []
+        for i in range(n):
+            ack = c.request(f"js.orders.s{i % 3}", f"js {i}".encode())
+            self.assertEqual(ack["stream"], "EVM", ack)
+            want.append(nats_js_id("EVM", ack["seq"]))
+        cfg = nats_source(b, subject="js.>", jetstream=True, stream="EVM", ack_wait="2s", batch=20)
+        node = self.node([cfg])
+        sub = self.subscriber(node, ["js."])
+        self.assertTrue(wait_for(lambda: len(sub.ids()) >= n * 0.3, timeout=60, step=0.005), node.log()[-3000:])
+        self.kill9(node)
+        at_kill = len(set(sub.ids()))
+        node = self.node([cfg])
+        self.assertTrue(wait_for(lambda: set(want) <= set(sub.ids()), timeout=90, step=0.1),
+                        f"{len(set(want) - set(sub.ids()))} of {n} missing\n{node.log()[-3000:]}")
+        self.assertEqual(sub.by_id(want[0])[0], "js.orders.s0")
+        # everything acknowledged: the durable consumer has nothing pending
+        info = c.request("$JS.API.CONSUMER.INFO.EVM.evmesh-n0-n")
+        self.assertTrue(wait_for(lambda: c.request("$JS.API.CONSUMER.INFO.EVM.evmesh-n0-n")["num_ack_pending"] == 0,
+                                 timeout=30, step=0.2), info)
+        ids = sub.ids()
+        print(f"nats jetstream: {n} messages, node killed after {at_kill}, {len(ids) - len(set(ids))} duplicates")
+        c.close()
+
+    def test_jetstream_broker_down_at_start(self):
+        b = self.broker(Nats(self.btmp, jetstream=True), start=False)
+        node = self.node([nats_source(b, subject="js.>", jetstream=True, stream="EVM")])
+        sub = self.subscriber(node, ["js."])
+        self.assertTrue(wait_for(lambda: "not connected" in node.log(), timeout=30, step=0.1), node.log()[-2000:])
+        b.start()
+        c = NatsClient(b.port)
+        created = c.request("$JS.API.STREAM.CREATE.EVM", json.dumps(
+            {"name": "EVM", "subjects": ["js.>"], "storage": "file"}).encode())
+        self.assertNotIn("error", created, created)
+        self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="n") == 1, timeout=30, step=0.1),
+                        node.log()[-3000:])
+        ack = c.request("js.late", b"late")
+        self.assertTrue(wait_for(lambda: nats_js_id("EVM", ack["seq"]) in sub.ids(), timeout=30, step=0.1))
+        c.close()
+
+
 class MisconfiguredSourceTest(SourceTestCase):
     def test_one_line_and_exit_2(self):
         cases = [
@@ -371,6 +470,10 @@ class MisconfiguredSourceTest(SourceTestCase):
              "source 'a': dead_letter must be a mesh topic"),
             ({"name": "a", "type": "redis", "url": "redis://h", "stream": "s", "group": "g", "nope": 1},
              "key 'source.nope'"),
+            ({"name": "a", "type": "nats", "url": "nats://h"}, "source 'a': subject is required"),
+            ({"name": "a", "type": "nats", "url": "nats://h", "subject": "x", "durable": "d"},
+             "source 'a': durable and stream need jetstream = true"),
+            ({"name": "a", "type": "amqp", "url": "amqp://h"}, "source 'a': type 'amqp' is not implemented yet"),
         ]
         for cfg, want in cases:
             path = source_config(self.tmp, [cfg], "bad.toml")
