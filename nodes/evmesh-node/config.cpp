@@ -498,6 +498,7 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
                 r.boolean("jetstream", s.jetstream);
                 r.str("durable", s.durable);
                 r.duration("ack_wait", s.ack_wait);
+                r.str("queue", s.queue);
                 r.check_unknown();
                 if (!error.empty()) {
                     break;

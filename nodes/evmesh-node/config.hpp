@@ -47,7 +47,7 @@ struct api_config {
 // (docs/BRIDGES.md "Into the mesh"). Checked by validate(); started by node_app.
 struct source_config {
     std::string name;                 // [A-Za-z0-9_.-]{1,64}
-    std::string type;                 // mqtt, redis, nats
+    std::string type;                 // mqtt, redis, nats, amqp
     std::string url;                  // mqtt://[user[:password]@]host[:port], redis://[[user]:password@]host[:port][/db]
     std::string username, password;   // over the URL's
     std::string topic;                // mesh topic template: {topic} {topic.N} {type} and literal text; "" = default
@@ -68,6 +68,8 @@ struct source_config {
     bool jetstream = false;           // a durable pull consumer with acks instead of a core subscription
     std::string durable;              // the durable consumer name; default from node and source names
     std::chrono::milliseconds ack_wait{30000};  // JetStream: redelivery of what was not acked (new consumers)
+    // amqp (batch: the prefetch count)
+    std::string queue;
 };
 
 struct app_config {

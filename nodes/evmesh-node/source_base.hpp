@@ -117,6 +117,7 @@ private:
 std::unique_ptr<inbound_source> make_mqtt_source(node& n, const source_config& cfg);
 std::unique_ptr<inbound_source> make_redis_source(node& n, const source_config& cfg);
 std::unique_ptr<inbound_source> make_nats_source(node& n, const source_config& cfg);
+std::unique_ptr<inbound_source> make_amqp_source(node& n, const source_config& cfg);
 
 // The default consumer identity: stable across restarts, so the broker keeps the session (MQTT)
 // or the pending entries (Redis) for the restarted node.

@@ -255,10 +255,21 @@ bool validate_sources(const std::vector<source_config>& sources, std::string& er
             if (s.ack_wait < std::chrono::milliseconds(100)) {
                 return fail("ack_wait must be at least 100ms");
             }
-        } else if (s.type == "amqp" || s.type == "kafka") {
-            return fail("type '" + s.type + "' is not implemented yet (supported: mqtt, redis, nats)");
+        } else if (s.type == "amqp") {
+            auto u = parse_broker_url(s.url, {"amqp"}, 5672);
+            if (!u) {
+                return fail("url must be amqp://[user:password@]host[:port][/vhost] (got '" + printable_ascii(s.url) + "')");
+            }
+            if (s.queue.empty()) {
+                return fail("queue is required (an existing queue; the source does not declare it)");
+            }
+            if (s.batch > 65535) {
+                return fail("batch (the prefetch count) must be at most 65535");
+            }
+        } else if (s.type == "kafka") {
+            return fail("type 'kafka' is not implemented yet (supported: mqtt, redis, nats, amqp)");
         } else {
-            return fail("type must be mqtt, redis or nats (got '" + printable_ascii(s.type) + "')");
+            return fail("type must be mqtt, redis, nats or amqp (got '" + printable_ascii(s.type) + "')");
         }
     }
     return true;
@@ -475,6 +486,8 @@ bool source_set::start(node& n, const std::vector<source_config>& sources, std::
             s = make_redis_source(n, cfg);
         } else if (cfg.type == "nats") {
             s = make_nats_source(n, cfg);
+        } else if (cfg.type == "amqp") {
+            s = make_amqp_source(n, cfg);
         }
 #endif
         if (!s) {

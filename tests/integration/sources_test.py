@@ -20,7 +20,7 @@ import uuid
 import msgpack
 import zmq
 
-from broker_helpers import Mosquitto, Nats, NatsClient, Redis, stop_all
+from broker_helpers import Mosquitto, Nats, NatsClient, Rabbit, Redis, stop_all
 from evmesh_testlib import NODE, Node, NodeTestCase, free_port, main, read_line, wait_for
 
 
@@ -49,6 +49,12 @@ def nats_core_id(subject, payload):
 
 def nats_js_id(stream, seq):
     return ce_event_id("evmesh:nats", f"nats-js/{stream}/{seq}")
+
+
+def amqp_id(message_id=None, routing_key=None, body=None):
+    if message_id is not None:
+        return ce_event_id("evmesh:amqp", message_id)
+    return ce_event_id("evmesh:amqp", routing_key + "#" + ce_event_id("amqp-payload", body))
 
 
 def redis_id(stream, entry_id):
@@ -455,6 +461,62 @@ class NatsSourceTest(SourceTestCase):
         c.close()
 
 
+class AmqpSourceTest(SourceTestCase):
+    def test_down_at_start_round_trip_and_kill9(self):
+        """One RabbitMQ start (slow on a loaded machine) for everything: the broker down when the
+        node starts, round trips with every kind of id, an undecodable message, a SIGKILL mid-stream."""
+        import pika
+        rb = self.broker(Rabbit(self.btmp), start=False)
+        cfg = {"name": "a", "type": "amqp", "url": rb.url, "queue": "inq", "batch": 50, "wait_for_subscribers": True}
+        node = self.node([cfg])
+        sub = self.subscriber(node, ["orders."])
+        self.assertTrue(wait_for(lambda: "not connected" in node.log(), timeout=30, step=0.1), node.log()[-2000:])
+        rb.start()
+        conn, ch = rb.channel()
+        ch.exchange_declare("evm", exchange_type="topic", durable=True)
+        ch.queue_declare("inq", durable=True)
+        ch.queue_bind("inq", "evm", routing_key="orders.#")
+        self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="a") == 1, timeout=60, step=0.1),
+                        node.log()[-3000:])
+        want = {}
+        persistent = pika.BasicProperties(delivery_mode=2)
+        body = b"no message id"
+        ch.basic_publish("evm", "orders.plain", body, persistent)
+        want[amqp_id(routing_key="orders.plain", body=body)] = "orders.plain"
+        ch.basic_publish("evm", "orders.bin", b'{"q":1}', pika.BasicProperties(
+            delivery_mode=2, content_type="application/json", message_id="ignored-when-ce",
+            headers={"cloudEvents_specversion": "1.0", "cloudEvents_id": "a-ce-1", "cloudEvents_source": "it/amqp",
+                     "cloudEvents_type": "orders.amqp.ce"}))
+        want[ce_event_id("it/amqp", "a-ce-1")] = "orders.amqp.ce"
+        ch.basic_publish("evm", "orders.bad", json.dumps({"specversion": "1.0", "id": "z"}).encode(), persistent)
+        self.assertTrue(wait_for(lambda: set(want) <= set(sub.ids()), timeout=60, step=0.1), node.log()[-3000:])
+        self.assertTrue(wait_for(lambda: self.events_metric(node, "a", "undecodable") == 1, timeout=30, step=0.1))
+        # a stream waiting in the queue while the node is down, the node killed while it reads it
+        self.kill9(node)
+        n = 1500
+        for i in range(n):
+            ch.basic_publish("evm", "orders.stream", f"m {i}".encode(),
+                             pika.BasicProperties(delivery_mode=2, message_id=f"m-{i}"))
+            want[amqp_id(message_id=f"m-{i}")] = "orders.stream"
+        node = self.node([cfg])
+        self.assertTrue(wait_for(lambda: len(sub.ids()) >= 2 + n * 0.3, timeout=60, step=0.005), node.log()[-3000:])
+        self.kill9(node)
+        at_kill = len(set(sub.ids()))
+        node = self.node([cfg])
+        self.assertTrue(wait_for(lambda: set(want) <= set(sub.ids()), timeout=90, step=0.1),
+                        f"{len(set(want) - set(sub.ids()))} missing\n{node.log()[-3000:]}")
+        for eid, topic in want.items():
+            self.assertEqual(sub.by_id(eid)[0], topic)
+        _, ev = sub.by_id(ce_event_id("it/amqp", "a-ce-1"))
+        self.assertEqual((ev[2], ev[5], ev[7]), ("it/amqp", "application/json", b'{"q":1}'))
+        # everything acknowledged: the queue is empty, nothing unacked
+        self.assertTrue(wait_for(lambda: ch.queue_declare("inq", passive=True).method.message_count == 0,
+                                 timeout=30, step=0.2))
+        ids = sub.ids()
+        conn.close()
+        print(f"amqp: {n + 2} messages, node killed after {at_kill}, {len(ids) - len(set(ids))} duplicates")
+
+
 class MisconfiguredSourceTest(SourceTestCase):
     def test_one_line_and_exit_2(self):
         cases = [
@@ -473,7 +535,8 @@ class MisconfiguredSourceTest(SourceTestCase):
             ({"name": "a", "type": "nats", "url": "nats://h"}, "source 'a': subject is required"),
             ({"name": "a", "type": "nats", "url": "nats://h", "subject": "x", "durable": "d"},
              "source 'a': durable and stream need jetstream = true"),
-            ({"name": "a", "type": "amqp", "url": "amqp://h"}, "source 'a': type 'amqp' is not implemented yet"),
+            ({"name": "a", "type": "amqp", "url": "amqp://h"}, "source 'a': queue is required"),
+            ({"name": "a", "type": "kafka", "url": "kafka://h"}, "source 'a': type 'kafka' is not implemented yet"),
         ]
         for cfg, want in cases:
             path = source_config(self.tmp, [cfg], "bad.toml")
