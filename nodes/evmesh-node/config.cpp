@@ -484,6 +484,7 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
                 r.str("topic", s.topic);
                 r.str("dead_letter", s.dead_letter);
                 r.boolean("wait_for_subscribers", s.wait_for_subscribers);
+                r.duration("ack_delay", s.ack_delay);
                 r.str("subscribe", s.subscribe);
                 r.integer("qos", s.qos, 1, 2);
                 r.str("client_id", s.client_id);

@@ -53,6 +53,7 @@ struct source_config {
     std::string topic;                // mesh topic template: {topic} {topic.N} {type} and literal text; "" = default
     std::string dead_letter;          // mesh topic for undecodable messages; "" = count and skip
     bool wait_for_subscribers = false; // at start, consume only once the node has a subscription
+    std::chrono::milliseconds ack_delay{200};  // acks held this long after the node accepted (redis, nats, amqp)
     // mqtt
     std::string subscribe;            // topic filter, e.g. "sensors/#"
     int qos = 1;                      // 1 or 2

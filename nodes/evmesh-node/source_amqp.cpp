@@ -1,6 +1,7 @@
 // The "amqp" source (rabbitmq-c): basic.consume on a queue with manual acknowledgements.
 //
-// A delivery is acked (basic.ack) only after the node accepted its event; what is unacked when
+// A delivery is acked (basic.ack) only after the node accepted its event (and ack_delay later,
+// source_base.hpp ack_holder); what is unacked when
 // the connection ends (the node killed, the source stopping, the network) is requeued by the
 // broker and delivered again (redelivered flag set). prefetch bounds the unacked deliveries the
 // broker sends ahead. The queue is not declared: declare it with your topology.
@@ -106,10 +107,21 @@ private:
             return "basic.consume '" + cfg_.queue + "': " + rpc_error(rr);
         }
         connected();
+        ack_holder<uint64_t> held(cfg_.ack_delay);
+        // acks the held deliveries (all of them, or those held for ack_delay) with one basic.ack
+        // (multiple: delivery tags grow on the channel); false when the ack cannot be sent
+        auto ack = [&](bool all) {
+            auto tags = held.take_ready(all);
+            return tags.empty() || amqp_basic_ack(conn, kChannel, tags.back(), 1) == AMQP_STATUS_OK;
+        };
         while (!stopping()) {
+            if (!ack(false)) {
+                return "basic.ack failed";  // redelivered: same id
+            }
             amqp_maybe_release_buffers(conn);
             amqp_envelope_t env{};
-            timeval wait{1, 0};
+            const auto wait_ms = held.wait_ms(1000);
+            timeval wait{static_cast<time_t>(wait_ms / 1000), static_cast<suseconds_t>((wait_ms % 1000) * 1000)};
             rr = amqp_consume_message(conn, &env, &wait, 0);
             if (rr.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && rr.library_error == AMQP_STATUS_TIMEOUT) {
                 continue;
@@ -134,12 +146,12 @@ private:
             const uint64_t tag = env.delivery_tag;
             amqp_destroy_envelope(&env);
             if (d == delivery::stopping) {
-                return "stopping";  // not acked: requeued when the connection closes
+                ack(true);  // the node is alive and has them; this one is requeued at the close
+                return "stopping";
             }
-            if (int st = amqp_basic_ack(conn, kChannel, tag, 0); st != AMQP_STATUS_OK) {
-                return std::string("basic.ack: ") + amqp_error_string2(st);  // redelivered: same id
-            }
+            held.add(tag);
         }
+        ack(true);  // a graceful stop: the node forwards what it accepted before it stops
         return "stopping";
     }
 

@@ -5,8 +5,10 @@
 // acknowledges only when deliver() answers `accepted`.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <deque>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -62,6 +64,46 @@ private:
 };
 
 enum class delivery { accepted, stopping };
+
+// Acknowledgements held for ack_delay after the node accepted the event. Accepted means the
+// node's publisher took it; the node's I/O thread hands it to the subscribers a moment later. A
+// node killed (SIGKILL) within that moment would lose an event whose message was already
+// acknowledged; held back, the acknowledgement dies with the node and the broker delivers the
+// message again (a duplicate with the same id, never a loss). Items come out in the order added.
+template <class T>
+class ack_holder {
+public:
+    explicit ack_holder(std::chrono::milliseconds delay) : delay_(delay) {}
+
+    void add(T v) { q_.emplace_back(std::chrono::steady_clock::now(), std::move(v)); }
+    bool empty() const { return q_.empty(); }
+
+    // The items held for ack_delay (every item when `all`), oldest first.
+    std::vector<T> take_ready(bool all = false) {
+        std::vector<T> out;
+        const auto limit = std::chrono::steady_clock::now() - delay_;
+        while (!q_.empty() && (all || q_.front().first <= limit)) {
+            out.push_back(std::move(q_.front().second));
+            q_.pop_front();
+        }
+        return out;
+    }
+
+    // Milliseconds until the oldest item is ready (1 at least); `idle` when nothing is held.
+    std::int64_t wait_ms(std::int64_t idle) const {
+        if (q_.empty()) {
+            return idle;
+        }
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                              q_.front().first + delay_ - std::chrono::steady_clock::now())
+                              .count();
+        return std::clamp<std::int64_t>(left, 1, idle);
+    }
+
+private:
+    std::chrono::milliseconds delay_;
+    std::deque<std::pair<std::chrono::steady_clock::time_point, T>> q_;
+};
 
 class inbound_source {
 public:

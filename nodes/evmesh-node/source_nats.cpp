@@ -3,7 +3,8 @@
 // Core NATS keeps nothing and has no acknowledgement: what is published while the source is not
 // subscribed (node down, connection lost) is gone; that is core NATS, not a choice of the source.
 // JetStream: the durable consumer remembers what was acknowledged; a message is acked
-// (natsMsg_Ack) only after the node accepted its event, and one not acked is delivered again after
+// (natsMsg_Ack) only after the node accepted its event (and ack_delay later, source_base.hpp
+// ack_holder), and one not acked is delivered again after
 // the consumer's ack_wait, also to the restarted node (same durable name).
 #include "source_base.hpp"
 
@@ -56,6 +57,9 @@ private:
                     s = subscribe_jetstream(nc, &js, &sub, why);
                 } else {
                     s = natsConnection_SubscribeSync(&sub, nc, cfg_.subject.c_str());
+                    // the server has the subscription once it answered a PING sent after it:
+                    // "connected" then means messages published from now on reach the source
+                    if (s == NATS_OK) s = natsConnection_FlushTimeout(nc, 5000);
                 }
             }
             if (s == NATS_OK) {
@@ -105,9 +109,23 @@ private:
         return s;
     }
 
+    // Acks the held JetStream messages (all, or those held for ack_delay) and frees them.
+    void ack(bool all) {
+        for (natsMsg* msg : held_.take_ready(all)) {
+            natsMsg_Ack(msg, nullptr);  // lost with the connection: delivered again (same id)
+            natsMsg_Destroy(msg);
+        }
+    }
+
     void consume(natsConnection* nc, natsSubscription* sub) {
+        consume_loop(nc, sub);
+        ack(true);  // the node has what it accepted (a graceful stop, or libnats gave up)
+    }
+
+    void consume_loop(natsConnection* nc, natsSubscription* sub) {
         bool up = true;
         while (!stopping()) {
+            ack(false);
             if (natsConnection_IsClosed(nc)) {
                 return;
             }
@@ -127,13 +145,15 @@ private:
             if (cfg_.jetstream) {
                 natsMsgList list{};
                 jsErrCode jerr = static_cast<jsErrCode>(0);
-                natsStatus s = natsSubscription_Fetch(&list, sub, cfg_.batch, 1000, &jerr);
+                natsStatus s = natsSubscription_Fetch(&list, sub, cfg_.batch, held_.wait_ms(1000), &jerr);
                 if (s == NATS_OK) {
                     for (int i = 0; i < list.Count; ++i) {
                         if (!handle(list.Msgs[i], true)) {
                             natsMsgList_Destroy(&list);
                             return;  // stopping: the rest are not acked (delivered again)
                         }
+                        held_.add(list.Msgs[i]);  // acked ack_delay later
+                        list.Msgs[i] = nullptr;   // kept, not destroyed with the list
                     }
                 } else if (s != NATS_TIMEOUT) {
                     pause(100);  // e.g. a request that failed while reconnecting
@@ -188,16 +208,11 @@ private:
         } else {
             m.position = m.broker_topic + "#" + to_string(ce_event_id("nats-payload", m.body));
         }
-        if (deliver(m) == delivery::stopping) {
-            return false;
-        }
-        if (jetstream) {
-            natsMsg_Ack(msg, nullptr);  // lost with the connection: delivered again (same id)
-        }
-        return true;
+        return deliver(m) != delivery::stopping;
     }
 
     std::string durable_;
+    ack_holder<natsMsg*> held_{cfg_.ack_delay};
 };
 
 }  // namespace

@@ -1,7 +1,8 @@
 // The "redis" source: a consumer of a consumer group on a Redis stream (hiredis).
 //
 // XREADGROUP hands entries to this consumer and puts them in the group's pending entries list
-// (PEL); an entry is XACKed only after the node accepted its event. After a (re)connect the
+// (PEL); an entry is XACKed only after the node accepted its event (and ack_delay later,
+// source_base.hpp ack_holder). After a (re)connect the
 // source first reads its own PEL from id 0 (what it had read but not acknowledged before a crash),
 // then new entries (">"); every claim_idle it also takes over entries another consumer left
 // pending that long (XAUTOCLAIM), e.g. of a node that is gone for good.
@@ -109,7 +110,19 @@ private:
         }
     }
 
+    // XACKs the held entries (all, or those held for ack_delay).
+    void ack(redisContext* c, bool all) {
+        auto ids = held_.take_ready(all);
+        if (ids.empty()) {
+            return;
+        }
+        std::vector<std::string> args = {"XACK", cfg_.stream, cfg_.group};
+        args.insert(args.end(), ids.begin(), ids.end());
+        command(c, args);
+    }
+
     void consume(redisContext* c) {
+        held_ = ack_holder<std::string>(cfg_.ack_delay);  // a new connection: the old held ones are pending again
         std::string from = "0";  // our own pending entries first, then new ones
         auto next_claim = std::chrono::steady_clock::now();
         while (!stopping()) {
@@ -130,25 +143,33 @@ private:
                     }
                 } while (cursor != "0-0" && !stopping());
             }
+            ack(c, false);
             auto r = command(c, {"XREADGROUP", "GROUP", cfg_.group, consumer_, "COUNT", std::to_string(cfg_.batch),
-                                 "BLOCK", "1000", "STREAMS", cfg_.stream, from});
+                                 "BLOCK", std::to_string(held_.wait_ms(1000)), "STREAMS", cfg_.stream, from});
             if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
                 continue;  // nil: nothing new within the block time
             }
             const redisReply* entries = r->element[0]->elements >= 2 ? r->element[0]->element[1] : nullptr;
-            if (from == "0" && (entries == nullptr || entries->elements == 0)) {
+            if (from != ">" && (entries == nullptr || entries->elements == 0)) {
                 from = ">";  // the pending list is done
                 continue;
             }
             if (entries != nullptr && !handle_entries(c, entries)) {
                 return;
             }
+            if (from != ">" && entries != nullptr) {
+                // reading our pending list: go on after the last entry (held ones are still in it)
+                const redisReply* last = entries->element[entries->elements - 1];
+                if (last->type == REDIS_REPLY_ARRAY && last->elements >= 1 && last->element[0]->type == REDIS_REPLY_STRING) {
+                    from.assign(last->element[0]->str, last->element[0]->len);
+                }
+            }
         }
+        ack(c, true);  // a graceful stop: the node forwards what it accepted before it stops
     }
 
-    // Delivers each entry and acknowledges the accepted ones. False when stopping.
+    // Delivers each entry and holds the accepted ones for acknowledgement. False when stopping.
     bool handle_entries(redisContext* c, const redisReply* entries) {
-        std::vector<std::string> ack = {"XACK", cfg_.stream, cfg_.group};
         bool go_on = true;
         for (std::size_t i = 0; i < entries->elements && go_on; ++i) {
             const redisReply* e = entries->element[i];
@@ -158,7 +179,7 @@ private:
             std::string id(e->element[0]->str, e->element[0]->len);
             const redisReply* fields = e->element[1];
             if (fields->type != REDIS_REPLY_ARRAY) {
-                ack.push_back(id);  // deleted from the stream (XDEL/trimmed) while pending: nothing to deliver
+                held_.add(id);  // deleted from the stream (XDEL/trimmed) while pending: nothing to deliver
                 continue;
             }
             inbound_message m;
@@ -189,15 +210,16 @@ private:
                 go_on = false;
                 break;
             }
-            ack.push_back(id);
+            held_.add(id);
         }
-        if (ack.size() > 3) {
-            command(c, ack);
+        if (!go_on) {
+            ack(c, true);  // the node is alive and has them
         }
         return go_on;
     }
 
     std::string host_, db_, user_, password_, consumer_, broker_topic_;
+    ack_holder<std::string> held_{std::chrono::milliseconds(0)};
     int port_ = 6379;
 };
 

@@ -204,6 +204,9 @@ bool validate_sources(const std::vector<source_config>& sources, std::string& er
         if (s.url.empty()) {
             return fail("url is required");
         }
+        if (s.ack_delay > std::chrono::milliseconds(60000)) {
+            return fail("ack_delay must be at most 60s");
+        }
         if (s.type == "mqtt") {
             auto u = parse_broker_url(s.url, {"mqtt", "tcp"}, 1883);
             if (!u || !u->path.empty()) {

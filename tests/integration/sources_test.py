@@ -309,6 +309,7 @@ class RedisSourceTest(SourceTestCase):
     def test_round_trip_ids_cloudevents_dead_letter(self):
         r = self.broker(Redis(self.btmp))
         db = r.client()
+        self.addCleanup(db.close)
         node = self.node([redis_source(r, dead_letter="dead.redis")])
         sub = self.subscriber(node, ["orders.", "dead."])
         self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="r") == 1, timeout=30, step=0.1),
@@ -338,6 +339,7 @@ class RedisSourceTest(SourceTestCase):
     def test_kill9_mid_stream_nothing_lost(self):
         r = self.broker(Redis(self.btmp))
         db = r.client()
+        self.addCleanup(db.close)
         n = 3000
         want = []
         pipe = db.pipeline()
@@ -366,7 +368,9 @@ class RedisSourceTest(SourceTestCase):
         r.start()
         self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="r") == 1, timeout=30, step=0.1),
                         node.log()[-3000:])
-        eid = r.client().xadd("orders:in", {"data": "late"}).decode()
+        db = r.client()
+        self.addCleanup(db.close)
+        eid = db.xadd("orders:in", {"data": "late"}).decode()
         self.assertTrue(wait_for(lambda: redis_id("orders:in", eid) in sub.ids(), timeout=30, step=0.1))
 
 
