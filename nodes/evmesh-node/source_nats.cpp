@@ -3,7 +3,7 @@
 // Core NATS keeps nothing and has no acknowledgement: what is published while the source is not
 // subscribed (node down, connection lost) is gone; that is core NATS, not a choice of the source.
 // JetStream: the durable consumer remembers what was acknowledged; a message is acked
-// (natsMsg_Ack) only after the node accepted its event (and ack_delay later, source_base.hpp
+// ("+ACK" to the reply subject) only after the node accepted its event (and ack_delay later, source_base.hpp
 // ack_holder), and one not acked is delivered again after
 // the consumer's ack_wait, also to the restarted node (same durable name).
 #include "source_base.hpp"
@@ -109,23 +109,26 @@ private:
         return s;
     }
 
-    // Acks the held JetStream messages (all, or those held for ack_delay) and frees them.
-    void ack(bool all) {
-        for (natsMsg* msg : held_.take_ready(all)) {
-            natsMsg_Ack(msg, nullptr);  // lost with the connection: delivered again (same id)
-            natsMsg_Destroy(msg);
+    // Acks the held JetStream messages (all, or those held for ack_delay). A JetStream ack is a
+    // "+ACK" published to the message's reply subject (what natsMsg_Ack sends), so only that
+    // subject is held, not the message.
+    void ack(natsConnection* nc, bool all) {
+        for (const std::string& reply : held_.take_ready(all)) {
+            natsConnection_PublishString(nc, reply.c_str(), "+ACK");  // lost: delivered again (same id)
         }
     }
 
     void consume(natsConnection* nc, natsSubscription* sub) {
+        held_ = ack_holder<std::string>(cfg_.ack_delay);
         consume_loop(nc, sub);
-        ack(true);  // the node has what it accepted (a graceful stop, or libnats gave up)
+        ack(nc, true);  // the node has what it accepted (a graceful stop, or libnats gave up)
+        natsConnection_FlushTimeout(nc, 1000);
     }
 
     void consume_loop(natsConnection* nc, natsSubscription* sub) {
         bool up = true;
         while (!stopping()) {
-            ack(false);
+            ack(nc, false);
             if (natsConnection_IsClosed(nc)) {
                 return;
             }
@@ -145,15 +148,18 @@ private:
             if (cfg_.jetstream) {
                 natsMsgList list{};
                 jsErrCode jerr = static_cast<jsErrCode>(0);
-                natsStatus s = natsSubscription_Fetch(&list, sub, cfg_.batch, held_.wait_ms(1000), &jerr);
+                // not below 100 ms: each fetch is a pull request the server answers until it expires
+                natsStatus s = natsSubscription_Fetch(&list, sub, cfg_.batch,
+                                                      std::max<std::int64_t>(held_.wait_ms(1000), 100), &jerr);
                 if (s == NATS_OK) {
                     for (int i = 0; i < list.Count; ++i) {
                         if (!handle(list.Msgs[i], true)) {
                             natsMsgList_Destroy(&list);
                             return;  // stopping: the rest are not acked (delivered again)
                         }
-                        held_.add(list.Msgs[i]);  // acked ack_delay later
-                        list.Msgs[i] = nullptr;   // kept, not destroyed with the list
+                        if (const char* reply = natsMsg_GetReply(list.Msgs[i]); reply != nullptr && *reply) {
+                            held_.add(reply);  // acked ack_delay later
+                        }
                     }
                 } else if (s != NATS_TIMEOUT) {
                     pause(100);  // e.g. a request that failed while reconnecting
@@ -212,7 +218,7 @@ private:
     }
 
     std::string durable_;
-    ack_holder<natsMsg*> held_{cfg_.ack_delay};
+    ack_holder<std::string> held_{cfg_.ack_delay};
 };
 
 }  // namespace
