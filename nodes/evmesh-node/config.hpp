@@ -71,6 +71,8 @@ struct source_config {
     std::chrono::milliseconds ack_wait{30000};  // JetStream: redelivery of what was not acked (new consumers)
     // amqp (batch: the prefetch count)
     std::string queue;
+
+    friend bool operator==(const source_config&, const source_config&) = default;
 };
 
 struct app_config {

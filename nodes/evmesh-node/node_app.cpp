@@ -954,6 +954,9 @@ bool node_app::reload() {
         a.repair.patterns != b.repair.patterns || next.http_address != cfg_.http_address) {
         restart.push_back("node settings ([node], [discovery], [flow], [repair], http)");
     }
+    if (!(next.sources == cfg_.sources)) {
+        restart.push_back("sources ([[source]])");  // a source's broker session is not swapped live
+    }
     spdlog::info("reload: applied: {}{}{}", applied.empty() ? "nothing changed" : fmt::format("{}", fmt::join(applied, ", ")),
                  restart.empty() ? "" : "; need a restart (kept as they were): ", fmt::join(restart, ", "));
     notify(ok ? "READY=1\nSTATUS=serving (reloaded)" : "READY=1\nSTATUS=serving (reload failed, see log)");
