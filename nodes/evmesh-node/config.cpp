@@ -1,5 +1,6 @@
 #include "config.hpp"
 #include "http_server.hpp"
+#include "sources.hpp"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -466,6 +467,47 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
             }
         }
     }
+    top.seen("source");
+    if (const auto* node = root.get("source"); node != nullptr && error.empty()) {
+        const auto* arr = node->as_array();
+        if (arr == nullptr || !arr->is_array_of_tables()) {
+            error = "line " + std::to_string(node->source().begin.line) + ": 'source' must be an array of tables ([[source]])";
+        } else {
+            for (const auto& e : *arr) {
+                source_config s;
+                table_reader r(*e.as_table(), "source", error);
+                r.str("name", s.name);
+                r.str("type", s.type);
+                r.str("url", s.url);
+                r.str("username", s.username);
+                r.str("password", s.password);
+                r.str("topic", s.topic);
+                r.str("dead_letter", s.dead_letter);
+                r.boolean("wait_for_subscribers", s.wait_for_subscribers);
+                r.duration("ack_delay", s.ack_delay);
+                r.str("subscribe", s.subscribe);
+                r.integer("qos", s.qos, 1, 2);
+                r.str("client_id", s.client_id);
+                r.duration("session_expiry", s.session_expiry);
+                r.str("stream", s.stream);
+                r.str("group", s.group);
+                r.str("consumer", s.consumer);
+                r.str("field", s.field);
+                r.integer("batch", s.batch, 1, 10000);
+                r.duration("claim_idle", s.claim_idle);
+                r.str("subject", s.subject);
+                r.boolean("jetstream", s.jetstream);
+                r.str("durable", s.durable);
+                r.duration("ack_wait", s.ack_wait);
+                r.str("queue", s.queue);
+                r.check_unknown();
+                if (!error.empty()) {
+                    break;
+                }
+                cfg.sources.push_back(std::move(s));
+            }
+        }
+    }
     if (const auto* t = top.table("api")) {
         // the listener's keys are the run.http* ones under shorter names
         table_reader r(*t, "api", error);
@@ -697,6 +739,9 @@ bool validate(const app_config& cfg, std::string& error) {
             error = at + "topic is required (a template such as \"github.{header.x-github-event}\")";
             return false;
         }
+    }
+    if (!validate_sources(cfg.sources, error)) {
+        return false;
     }
     const auto& d = cfg.node.discovery;
     if (d.enabled && d.scope == discovery_scope::lan && d.broadcast

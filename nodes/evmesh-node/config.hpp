@@ -43,6 +43,38 @@ struct api_config {
     std::chrono::milliseconds stream_heartbeat{15000};  // SSE comment / WebSocket ping interval
 };
 
+// [[source]]: an inbound bridge that consumes from a broker and publishes into the mesh
+// (docs/BRIDGES.md "Into the mesh"). Checked by validate(); started by node_app.
+struct source_config {
+    std::string name;                 // [A-Za-z0-9_.-]{1,64}
+    std::string type;                 // mqtt, redis, nats, amqp
+    std::string url;                  // mqtt://[user[:password]@]host[:port], redis://[[user]:password@]host[:port][/db]
+    std::string username, password;   // over the URL's
+    std::string topic;                // mesh topic template: {topic} {topic.N} {type} and literal text; "" = default
+    std::string dead_letter;          // mesh topic for undecodable messages; "" = count and skip
+    bool wait_for_subscribers = false; // at start, consume only once the node has a subscription
+    std::chrono::milliseconds ack_delay{200};  // acks held this long after the node accepted (redis, nats, amqp)
+    // mqtt
+    std::string subscribe;            // topic filter, e.g. "sensors/#"
+    int qos = 1;                      // 1 or 2
+    std::string client_id;            // default evmesh-<node>-<source>: a stable id keeps the session
+    std::chrono::milliseconds session_expiry{24LL * 3600 * 1000};
+    // redis
+    std::string stream, group, consumer;  // consumer default: <node>-<source>
+    std::string field = "data";       // the entry field holding the payload
+    int batch = 100;                  // XREADGROUP COUNT
+    std::chrono::milliseconds claim_idle{60000};  // XAUTOCLAIM entries idle this long (another consumer died)
+    // nats (stream: the JetStream stream, optional)
+    std::string subject;              // subject (wildcards allowed), or the JetStream consumer's filter
+    bool jetstream = false;           // a durable pull consumer with acks instead of a core subscription
+    std::string durable;              // the durable consumer name; default from node and source names
+    std::chrono::milliseconds ack_wait{30000};  // JetStream: redelivery of what was not acked (new consumers)
+    // amqp (batch: the prefetch count)
+    std::string queue;
+
+    friend bool operator==(const source_config&, const source_config&) = default;
+};
+
 struct app_config {
     node_options node;
     std::string log_level = "info";   // trace, debug, info, warn, error, off
@@ -62,6 +94,7 @@ struct app_config {
     std::string mesh_secret_file;  // [security] the mesh secret, mode 0600
     channels::runtime_options channels;  // [outbox] and [[channel]]; no channels = no outbox
     api_config api;
+    std::vector<source_config> sources;  // [[source]]
 };
 
 // run.http split into host (IPv6 brackets removed) and port 0..65535; false when malformed.

@@ -1,4 +1,5 @@
 #include "node_app.hpp"
+#include "sources.hpp"
 #include "api.hpp"
 #include "streams.hpp"
 #include "cloudevents_http.hpp"
@@ -543,6 +544,9 @@ int node_app::start() {
             if (streams_) {
                 res.body += streams_->metrics(nd->name());
             }
+            if (sources_) {
+                res.body += sources_->metrics(nd->name());
+            }
             res.content_type = "text/plain; version=0.0.4";
         });
         // Channel administration (docs/CHANNELS.md). The endpoint binds loopback by default and
@@ -725,6 +729,16 @@ int node_app::start() {
         stop();
         return 3;
     }
+    if (!cfg_.sources.empty()) {
+        // each source on its own thread; a broker that is down is retried there, not an error
+        sources_ = std::make_unique<source_set>();
+        std::string error;
+        if (!sources_->start(*node_, cfg_.sources, error)) {
+            std::fprintf(stderr, "evmesh-node: cannot start: %s\n", error.c_str());
+            stop();
+            return 3;
+        }
+    }
     std::printf("READY %s\n", ready.dump().c_str());
     std::fflush(stdout);
     notify("READY=1\nSTATUS=serving");
@@ -773,6 +787,9 @@ void node_app::stop() {
     if (watchdog_.joinable()) {
         watchdog_.join();
     }
+    if (sources_) {
+        sources_->stop();  // nothing read and not yet accepted is acknowledged: the broker keeps it
+    }
     if (auto chs = current_channels()) {
         // stops intake and deliveries; the object stays until the admin endpoints are gone
         chs->stop(std::chrono::milliseconds(cfg_.drain_ms / 2));
@@ -792,6 +809,7 @@ void node_app::stop() {
     }
     streams_.reset();
     api_.reset();
+    sources_.reset();
     {
         std::lock_guard lk(channels_m_);
         channels_.reset();
@@ -935,6 +953,9 @@ bool node_app::reload() {
         a.discovery.port != b.discovery.port || a.discovery.seeds != b.discovery.seeds ||
         a.repair.patterns != b.repair.patterns || next.http_address != cfg_.http_address) {
         restart.push_back("node settings ([node], [discovery], [flow], [repair], http)");
+    }
+    if (!(next.sources == cfg_.sources)) {
+        restart.push_back("sources ([[source]])");  // a source's broker session is not swapped live
     }
     spdlog::info("reload: applied: {}{}{}", applied.empty() ? "nothing changed" : fmt::format("{}", fmt::join(applied, ", ")),
                  restart.empty() ? "" : "; need a restart (kept as they were): ", fmt::join(restart, ", "));

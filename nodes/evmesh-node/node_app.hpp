@@ -79,7 +79,8 @@ private:
     struct ingest;
     std::unique_ptr<ingest> ingest_;  // POST /v1/events, /v1/ingest/<source>
     std::unique_ptr<class api> api_;  // keys, scopes, the endpoint registry (docs/API.md)
-    std::unique_ptr<class stream_hub> streams_;  // SSE and WebSocket (docs/STREAMS.md)
+    std::unique_ptr<class stream_hub> streams_;
+    std::unique_ptr<class source_set> sources_;  // [[source]]: inbound bridges (docs/BRIDGES.md)  // SSE and WebSocket (docs/STREAMS.md)
     std::chrono::steady_clock::time_point started_;
 };
 
