@@ -35,6 +35,8 @@
 #include <evmesh/codec.hpp>
 #include <evmesh/event.hpp>
 
+#include "bench_node.hpp"
+
 namespace {
 
 namespace asio = boost::asio;
@@ -50,116 +52,9 @@ struct options {
     bool quick = false;
 };
 
-struct node_proc {
-    pid_t pid = -1;
-    std::string cfg_path, http, pub, sub;
-};
-
-std::int64_t mono_ns() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-}
-
-double proc_cpu_s(pid_t pid) {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-    std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    const auto close = all.rfind(')');
-    if (close == std::string::npos) {
-        return 0;
-    }
-    std::istringstream in(all.substr(close + 2));
-    std::string field;
-    double ticks = 0;
-    for (int i = 3; i <= 15 && in >> field; ++i) {
-        if (i == 14 || i == 15) {
-            ticks += std::strtod(field.c_str(), nullptr);  // utime, stime
-        }
-    }
-    return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
-// A string field of the READY line, or the first element of an array field ("pub": ["tcp://..."]).
-std::string json_str(const std::string& line, const std::string& key) {
-    const auto k = line.find("\"" + key + "\":");
-    if (k == std::string::npos) {
-        return {};
-    }
-    const auto p = line.find('"', k + key.size() + 3);
-    const auto e = p == std::string::npos ? p : line.find('"', p + 1);
-    return e == std::string::npos ? std::string() : line.substr(p + 1, e - p - 1);
-}
-
-std::string default_node_path(const char* argv0) {
-    char buf[4096];
-    const auto n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-    std::string self = n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string(argv0);
-    const auto dir = self.substr(0, self.rfind('/'));  // build/tests
-    return dir + "/../nodes/evmesh-node";
-}
-
-bool start_node(const options& o, node_proc& np) {
-    char tmpl[] = "/tmp/evmesh-publish-bench-XXXXXX";
-    const int fd = mkstemp(tmpl);
-    if (fd < 0) {
-        return false;
-    }
-    np.cfg_path = tmpl;
-    const std::string cfg = "[api]\npublish = true\nstreams = false\n";
-    if (write(fd, cfg.data(), cfg.size()) != static_cast<ssize_t>(cfg.size())) {
-        close(fd);
-        return false;
-    }
-    close(fd);
-    int out[2];
-    if (pipe(out) != 0) {
-        return false;
-    }
-    np.pid = fork();
-    if (np.pid == 0) {
-        dup2(out[1], STDOUT_FILENO);
-        close(out[0]);
-        const int devnull = ::open("/dev/null", O_WRONLY);
-        dup2(devnull, STDERR_FILENO);
-        // block: the node holds a publisher back instead of dropping for a slow subscriber, so
-        // every mode must deliver all N events (the HTTP path answers 503 rather than drop)
-        execl(o.node_path.c_str(), o.node_path.c_str(), "--name", "publish-bench", "--no-mesh", "--config",
-              np.cfg_path.c_str(), "--http", "127.0.0.1:0", "--pub-endpoint", "tcp://127.0.0.1:*",
-              "--sub-endpoint", "tcp://127.0.0.1:*", "--slow-subscriber", "block", "--log-level", "warn",
-              static_cast<char*>(nullptr));
-        _exit(127);
-    }
-    close(out[1]);
-    FILE* f = fdopen(out[0], "r");
-    char line[4096];
-    while (std::fgets(line, sizeof(line), f) != nullptr) {
-        const std::string l(line);
-        if (l.rfind("READY ", 0) == 0) {
-            np.http = json_str(l, "http");
-            np.pub = json_str(l, "pub");
-            np.sub = json_str(l, "sub");
-            std::thread([f] {
-                char sink[4096];
-                while (std::fgets(sink, sizeof(sink), f) != nullptr) {
-                }
-                std::fclose(f);
-            }).detach();
-            return !np.http.empty() && !np.pub.empty() && !np.sub.empty();
-        }
-    }
-    std::fclose(f);
-    return false;
-}
-
-void stop_node(node_proc& np) {
-    if (np.pid > 0) {
-        kill(np.pid, SIGTERM);
-        int st = 0;
-        waitpid(np.pid, &st, 0);
-    }
-    if (!np.cfg_path.empty()) {
-        unlink(np.cfg_path.c_str());
-    }
-}
+using bench::mono_ns;
+using bench::node_proc;
+using bench::proc_cpu_s;
 
 // Counts events on `topic` arriving at a SUB socket of the node.
 class counter {
@@ -368,7 +263,7 @@ int usage() {
 
 int main(int argc, char** argv) {
     options o;
-    o.node_path = default_node_path(argv[0]);
+    o.node_path = bench::default_node_path(argv[0]);
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
@@ -389,9 +284,11 @@ int main(int argc, char** argv) {
     }
     signal(SIGPIPE, SIG_IGN);
     node_proc np;
-    if (!start_node(o, np)) {
+    // block: the node holds a publisher back instead of dropping for a slow subscriber, so every
+    // mode must deliver all N events (the HTTP path answers 503 rather than drop)
+    if (!bench::start_node(o.node_path, "publish-bench", "[api]\npublish = true\nstreams = false\n",
+                           {"--slow-subscriber", "block"}, np)) {
         std::fprintf(stderr, "publish_bench: cannot start %s\n", o.node_path.c_str());
-        stop_node(np);
         return 1;
     }
     const auto colon = np.http.rfind(':');
@@ -408,7 +305,7 @@ int main(int argc, char** argv) {
         results.push_back(run_http("batch", ep, np, cnt, o.events, o.connections, o.batch, false));
     }
     zmq_ctx_term(ctx);
-    stop_node(np);
+    np.stop();
 
     std::printf("publish into one evmesh-node, %d events per mode, %d HTTP keep-alive connections, batch %d; "
                 "delivered = counted at a ZeroMQ SUB of the node\n",

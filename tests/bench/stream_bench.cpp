@@ -40,6 +40,8 @@
 #include <evmesh/codec.hpp>
 #include <evmesh/event.hpp>
 
+#include "bench_node.hpp"
+
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace websocket = beast::websocket;
@@ -47,47 +49,10 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
-std::int64_t mono_ns() {
-    timespec ts{};
-    clock_gettime(CLOCK_MONOTONIC, &ts);  // the same clock in every process of the host
-    return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
-}
-
-long proc_rss_kib(pid_t pid) {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/status");
-    std::string line;
-    while (std::getline(f, line)) {
-        if (line.rfind("VmRSS:", 0) == 0) {
-            return std::strtol(line.c_str() + 6, nullptr, 10);
-        }
-    }
-    return 0;
-}
-
-double proc_cpu_s(pid_t pid) {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-    std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    const auto close = all.rfind(')');
-    if (close == std::string::npos) {
-        return 0;
-    }
-    std::istringstream in(all.substr(close + 2));
-    std::string field;
-    double ticks = 0;
-    for (int i = 3; i <= 15 && in >> field; ++i) {
-        if (i == 14 || i == 15) {
-            ticks += std::strtod(field.c_str(), nullptr);  // utime, stime
-        }
-    }
-    return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
-void raise_fd_limit() {
-    rlimit rl{};
-    getrlimit(RLIMIT_NOFILE, &rl);
-    rl.rlim_cur = rl.rlim_max;
-    setrlimit(RLIMIT_NOFILE, &rl);
-}
+using bench::mono_ns;
+using bench::node_proc;
+using bench::proc_cpu_s;
+using bench::proc_rss_kib;
 
 struct latencies {
     std::mutex m;
@@ -257,99 +222,11 @@ struct options {
     bool quick = false;
 };
 
-std::string default_node_path(const char* argv0) {
-    char buf[4096];
-    const auto n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-    std::string self = n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string(argv0);
-    const auto dir = self.substr(0, self.rfind('/'));  // build/tests
-    return dir + "/../nodes/evmesh-node";
-}
-
-struct node_proc {
-    pid_t pid = -1;
-    std::string http, pub, sub;
-    std::string cfg_path;
-    ~node_proc() {
-        if (pid > 0) {
-            kill(pid, SIGTERM);
-            int st = 0;
-            for (int i = 0; i < 100 && waitpid(pid, &st, WNOHANG) == 0; ++i) {
-                std::this_thread::sleep_for(std::chrono::milliseconds(50));
-            }
-            if (waitpid(pid, &st, WNOHANG) == 0) {
-                kill(pid, SIGKILL);
-                waitpid(pid, &st, 0);
-            }
-        }
-        if (!cfg_path.empty()) {
-            unlink(cfg_path.c_str());
-        }
-    }
-};
-
-std::string json_str(const std::string& line, const std::string& key) {
-    const auto k = line.find("\"" + key + "\":");
-    if (k == std::string::npos) {
-        return {};
-    }
-    auto p = line.find('"', k + key.size() + 3);
-    if (line[k + key.size() + 3] == '[') {
-        p = line.find('"', k + key.size() + 4);
-    }
-    const auto e = line.find('"', p + 1);
-    return line.substr(p + 1, e - p - 1);
-}
-
 bool start_node(const options& o, node_proc& np) {
-    char tmpl[] = "/tmp/evmesh-stream-bench-XXXXXX";
-    const int fd = mkstemp(tmpl);
-    if (fd < 0) {
-        return false;
-    }
-    np.cfg_path = tmpl;
-    const std::string cfg = "[api]\nstreams = true\nstream_max_connections = " + std::to_string(o.connections + 100) +
-                            "\n";
-    if (write(fd, cfg.data(), cfg.size()) != static_cast<ssize_t>(cfg.size())) {
-        close(fd);
-        return false;
-    }
-    close(fd);
-    int out[2];
-    if (pipe(out) != 0) {
-        return false;
-    }
-    np.pid = fork();
-    if (np.pid == 0) {
-        dup2(out[1], STDOUT_FILENO);
-        close(out[0]);
-        const int devnull = ::open("/dev/null", O_WRONLY);
-        dup2(devnull, STDERR_FILENO);
-        execl(o.node_path.c_str(), o.node_path.c_str(), "--name", "stream-bench", "--no-mesh", "--config",
-              np.cfg_path.c_str(), "--http", "127.0.0.1:0", "--pub-endpoint", "tcp://127.0.0.1:*",
-              "--sub-endpoint", "tcp://127.0.0.1:*", "--log-level", "warn", static_cast<char*>(nullptr));
-        _exit(127);
-    }
-    close(out[1]);
-    FILE* f = fdopen(out[0], "r");
-    char line[4096];
-    while (std::fgets(line, sizeof(line), f) != nullptr) {
-        const std::string l(line);
-        if (l.rfind("READY ", 0) == 0) {
-            np.http = json_str(l, "http");
-            np.pub = json_str(l, "pub");
-            np.sub = json_str(l, "sub");
-            // keep the pipe open in a thread that drains it: the node may log to stdout
-            std::thread([f] {
-                char sink[4096];
-                while (std::fgets(sink, sizeof(sink), f) != nullptr) {
-                }
-                std::fclose(f);
-            }).detach();
-            return !np.http.empty() && !np.pub.empty() && !np.sub.empty();
-        }
-    }
-    std::fclose(f);
-    return false;
+    return bench::start_node(o.node_path, "stream-bench",
+                             "[api]\nstreams = true\nstream_max_connections = " + std::to_string(o.connections + 100) +
+                                 "\n",
+                             {}, np);
 }
 
 int usage() {
@@ -362,7 +239,7 @@ int usage() {
 
 int main(int argc, char** argv) {
     options o;
-    o.node_path = default_node_path(argv[0]);
+    o.node_path = bench::default_node_path(argv[0]);
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
@@ -384,7 +261,7 @@ int main(int argc, char** argv) {
     if (o.connections <= 0 || o.rate <= 0 || o.seconds <= 0) {
         return usage();
     }
-    raise_fd_limit();
+    bench::raise_fd_limit();
     signal(SIGPIPE, SIG_IGN);
     node_proc np;
     if (!start_node(o, np)) {
