@@ -9,6 +9,7 @@
 //
 // rabbitmq-c connections are not thread-safe, so each worker leases a connection of its own from a
 // small pool; one publish is in flight per connection, and the worker waits for its confirm.
+#include "amqp_reply.hpp"
 #include "bridge_common.hpp"
 
 #include <amqp.h>
@@ -18,6 +19,8 @@
 
 namespace evmesh::channels {
 namespace {
+
+using evmesh::amqp::rpc_error;
 
 using namespace bridge;
 
@@ -40,30 +43,6 @@ struct connection {
     connection(const connection&) = delete;
     connection& operator=(const connection&) = delete;
 };
-
-std::string rpc_error(const amqp_rpc_reply_t& r) {
-    switch (r.reply_type) {
-    case AMQP_RESPONSE_NORMAL:
-        return "ok";
-    case AMQP_RESPONSE_NONE:
-        return "missing RPC reply";
-    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-        return amqp_error_string2(r.library_error);
-    case AMQP_RESPONSE_SERVER_EXCEPTION:
-        if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
-            auto* m = static_cast<amqp_connection_close_t*>(r.reply.decoded);
-            return "connection closed: " + std::to_string(m->reply_code) + " " +
-                   std::string(static_cast<const char*>(m->reply_text.bytes), m->reply_text.len);
-        }
-        if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-            auto* m = static_cast<amqp_channel_close_t*>(r.reply.decoded);
-            return "channel closed: " + std::to_string(m->reply_code) + " " +
-                   std::string(static_cast<const char*>(m->reply_text.bytes), m->reply_text.len);
-        }
-        return "server exception";
-    }
-    return "unknown";
-}
 
 // AMQP short strings (exchange, routing key) hold at most 255 bytes; exchange names 127 by spec.
 bool short_string_ok(std::string_view s, size_t max) { return s.size() <= max; }

@@ -137,17 +137,9 @@ public:
             curl_easy_setopt(c, CURLOPT_PASSWORD, password_.c_str());
         }
 
-        CURLcode rc = curl_easy_perform(c);
         long status = 0;
-        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-        r.code = static_cast<int32_t>(status);
-        if (rc != CURLE_OK) {
-            if (ctx.refused_only()) {
-                set_detail(&r, "refused destination %s; set allow_private = true to allow", ctx.refused.c_str());
-                return EVMESH_FAIL;
-            }
-            set_detail(&r, "%s", printable(errbuf[0] ? errbuf : curl_easy_strerror(rc), 255).c_str());
-            return EVMESH_RETRY;
+        if (auto failed = http::perform(c, ctx, errbuf, r, status)) {
+            return *failed;
         }
         return outcome(status, ctx, r);
     }

@@ -17,6 +17,7 @@
 #include <ctime>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 namespace evmesh::channels::http {
 
@@ -211,6 +212,26 @@ inline void setup_request(CURL* c, exchange& ctx, char* errbuf, int64_t timeout_
     curl_easy_setopt(c, CURLOPT_WRITEDATA, &ctx);
     curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, &on_header);
     curl_easy_setopt(c, CURLOPT_HEADERDATA, &ctx);
+}
+
+// Runs the request set up on `c`. A transport failure decides the outcome here: a destination the
+// guard refused (and nothing else opened) fails for good, anything else is retried; both with the
+// reason in r. Otherwise nothing is returned and `status` (also in r.code) is the HTTP status.
+inline std::optional<evmesh_status> perform(CURL* c, const exchange& ctx, const char* errbuf, evmesh_result& r,
+                                            long& status) {
+    const CURLcode rc = curl_easy_perform(c);
+    status = 0;
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    r.code = static_cast<int32_t>(status);
+    if (rc == CURLE_OK) {
+        return std::nullopt;
+    }
+    if (ctx.refused_only()) {
+        set_detail(&r, "refused destination %s; set allow_private = true to allow", ctx.refused.c_str());
+        return EVMESH_FAIL;
+    }
+    set_detail(&r, "%s", printable(errbuf[0] ? errbuf : curl_easy_strerror(rc), 255).c_str());
+    return EVMESH_RETRY;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
 
+#include "channels/amqp_reply.hpp"
 #include "cloudevents_http.hpp"
 
 namespace evmesh::app {
@@ -19,29 +20,7 @@ namespace {
 
 constexpr amqp_channel_t kChannel = 1;
 
-std::string rpc_error(const amqp_rpc_reply_t& r) {
-    switch (r.reply_type) {
-    case AMQP_RESPONSE_NORMAL:
-        return "ok";
-    case AMQP_RESPONSE_NONE:
-        return "missing RPC reply";
-    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-        return amqp_error_string2(r.library_error);
-    case AMQP_RESPONSE_SERVER_EXCEPTION:
-        if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
-            auto* m = static_cast<amqp_connection_close_t*>(r.reply.decoded);
-            return "connection closed: " + std::to_string(m->reply_code) + " " +
-                   std::string(static_cast<const char*>(m->reply_text.bytes), m->reply_text.len);
-        }
-        if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-            auto* m = static_cast<amqp_channel_close_t*>(r.reply.decoded);
-            return "channel closed: " + std::to_string(m->reply_code) + " " +
-                   std::string(static_cast<const char*>(m->reply_text.bytes), m->reply_text.len);
-        }
-        return "server exception";
-    }
-    return "unknown";
-}
+using evmesh::amqp::rpc_error;
 
 std::string text(const amqp_bytes_t& b) { return b.bytes ? std::string(static_cast<const char*>(b.bytes), b.len) : ""; }
 
