@@ -22,6 +22,7 @@ endif()
 pkg_check_modules(sodium REQUIRED IMPORTED_TARGET libsodium)                  # libsodium-dev
 pkg_check_modules(zmq REQUIRED IMPORTED_TARGET libzmq)                        # libzmq3-dev (the C API the core uses)
 find_package(CURL REQUIRED)                         # libcurl4-openssl-dev (webhook, email channels)
+find_package(ZLIB REQUIRED)                         # zlib1g-dev (history record CRCs)
 find_package(SQLite3 REQUIRED)                      # libsqlite3-dev (the channel outbox)
 find_package(OpenSSL 3 REQUIRED)                    # libssl-dev (the http channel: Web Push crypto; the node: TLS)
 

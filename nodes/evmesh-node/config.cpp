@@ -508,6 +508,53 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
             }
         }
     }
+    top.seen("history");
+    if (const auto* node = root.get("history"); node != nullptr && error.empty()) {
+        const auto* arr = node->as_array();
+        if (arr == nullptr || !arr->is_array_of_tables()) {
+            error = "line " + std::to_string(node->source().begin.line) + ": 'history' must be an array of tables ([[history]])";
+        } else {
+            for (const auto& e : *arr) {
+                history_options h;
+                table_reader r(*e.as_table(), "history", error);
+                r.str("name", h.name);
+                r.strings("patterns", h.patterns);
+                r.str("dir", h.dir);
+                r.integer("max_bytes", h.max_bytes, 1 << 20, std::int64_t{1} << 50);
+                std::chrono::milliseconds age{0}, fsync{0};
+                r.duration("max_age", age);
+                r.integer("max_events", h.max_events, 0, std::int64_t{1} << 50);
+                r.integer("segment_bytes", h.segment_bytes, 0, std::int64_t{1} << 40);
+                r.duration("fsync_interval", fsync);
+                r.integer("hwm", h.hwm, 1, 10'000'000);
+                r.check_unknown();
+                h.max_age = std::chrono::duration_cast<std::chrono::seconds>(age);
+                h.fsync_interval = fsync;
+                const auto line = std::to_string(e.source().begin.line);
+                if (error.empty() && h.name.empty()) {
+                    error = "line " + line + ": [[history]] needs a name";
+                }
+                if (error.empty() && h.patterns.empty()) {
+                    error = "line " + line + ": history '" + h.name + "': patterns must list at least one topic pattern";
+                }
+                for (const auto& p : h.patterns) {
+                    if (error.empty() && (!topic_pattern::parse(p) || p.starts_with("_evmesh"))) {
+                        error = "line " + line + ": history '" + h.name + "': '" + p + "' is not a valid topic pattern";
+                    }
+                }
+                if (error.empty() && h.dir.empty()) {
+                    error = "line " + line + ": history '" + h.name + "': dir is required (where its segment files go)";
+                }
+                if (error.empty() && h.segment_bytes != 0 && (h.segment_bytes < 4096 || h.segment_bytes > h.max_bytes)) {
+                    error = "line " + line + ": history '" + h.name + "': segment_bytes must be within [4096, max_bytes]";
+                }
+                if (!error.empty()) {
+                    break;
+                }
+                n.history.push_back(std::move(h));
+            }
+        }
+    }
     if (const auto* t = top.table("api")) {
         // the listener's keys are the run.http* ones under shorter names
         table_reader r(*t, "api", error);

@@ -226,6 +226,32 @@ std::string render_metrics(const node& n, double uptime_seconds) {
     metric(out, "evmesh_subscriptions", "gauge", "Distinct subscribed topic prefixes, by origin.");
     sample(out, "evmesh_subscriptions{" + id + ",origin=\"local\"}", static_cast<double>(c.subscriptions_local));
     sample(out, "evmesh_subscriptions{" + id + ",origin=\"mesh\"}", static_cast<double>(c.subscriptions_mesh));
+    const auto hs = n.histories();
+    if (!hs.empty()) {
+        auto each = [&](const char* name, const char* type, const char* help, auto get) {
+            metric(out, name, type, help);
+            for (const auto& h : hs) {
+                sample(out, std::string(name) + "{" + id + ",history=\"" + label_value(h.name) + "\"}", static_cast<double>(get(h)));
+            }
+        };
+        each("evmesh_history_events", "gauge", "Events kept in the durable history.", [](const auto& h) { return h.events; });
+        each("evmesh_history_bytes", "gauge", "Bytes of the durable history on disk.", [](const auto& h) { return h.bytes; });
+        each("evmesh_history_max_bytes", "gauge", "Retention: the most bytes the history keeps.", [](const auto& h) { return h.max_bytes; });
+        each("evmesh_history_segments", "gauge", "Segment files of the history.", [](const auto& h) { return h.segments; });
+        each("evmesh_history_oldest_timestamp_seconds", "gauge", "Event time of the oldest event kept (0: none).",
+             [](const auto& h) { return static_cast<double>(h.oldest_time_ns) / 1e9; });
+        each("evmesh_history_appended_total", "counter", "Events written to the history.", [](const auto& h) { return h.appended; });
+        each("evmesh_history_expired_total", "counter", "Events removed by retention.", [](const auto& h) { return h.expired; });
+        each("evmesh_history_write_errors_total", "counter", "Failed history writes (disk full, I/O error).",
+             [](const auto& h) { return h.write_errors; });
+        each("evmesh_history_dropped_total", "counter", "Events lost to failed history writes.", [](const auto& h) { return h.dropped; });
+        each("evmesh_history_gaps_total", "counter", "Events the history writer saw as missing (sequence gaps).",
+             [](const auto& h) { return h.gaps; });
+        each("evmesh_history_write_failing", "gauge", "1 while the last history write failed (e.g. disk full).",
+             [](const auto& h) { return h.error.empty() ? 0 : 1; });
+        each("evmesh_history_replay_queries_total", "counter", "Replay queries answered.", [](const auto& h) { return h.queries; });
+        each("evmesh_history_replayed_events_total", "counter", "Events sent to replays.", [](const auto& h) { return h.served; });
+    }
     return out;
 }
 

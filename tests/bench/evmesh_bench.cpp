@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <thread>
@@ -36,6 +37,7 @@ extern char** environ;
 
 #include <evmesh/codec.hpp>
 #include <evmesh/node.hpp>
+#include <evmesh/replay.hpp>
 
 namespace {
 
@@ -374,6 +376,95 @@ result_row evmesh_two_nodes(std::size_t size, bool curve = false, bool repair = 
     const auto t1 = clk::now();
     producer.join();
     return {got / std::chrono::duration<double>(t1 - t0).count(), count - got};
+}
+
+// Durable history (docs/HISTORY.md): the two-node run with a history of `bench.>` on node A, in a
+// fresh directory. Delivery to B's subscriber is the throughput (compare with evmesh_two_nodes in
+// the same run); then how fast the history had stored all events, and a replay of all of them
+// from B (events/s from the query to the last replayed event).
+struct history_row {
+    double eps = 0, stored_eps = 0, replay_eps = 0;
+    int lost = 0;
+};
+
+history_row evmesh_history_run(std::size_t size) {
+    char tmpl[] = "/tmp/evmesh-bench-history-XXXXXX";
+    const std::string dir = mkdtemp(tmpl);
+    const std::string mesh = "benchh-" + std::to_string(getpid()) + "-" + std::to_string(clk::now().time_since_epoch().count() % 100000);
+    auto opts = [&](const char* name, bool with_history) {
+        evmesh::node_options o;
+        o.name = name;
+        o.mesh = mesh;
+        o.hwm = g_hwm;
+        o.slow_subscriber = evmesh::overflow_policy::block;
+        o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+        if (with_history) {
+            evmesh::history_options h;
+            h.name = "bench";
+            h.patterns = {"bench.>"};
+            h.dir = dir;
+            h.max_bytes = 8ULL << 30;
+            o.history.push_back(h);
+        }
+        return o;
+    };
+    history_row row;
+    {
+        auto a = evmesh::node::create(opts("A", true));
+        auto b = evmesh::node::create(opts("B", false));
+        if (!a || !b) {
+            std::exit(3);
+        }
+        auto sub = (*b)->subscribe("bench.>", evmesh::subscription_options{.hwm = g_hwm});
+        auto pub = (*a)->make_publisher({.name = "p", .policy = evmesh::overflow_policy::block, .hwm = g_hwm});
+        warm([&] { (void)pub->publish("bench.warm", "w"); },
+             [&](int t) { return sub->receive_view(std::chrono::milliseconds(t)).has_value(); });
+        const auto base = (*a)->histories().at(0).appended;
+        const std::string payload(size, 'x');
+        const int count = g_count;
+        int got = 0;
+        const auto t0 = clk::now();
+        std::thread producer([&] {
+            for (int i = 0; i < count; ++i) {
+                (void)pub->publish("bench.data", payload);
+            }
+        });
+        while (got < count && sub->receive_view(5s)) {
+            ++got;
+        }
+        const auto t1 = clk::now();
+        producer.join();
+        // stored: the writer's snapshot is refreshed every 200 ms, so this is a lower bound
+        while ((*a)->histories().at(0).appended - base < static_cast<std::uint64_t>(count) && clk::now() - t0 < 120s) {
+            std::this_thread::sleep_for(1ms);
+        }
+        const auto t2 = clk::now();
+        row.eps = got / std::chrono::duration<double>(t1 - t0).count();
+        row.stored_eps = count / std::chrono::duration<double>(t2 - t0).count();
+        row.lost = count - got;
+        sub = {};
+        // replay everything A holds (the warm-up events too) from node B
+        const auto held = (*a)->histories().at(0).events;
+        std::atomic<std::uint64_t> replayed{0};
+        std::atomic<std::int64_t> done_ns{0};
+        const auto t3 = clk::now();
+        auto r = evmesh::replay(**b, "bench.>", evmesh::replay_options{.answer_wait = 100ms, .page = 10000},
+                                [&](const evmesh::event_view&) {
+                                    if (replayed.fetch_add(1) + 1 == held) {
+                                        done_ns = (clk::now() - t3).count();
+                                    }
+                                });
+        while (r && done_ns == 0 && clk::now() - t3 < 120s) {
+            std::this_thread::sleep_for(1ms);
+        }
+        if (done_ns != 0) {
+            row.replay_eps = static_cast<double>(held) / (static_cast<double>(done_ns) / 1e9);
+        } else {
+            row.lost += 1;
+        }
+    }
+    std::filesystem::remove_all(dir);
+    return row;
 }
 
 double median(std::vector<double> v) {
@@ -866,6 +957,27 @@ int main(int argc, char** argv) {
         std::printf("  NATS (send asap), one server hop        %8.1f %8.1f %8.1f\n", nl.p50, nl.p99, nl.p999);
         std::printf("  p50 ratio evmesh/NATS %.2fx\n", el.p50 / nl.p50);
 #endif
+    }
+    std::printf("\nDurable history: two nodes, a history of bench.> on node A (disk: %s) off vs on (same run);\n"
+                "stored = all events written by the history; replay = all of them replayed on node B\n",
+                "/tmp");
+    std::printf("%-7s %12s %12s %8s %12s %12s\n", "payload", "off ev/s", "on ev/s", "ratio", "stored ev/s",
+                "replay ev/s");
+    for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
+        auto off = best_of([&] { return evmesh_two_nodes(size); });
+        std::vector<history_row> runs;
+        for (int r = 0; r < g_reps; ++r) {
+            runs.push_back(evmesh_history_run(size));
+        }
+        std::sort(runs.begin(), runs.end(), [](const auto& x, const auto& y) { return x.eps < y.eps; });
+        const auto& on = runs[runs.size() / 2];
+        int lost = 0;
+        for (const auto& r : runs) {
+            lost += r.lost;
+        }
+        failures += off.lost + lost;
+        std::printf("%-7zu %12.0f %12.0f %7.2fx %12.0f %12.0f%s\n", size, off.eps, on.eps, on.eps / off.eps,
+                    on.stored_eps, on.replay_eps, lost != 0 ? "  LOST EVENTS" : "");
     }
     std::printf("\nSecurity: two nodes, mesh link with CURVE off vs on (same run)\n");
     std::printf("%-7s %14s %14s %8s\n", "payload", "plain ev/s", "CURVE ev/s", "ratio");

@@ -30,6 +30,8 @@ struct shared_context;
 struct node_impl;
 struct subscription_impl;
 struct publisher_impl;
+struct history_service;
+struct subscription_access;
 }  // namespace detail
 
 /// A peer as seen by this node's discovery.
@@ -95,6 +97,44 @@ struct node_counters {
     std::uint64_t repair_served = 0, repair_held = 0, repair_skipped = 0;
     /// The retransmit window (gauges): events, bytes, streams.
     std::uint64_t window_events = 0, window_bytes = 0, window_streams = 0;
+};
+
+/// A durable pull consumer of a history (docs/HISTORY.md, PROTOCOL.md section 13).
+struct consumer_stats {
+    std::string name;
+    std::string filter;                 ///< topic pattern within the history
+    std::uint64_t ack_floor = 0;        ///< every position below it is done
+    std::uint64_t next = 0;             ///< the first position never delivered
+    std::uint64_t lag = 0;              ///< positions stored but not yet delivered (head - next)
+    std::uint64_t pending = 0;          ///< delivered, not acknowledged
+    std::uint64_t redeliver_queue = 0;  ///< waiting to be delivered again (nak, ack wait passed)
+    std::uint64_t members = 0;          ///< distinct fetchers in the last 30 s
+    std::uint64_t delivered = 0, redelivered = 0, acked = 0, naked = 0, dead_lettered = 0;
+    std::uint64_t lost = 0;             ///< removed by retention before they were acknowledged
+    std::int64_t ack_wait_ms = 0;
+    std::uint64_t max_deliver = 0;
+};
+
+/// One durable history of a node (node_options::history), as `node::history_stats` reports it.
+struct history_stats {
+    std::string name;
+    std::vector<std::string> patterns;
+    std::string dir;
+    std::uint64_t events = 0, bytes = 0, segments = 0;  ///< kept now (gauges)
+    std::uint64_t first_pos = 0, next_pos = 0;          ///< positions kept: [first_pos, next_pos)
+    std::int64_t oldest_time_ns = 0, newest_time_ns = 0;
+    std::uint64_t max_bytes = 0, max_events = 0;        ///< retention (0 = none)
+    std::int64_t max_age_s = 0;
+    std::uint64_t appended = 0;        ///< events written since the node started
+    std::uint64_t expired = 0;         ///< events removed by retention
+    std::uint64_t write_errors = 0;    ///< failed writes (disk full, I/O error)
+    std::uint64_t dropped = 0;         ///< events lost to failed writes
+    std::uint64_t gaps = 0;            ///< events the writer missed (its queue overflowed under `drop`)
+    std::uint64_t truncated_bytes = 0; ///< torn or corrupt bytes cut when the node started
+    std::uint64_t queries = 0, served = 0;  ///< replay queries answered, events sent to replays
+    std::uint64_t query_errors = 0;    ///< malformed queries (ignored)
+    std::string error;                 ///< the last write error while it lasts (e.g. disk full)
+    std::vector<consumer_stats> consumers;  ///< its durable pull consumers
 };
 
 /// Upper bounds (microseconds) of `node_counters::latency_buckets`; the last bucket is +Inf.
@@ -199,6 +239,7 @@ public:
 
 private:
     friend class node;
+    friend struct detail::subscription_access;
     explicit subscription(std::unique_ptr<detail::subscription_impl> impl);
     std::unique_ptr<detail::subscription_impl> impl_;
 };
@@ -276,6 +317,10 @@ public:
     };
     std::vector<lost_range> lost_ranges() const;
 
+    /// The durable histories of this node (node_options::history), read from their writer
+    /// thread (a snapshot at most one flush interval old).
+    std::vector<history_stats> histories() const;
+
     /// Sets the source of the `channels` element of this node's stats events (PROTOCOL.md
     /// section 10): a function returning one complete msgpack array, called on the I/O thread
     /// once per stats event, so it must be quick and must not call back into the node. The
@@ -292,6 +337,7 @@ public:
 private:
     explicit node(std::unique_ptr<detail::node_impl> impl);
     std::unique_ptr<detail::node_impl> impl_;
+    std::unique_ptr<detail::history_service> history_;
 };
 
 }  // namespace evmesh

@@ -60,6 +60,24 @@ struct repair_options {
     std::size_t max_held = 200000;                 ///< events held behind gaps, all streams
 };
 
+/// A durable history (docs/HISTORY.md): the events of `patterns` that reach this node (its own
+/// publishers' and the mesh's), appended to segment files in `dir` off the I/O thread, kept within
+/// the retention limits (whole segments are removed, oldest first), and served to replays from
+/// any node of the mesh (evmesh/replay.hpp, PROTOCOL.md section 12).
+struct history_options {
+    std::string name;                        ///< unique per node; names it in stats and replies
+    std::vector<std::string> patterns;       ///< e.g. {"orders.>"}
+    std::string dir;                         ///< segment files (created if missing)
+    std::uint64_t max_bytes = 1ULL << 30;    ///< retention: bytes on disk
+    std::chrono::seconds max_age{0};         ///< retention: event age; 0 = none
+    std::uint64_t max_events = 0;            ///< retention: events; 0 = none
+    std::uint64_t segment_bytes = 0;         ///< 0 = max_bytes / 8 within [1 MiB, 64 MiB]
+    /// fdatasync period; 0 = never (what was written survives a crash of the process, not of
+    /// the machine)
+    std::chrono::milliseconds fsync_interval{0};
+    int hwm = 100000;                        ///< events queued for the writer before the policy applies
+};
+
 /// Mesh security (docs/SECURITY.md): CurveZMQ on every mesh link with an allow-list of node
 /// public keys, and beacons authenticated with a mesh secret.
 struct security_options {
@@ -117,6 +135,7 @@ struct node_options {
     discovery_options discovery;
     security_options security;
     repair_options repair;
+    std::vector<history_options> history;  ///< durable histories kept by this node
 };
 
 }  // namespace evmesh

@@ -12,6 +12,7 @@
 #include <evmesh/node.hpp>
 
 #include "reactor/node_impl.hpp"
+#include "history/service.hpp"
 #include "reactor/sub_registry.hpp"
 #include "util/string_hash.hpp"
 #include "util/z85.hpp"
@@ -352,6 +353,15 @@ struct subscription_impl {
     ~subscription_impl() { st->close(); }
 };
 
+void* subscription_access::socket(subscription& s) {
+    return s.impl_ ? s.impl_->st->sock : nullptr;
+}
+
+std::string_view subscription_access::frame(subscription& s) {
+    auto& f = s.impl_->st->frame;
+    return {static_cast<const char*>(zmq_msg_data(&f)), zmq_msg_size(&f)};
+}
+
 }  // namespace detail
 
 const char* to_string(peer_info::link_state s) noexcept {
@@ -507,11 +517,27 @@ node::~node() {
 }
 
 result<std::unique_ptr<node>> node::create(node_options options) {
+    auto histories = options.history;
     auto impl = detail::node_impl::create(std::move(options));
     if (!impl) {
         return tl::unexpected(impl.error());
     }
-    return std::unique_ptr<node>(new node(std::move(*impl)));
+    std::unique_ptr<node> n(new node(std::move(*impl)));
+    if (!histories.empty()) {
+        std::string error;
+        n->history_ = detail::history_service::start(*n, histories, error);
+        if (!n->history_) {
+            detail::log()->error("evmesh: {}", error);
+            n->stop();
+            return fail(errc::bad_option);
+        }
+        n->impl_->set_history_stats([svc = n->history_.get()] { return svc->stats(); });
+    }
+    return n;
+}
+
+std::vector<history_stats> node::histories() const {
+    return history_ ? history_->stats() : std::vector<history_stats>{};
 }
 
 result<publisher> node::make_publisher(publisher_options options) {
@@ -654,6 +680,10 @@ result<subscription> node::subscribe(std::string_view pattern,
 }
 
 void node::stop() {
+    impl_->set_history_stats({});
+    if (history_) {
+        history_->stop();  // its subscriptions and publisher go before the node
+    }
     impl_->stop();
 }
 

@@ -157,6 +157,10 @@ struct node_impl {
                             const std::string& allow_file);
 
     // node::set_channel_stats: the source of the stats event's `channels` (any thread).
+    void set_history_stats(std::function<std::vector<history_stats>()> source) {
+        std::lock_guard lk(channel_stats_mu_);
+        history_stats_ = std::move(source);
+    }
     void set_channel_stats(std::function<std::string()> source) {
         std::lock_guard lk(channel_stats_mu_);
         channel_stats_ = std::move(source);
@@ -289,6 +293,7 @@ private:
 
     std::mutex channel_stats_mu_;
     std::function<std::string()> channel_stats_;  // `channels` of the stats event (node::set_channel_stats)
+    std::function<std::vector<history_stats>()> history_stats_;  // `history` of the stats event
     bool secure_ = false;
     std::string curve_public_, curve_secret_;  // 32 bytes each
     std::string mesh_key_;                     // beacon MAC key

@@ -154,7 +154,7 @@ std::string node_impl::encode_stats(double elapsed) {
     auto rate = [&](std::uint64_t now_v, std::uint64_t prev_v) {
         return static_cast<double>(now_v - prev_v) / dt;
     };
-    pk.pack_map(20);  // keep in step with the keys below (tests decode strictly)
+    pk.pack_map(21);  // keep in step with the keys below (tests decode strictly)
     kv(pk, "v", std::uint64_t{1});
     kv(pk, "id", id_text);
     kv(pk, "name", name);
@@ -325,15 +325,40 @@ std::string node_impl::encode_stats(double elapsed) {
     key(pk, "by_topic");
     pk.pack(reject_topics_);
 
-    key(pk, "channels");
+    key(pk, "history");
     std::string arr;
+    std::vector<history_stats> hs;
     {
         // called under the lock, so set_channel_stats() returns only when no call is running
         std::lock_guard lk(channel_stats_mu_);
+        if (history_stats_) {
+            hs = history_stats_();
+        }
         if (channel_stats_) {
             arr = channel_stats_();
         }
     }
+    pk.pack_array(static_cast<std::uint32_t>(hs.size()));
+    for (const auto& h : hs) {
+        pk.pack_map(14);
+        kv(pk, "name", h.name);
+        key(pk, "patterns");
+        pk.pack(h.patterns);
+        kv(pk, "events", h.events);
+        kv(pk, "bytes", h.bytes);
+        kv(pk, "segments", h.segments);
+        kv(pk, "oldest_ns", static_cast<std::uint64_t>(std::max<std::int64_t>(h.oldest_time_ns, 0)));
+        kv(pk, "max_bytes", h.max_bytes);
+        kv(pk, "max_events", h.max_events);
+        kv(pk, "max_age_s", static_cast<std::uint64_t>(std::max<std::int64_t>(h.max_age_s, 0)));
+        kv(pk, "appended", h.appended);
+        kv(pk, "expired", h.expired);
+        kv(pk, "dropped", h.dropped);
+        kv(pk, "served", h.served);
+        kv(pk, "error", h.error);
+    }
+
+    key(pk, "channels");
     if (arr.empty()) {
         pk.pack_array(0);
     } else {

@@ -101,6 +101,19 @@ int run_stats(const mesh_options& o, const std::string& node_name) {
         const auto p = s["latency_percentiles_us"];
         std::printf("  latency (event time to local delivery) p50 <= %.0f us, p99 <= %.0f us, p99.9 <= %.0f us\n",
                     p.value("p50", 0.0), p.value("p99", 0.0), p.value("p999", 0.0));
+        for (const auto& h : s.value("history", json::array())) {
+            auto u = [&](const char* k) { return static_cast<unsigned long long>(h.value(k, 0ULL)); };
+            std::string pats;
+            for (const auto& pat : h.value("patterns", json::array())) {
+                pats += (pats.empty() ? "" : ",") + pat.get<std::string>();
+            }
+            const auto err = h.value("error", std::string());
+            std::printf("  hist  %-20s %s %llu events, %llu of %llu bytes, %llu segments; appended %llu, expired %llu, "
+                        "dropped %llu, served %llu%s%s\n",
+                        h.value("name", "").c_str(), pats.c_str(), u("events"), u("bytes"), u("max_bytes"), u("segments"),
+                        u("appended"), u("expired"), u("dropped"), u("served"), err.empty() ? "" : "; ERROR ",
+                        err.c_str());
+        }
         const auto chans = s.value("channels", json::array());
         if (chans.empty()) {
             std::printf("  channels none\n");

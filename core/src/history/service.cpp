@@ -1,0 +1,580 @@
+#include "history/service.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <optional>
+
+#include <msgpack.hpp>
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include <evmesh/codec.hpp>
+
+#include "history/store.hpp"
+#include "util/log.hpp"
+
+namespace evmesh::detail {
+
+namespace {
+
+std::string_view frame_topic(std::string_view frame) {
+    auto z = frame.find('\0');
+    return z == std::string_view::npos ? frame : frame.substr(0, z);
+}
+
+// A replay query (PROTOCOL.md 12.1), decoded from the query event's payload.
+struct query {
+    std::string reply;
+    std::optional<topic_pattern> pattern;
+    std::string from = "all";  // all | time | after_id | last | last_per_topic
+    std::int64_t time_ns = 0;
+    std::string id;
+    std::uint64_t n = 0;
+    std::optional<std::uint64_t> position;
+    std::string history;  // only this history (continuations)
+    std::size_t limit = replay_default_page;
+};
+
+std::optional<query> parse_query(std::string_view payload, std::string& why) {
+    query q;
+    try {
+        auto oh = msgpack::unpack(payload.data(), payload.size());
+        const auto& o = oh.get();
+        if (o.type != msgpack::type::MAP) {
+            why = "payload is not a msgpack map";
+            return std::nullopt;
+        }
+        for (const auto& kv : o.via.map) {
+            if (kv.key.type != msgpack::type::STR) {
+                continue;
+            }
+            const std::string_view k(kv.key.via.str.ptr, kv.key.via.str.size);
+            const auto& v = kv.val;
+            auto str = [&] { return v.type == msgpack::type::STR ? std::string(v.via.str.ptr, v.via.str.size) : std::string(); };
+            if (k == "reply") {
+                q.reply = str();
+            } else if (k == "pattern") {
+                auto p = topic_pattern::parse(str());
+                if (!p) {
+                    why = "bad pattern";
+                    return std::nullopt;
+                }
+                q.pattern = std::move(*p);
+            } else if (k == "from") {
+                q.from = str();
+            } else if (k == "time") {
+                q.time_ns = v.as<std::int64_t>();
+            } else if (k == "id") {
+                q.id = str();
+            } else if (k == "n") {
+                q.n = v.as<std::uint64_t>();
+            } else if (k == "position") {
+                q.position = v.as<std::uint64_t>();
+            } else if (k == "history") {
+                q.history = str();
+            } else if (k == "limit") {
+                q.limit = static_cast<std::size_t>(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 1, replay_max_page));
+            }
+        }
+    } catch (const std::exception& e) {
+        why = std::string("undecodable: ") + e.what();
+        return std::nullopt;
+    }
+    if (!q.reply.starts_with(replay_reply_prefix) || q.reply.size() > 200) {
+        why = "reply must be a topic under _evmesh.replay.";
+        return std::nullopt;
+    }
+    if (!topic_pattern::parse(q.reply)) {
+        why = "reply is not a valid topic";
+        return std::nullopt;
+    }
+    if (!q.pattern) {
+        why = "pattern is required";
+        return std::nullopt;
+    }
+    static constexpr std::array<std::string_view, 5> kinds = {"all", "time", "after_id", "last", "last_per_topic"};
+    if (std::find(kinds.begin(), kinds.end(), q.from) == kinds.end()) {
+        why = "from must be all, time, after_id, last or last_per_topic";
+        return std::nullopt;
+    }
+    return q;
+}
+
+// UUIDv7: the first 48 bits are the Unix time in milliseconds.
+std::optional<event_id> parse_uuid(std::string_view s) {
+    event_id id{};
+    std::size_t j = 0;
+    for (std::size_t i = 0; i < s.size(); ++i) {
+        if (s[i] == '-') {
+            continue;
+        }
+        const char c = s[i];
+        int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (v < 0 || j >= 32) {
+            return std::nullopt;
+        }
+        id[j / 2] = static_cast<std::uint8_t>(id[j / 2] | (j % 2 == 0 ? v << 4 : v));
+        ++j;
+    }
+    if (j != 32) {
+        return std::nullopt;
+    }
+    return id;
+}
+
+std::int64_t uuid7_time_ns(const event_id& id) {
+    std::uint64_t ms = 0;
+    for (int i = 0; i < 6; ++i) {
+        ms = (ms << 8) | id[static_cast<std::size_t>(i)];
+    }
+    return static_cast<std::int64_t>(ms) * 1000000;
+}
+
+}  // namespace
+
+struct history_service::impl {
+    struct one {
+        history_options opt;
+        std::unique_ptr<history_store> store;
+        std::vector<topic_pattern> patterns;
+        std::vector<subscription> subs;
+        std::uint64_t queries = 0, served = 0;
+        history_stats snap;
+    };
+
+    node& n;
+    decode_limits limits;
+    std::vector<std::unique_ptr<one>> hs;
+    std::optional<subscription> queries;
+    std::optional<publisher> answers;
+    std::uint64_t query_errors = 0;
+    int stop_fd = -1;
+    std::thread thread;
+    mutable std::mutex snap_mu;
+    std::atomic<bool> stopping{false};
+
+    explicit impl(node& nd) : n(nd), limits(nd.limits()) {}
+
+    int max_hwm = 1;
+
+    void run();
+    bool drain(std::size_t max);
+    void take_snapshots();
+    void answer(std::string_view topic, std::string_view payload);
+    void serve(one& h, const query& q);
+    void send_end(one& h, const query& q, std::uint64_t next, bool more, std::uint64_t count, std::string_view note);
+};
+
+std::unique_ptr<history_service> history_service::start(node& n, const std::vector<history_options>& opts,
+                                                        std::string& error) {
+    auto svc = std::make_unique<history_service>();
+    svc->p = std::make_unique<impl>(n);
+    auto& p = *svc->p;
+    for (const auto& o : opts) {
+        auto h = std::make_unique<impl::one>();
+        h->opt = o;
+        if (o.name.empty() || o.name.size() > 64 || o.name.find_first_of("/ \t\n") != std::string::npos) {
+            error = "history: name must be 1 to 64 characters without '/' or whitespace";
+            return nullptr;
+        }
+        for (const auto& q : p.hs) {
+            if (q->opt.name == o.name) {
+                error = "history '" + o.name + "': the name is used twice";
+                return nullptr;
+            }
+        }
+        if (o.patterns.empty()) {
+            error = "history '" + o.name + "': patterns must not be empty";
+            return nullptr;
+        }
+        for (const auto& pat : o.patterns) {
+            auto tp = topic_pattern::parse(pat);
+            if (!tp || pat.starts_with("_evmesh")) {
+                error = "history '" + o.name + "': bad pattern '" + pat + "'";
+                return nullptr;
+            }
+            h->patterns.push_back(std::move(*tp));
+        }
+        store_options so;
+        so.dir = o.dir;
+        so.max_bytes = o.max_bytes;
+        so.max_age = o.max_age;
+        so.max_events = o.max_events;
+        so.segment_bytes = o.segment_bytes;
+        so.fsync_interval = o.fsync_interval;
+        std::string err;
+        h->store = history_store::open(so, err);
+        if (!h->store) {
+            error = "history '" + o.name + "': " + err;
+            return nullptr;
+        }
+        for (const auto& d : p.hs) {
+            if (d->store->options().dir == so.dir) {
+                error = "history '" + o.name + "': dir is used by history '" + d->opt.name + "' too";
+                return nullptr;
+            }
+        }
+        for (const auto& pat : o.patterns) {
+            auto s = n.subscribe(pat, subscription_options{.hwm = std::max(o.hwm, 1)});
+            if (!s) {
+                error = "history '" + o.name + "': subscribe " + pat + ": " + s.error().message();
+                return nullptr;
+            }
+            h->subs.push_back(std::move(*s));
+        }
+        p.max_hwm = std::max(p.max_hwm, o.hwm);
+        p.hs.push_back(std::move(h));
+    }
+    if (p.hs.empty()) {
+        return svc;
+    }
+    auto qs = n.subscribe(std::string(history_query_prefix) + ">");
+    auto pub = n.make_publisher({.name = "history", .policy = overflow_policy::block,
+                                 .block_timeout = std::chrono::milliseconds(2000)});
+    if (!qs || !pub) {
+        error = "history: cannot subscribe to queries or create the answering publisher";
+        return nullptr;
+    }
+    p.queries.emplace(std::move(*qs));
+    p.answers.emplace(std::move(*pub));
+    p.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    p.take_snapshots();
+    p.thread = std::thread([&p] { p.run(); });
+    for (const auto& h : p.hs) {
+        const auto st = h->store->stats();
+        log()->info("evmesh: history '{}' ({}) in {}: {} events, {} bytes in {} segments{}", h->opt.name,
+                    fmt::join(h->opt.patterns, ", "), h->opt.dir, st.events, st.bytes, st.segments,
+                    st.truncated_bytes > 0 ? fmt::format(" ({} damaged bytes cut)", st.truncated_bytes) : "");
+    }
+    return svc;
+}
+
+history_service::~history_service() { stop(); }
+
+void history_service::stop() {
+    if (!p) {
+        return;
+    }
+    if (p->thread.joinable()) {
+        p->stopping = true;
+        const std::uint64_t one = 1;
+        (void)!write(p->stop_fd, &one, sizeof(one));
+        p->thread.join();
+    }
+    if (p->stop_fd >= 0) {
+        ::close(p->stop_fd);
+        p->stop_fd = -1;
+    }
+    for (auto& h : p->hs) {
+        h->subs.clear();
+        if (h->store) {
+            h->store->flush();
+        }
+    }
+    p->queries.reset();
+    p->answers.reset();
+}
+
+std::vector<history_stats> history_service::stats() const {
+    std::lock_guard lk(p->snap_mu);
+    std::vector<history_stats> out;
+    for (const auto& h : p->hs) {
+        out.push_back(h->snap);
+    }
+    return out;
+}
+
+void history_service::impl::take_snapshots() {
+    std::lock_guard lk(snap_mu);
+    for (auto& h : hs) {
+        const auto st = h->store->stats();
+        auto& s = h->snap;
+        s.name = h->opt.name;
+        s.patterns = h->opt.patterns;
+        s.dir = h->opt.dir;
+        s.events = st.events;
+        s.bytes = st.bytes;
+        s.segments = st.segments;
+        s.first_pos = st.first_pos;
+        s.next_pos = st.next_pos;
+        s.oldest_time_ns = st.oldest_time_ns;
+        s.newest_time_ns = st.newest_time_ns;
+        s.max_bytes = h->opt.max_bytes;
+        s.max_events = h->opt.max_events;
+        s.max_age_s = h->opt.max_age.count();
+        s.appended = st.appended;
+        s.expired = st.expired;
+        s.write_errors = st.write_errors;
+        s.dropped = st.dropped;
+        s.truncated_bytes = st.truncated_bytes;
+        s.gaps = 0;
+        for (const auto& sub : h->subs) {
+            s.gaps += sub.counters().gaps;
+        }
+        s.queries = h->queries;
+        s.served = h->served;
+        s.query_errors = query_errors;
+        s.error = st.error;
+    }
+}
+
+// Appends what the history subscriptions hold, up to `max` events per subscription.
+bool history_service::impl::drain(std::size_t max) {
+    bool got = false;
+    for (auto& h : hs) {
+        for (std::size_t k = 0; k < h->subs.size(); ++k) {
+            auto& s = h->subs[k];
+            for (std::size_t i = 0; i < max; ++i) {
+                auto v = s.receive_view(std::chrono::milliseconds(0));
+                if (!v) {
+                    break;
+                }
+                got = true;
+                // an event that an earlier pattern of the same history also matches arrived
+                // there as well: store it once
+                bool dup = false;
+                for (std::size_t j = 0; j < k && !dup; ++j) {
+                    dup = h->patterns[j].matches(v->topic);
+                }
+                if (!dup) {
+                    h->store->append(v->time_ns, subscription_access::frame(s));
+                }
+            }
+        }
+    }
+    return got;
+}
+
+void history_service::impl::run() {
+    std::vector<zmq_pollitem_t> items;
+    for (auto& h : hs) {
+        for (auto& s : h->subs) {
+            items.push_back({subscription_access::socket(s), 0, ZMQ_POLLIN, 0});
+        }
+    }
+    items.push_back({subscription_access::socket(*queries), 0, ZMQ_POLLIN, 0});
+    items.push_back({nullptr, stop_fd, ZMQ_POLLIN, 0});
+    auto last_maint = std::chrono::steady_clock::now();
+    std::string last_error;
+    bool unflushed = false;
+    auto first_unflushed = std::chrono::steady_clock::now();
+    while (!stopping) {
+        // a short wait while records wait in the buffer: they are written within ~5 ms
+        const int rc = zmq_poll(items.data(), static_cast<int>(items.size()), unflushed ? 5 : 500);
+        if (rc < 0 && zmq_errno() != EINTR) {
+            break;
+        }
+        const bool got = drain(1024);
+        // written when the input pauses, and at least every 5 ms under a steady stream (an
+        // event flushed is safe from a crash of the process: PROTOCOL.md 12, HISTORY.md)
+        const auto now_flush = std::chrono::steady_clock::now();
+        if (got && !unflushed) {
+            first_unflushed = now_flush;
+        }
+        unflushed = unflushed || got;
+        if (unflushed && (!got || now_flush - first_unflushed >= std::chrono::milliseconds(5))) {
+            for (auto& h : hs) {
+                h->store->flush();
+            }
+            unflushed = false;
+        }
+        for (int i = 0; i < 64; ++i) {
+            auto q = queries->receive_view(std::chrono::milliseconds(0));
+            if (!q) {
+                break;
+            }
+            answer(q->topic, q->payload);
+        }
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last_maint >= std::chrono::milliseconds(200)) {
+            last_maint = now;
+            for (auto& h : hs) {
+                h->store->maintain(now_ns());
+                const auto st = h->store->stats();
+                if (!st.error.empty() && st.error != last_error) {
+                    log()->error("evmesh: history '{}': {} ({} events dropped so far)", h->opt.name, st.error, st.dropped);
+                }
+                last_error = st.error;
+            }
+            take_snapshots();
+        }
+    }
+    for (auto& h : hs) {
+        h->store->flush();
+    }
+    take_snapshots();
+}
+
+void history_service::impl::answer(std::string_view topic, std::string_view payload) {
+    // `.all`, or this node's id; a continuation for another node passes by
+    const auto target = topic.substr(history_query_prefix.size());
+    if (target != "all" && target != n.id()) {
+        return;
+    }
+    std::string why;
+    auto q = parse_query(payload, why);
+    if (!q) {
+        ++query_errors;
+        log()->warn("evmesh: history: replay query refused: {}", why);
+        return;
+    }
+    // Everything that reached this node before the query is stored before it is answered: the
+    // I/O thread handed those events to the history's queue before the query's (one thread, in
+    // order), so a replayer whose live subscription was in effect here before its query gets
+    // every event from the history or live (PROTOCOL.md 12.3). Bounded by what the queues hold.
+    drain(static_cast<std::size_t>(max_hwm));
+    for (auto& h : hs) {
+        if (!q->history.empty() && q->history != h->opt.name) {
+            continue;
+        }
+        ++h->queries;
+        serve(*h, *q);
+    }
+}
+
+void history_service::impl::send_end(one& h, const query& q, std::uint64_t next, bool more, std::uint64_t count,
+                                     std::string_view note) {
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    pk.pack_map(note.empty() ? 6 : 7);
+    pk.pack("node");
+    pk.pack(n.id());
+    pk.pack("history");
+    pk.pack(h.opt.name);
+    pk.pack("next");
+    pk.pack(next);
+    pk.pack("more");
+    pk.pack(more);
+    pk.pack("count");
+    pk.pack(count);
+    pk.pack("head");
+    pk.pack(h.store->next_pos());
+    if (!note.empty()) {
+        pk.pack("note");
+        pk.pack(std::string(note));
+    }
+    event ev;
+    ev.topic = q.reply;
+    ev.content_type = std::string(replay_end_type);
+    ev.payload.assign(buf.data(), buf.size());
+    (void)answers->publish(ev);
+}
+
+void history_service::impl::serve(one& h, const query& q) {
+    auto& st = *h.store;
+    st.flush();
+    std::uint64_t start = st.first_pos();
+    std::string note;
+    std::int64_t min_time = q.from == "time" ? q.time_ns : INT64_MIN;
+    const std::string origin = n.id() + "/" + h.opt.name;
+    std::uint64_t count = 0;
+    bool aborted = false;
+    auto publish = [&](std::uint64_t pos, std::string_view frame) {
+        event ev;
+        ev.topic = q.reply;
+        ev.content_type = std::string(replay_frame_type);
+        ev.headers = {{"evmesh-history", origin}, {"evmesh-pos", std::to_string(pos)}};
+        ev.payload.assign(frame);
+        if (!answers->publish(ev)) {
+            aborted = true;  // the requester does not read (block timeout): it asks again
+            return false;
+        }
+        ++count;
+        ++h.served;
+        return true;
+    };
+
+    if (q.from == "last_per_topic") {
+        // the newest record of each matching topic, in position order, from `position` on
+        const auto positions = st.last_per_topic();
+        const std::uint64_t from = q.position.value_or(0);
+        std::string frame;
+        std::int64_t t = 0;
+        std::uint64_t next = from;
+        std::size_t i = static_cast<std::size_t>(std::lower_bound(positions.begin(), positions.end(), from) - positions.begin());
+        for (; i < positions.size() && count < q.limit; ++i) {
+            next = positions[i] + 1;
+            if (!st.read(positions[i], frame, t) || !q.pattern->matches(frame_topic(frame))) {
+                continue;
+            }
+            if (!publish(positions[i], frame)) {
+                return;
+            }
+        }
+        send_end(h, q, next, i < positions.size(), count, note);
+        return;
+    }
+
+    if (q.position) {
+        start = *q.position;
+    } else if (q.from == "time") {
+        start = st.seek_time(q.time_ns);
+    } else if (q.from == "after_id") {
+        auto id = parse_uuid(q.id);
+        if (!id) {
+            ++query_errors;
+            send_end(h, q, st.next_pos(), false, 0, "bad id");
+            return;
+        }
+        // the id's own time (UUIDv7) bounds where it can be: look a minute before it
+        const auto t = uuid7_time_ns(*id);
+        start = st.seek_time(t - 60'000'000'000LL);
+        bool found = false;
+        std::uint64_t at = start;
+        st.scan(start, SIZE_MAX, [&](const stored_record& r) {
+            std::string_view topic = frame_topic(r.frame);
+            auto v = decode_event(topic, r.frame.substr(std::min(r.frame.size(), topic.size() + 1)), limits);
+            if (v && v->id == *id) {
+                found = true;
+                at = r.pos + 1;
+                return false;
+            }
+            return r.time_ns <= t + 60'000'000'000LL;  // past the id's minute: not here
+        });
+        if (found) {
+            start = at;
+        } else {
+            // not (or no longer) kept: from the id's time on, and say so
+            start = st.seek_time(t);
+            min_time = t;
+            note = "id not found: from its time";
+        }
+    } else if (q.from == "last") {
+        // the last n matching records: walk back segment by segment
+        std::vector<std::uint64_t> found;
+        std::uint64_t seg_end = st.next_pos();
+        const auto first = st.first_pos();
+        std::uint64_t step = 4096;
+        while (found.size() < q.n && seg_end > first) {
+            const std::uint64_t seg_start = seg_end > first + step ? seg_end - step : first;
+            std::vector<std::uint64_t> chunk;
+            st.scan(seg_start, static_cast<std::size_t>(seg_end - seg_start), [&](const stored_record& r) {
+                if (q.pattern->matches(frame_topic(r.frame))) {
+                    chunk.push_back(r.pos);
+                }
+                return true;
+            });
+            found.insert(found.begin(), chunk.begin(), chunk.end());
+            seg_end = seg_start;
+            step *= 2;
+        }
+        start = found.size() > q.n ? found[found.size() - q.n] : (found.empty() ? st.next_pos() : found.front());
+    }
+
+    // a page: up to `limit` matching records, visiting at most 64 pages' worth of records
+    std::uint64_t next = st.scan(start, q.limit * 64, [&](const stored_record& r) {
+        if (r.time_ns < min_time || !q.pattern->matches(frame_topic(r.frame))) {
+            return true;
+        }
+        return publish(r.pos, r.frame) && count < q.limit;
+    });
+    if (aborted) {
+        return;
+    }
+    next = std::max(next, start);
+    send_end(h, q, next, next < st.next_pos(), count, note);
+}
+
+}  // namespace evmesh::detail
