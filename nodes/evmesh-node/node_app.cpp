@@ -251,6 +251,30 @@ std::string render_metrics(const node& n, double uptime_seconds) {
              [](const auto& h) { return h.error.empty() ? 0 : 1; });
         each("evmesh_history_replay_queries_total", "counter", "Replay queries answered.", [](const auto& h) { return h.queries; });
         each("evmesh_history_replayed_events_total", "counter", "Events sent to replays.", [](const auto& h) { return h.served; });
+        auto cons = [&](const char* name, const char* type, const char* help, auto get) {
+            metric(out, name, type, help);
+            for (const auto& h : hs) {
+                for (const auto& cn : h.consumers) {
+                    sample(out, std::string(name) + "{" + id + ",history=\"" + label_value(h.name) + "\",consumer=\"" +
+                                    label_value(cn.name) + "\"}",
+                           static_cast<double>(get(cn)));
+                }
+            }
+        };
+        cons("evmesh_consumer_pending", "gauge", "Messages delivered and not acknowledged.", [](const auto& cn) { return cn.pending; });
+        cons("evmesh_consumer_redeliver_queue", "gauge", "Messages waiting to be delivered again.",
+             [](const auto& cn) { return cn.redeliver_queue; });
+        cons("evmesh_consumer_lag", "gauge", "History positions not yet delivered to the consumer.", [](const auto& cn) { return cn.lag; });
+        cons("evmesh_consumer_ack_floor", "gauge", "Every position below it is done.", [](const auto& cn) { return cn.ack_floor; });
+        cons("evmesh_consumer_members", "gauge", "Distinct fetchers in the last 30 s.", [](const auto& cn) { return cn.members; });
+        cons("evmesh_consumer_delivered_total", "counter", "First deliveries.", [](const auto& cn) { return cn.delivered; });
+        cons("evmesh_consumer_redelivered_total", "counter", "Deliveries after a nak or an ack wait passed.",
+             [](const auto& cn) { return cn.redelivered; });
+        cons("evmesh_consumer_acked_total", "counter", "Messages acknowledged.", [](const auto& cn) { return cn.acked; });
+        cons("evmesh_consumer_dead_lettered_total", "counter", "Messages given up after max_deliver deliveries.",
+             [](const auto& cn) { return cn.dead_lettered; });
+        cons("evmesh_consumer_lost_total", "counter", "Messages removed by retention before they were acknowledged.",
+             [](const auto& cn) { return cn.lost; });
     }
     return out;
 }

@@ -442,13 +442,15 @@ history_row evmesh_history_run(std::size_t size) {
         row.eps = got / std::chrono::duration<double>(t1 - t0).count();
         row.stored_eps = count / std::chrono::duration<double>(t2 - t0).count();
         row.lost = count - got;
-        sub = {};
         // replay everything A holds (the warm-up events too) from node B
         const auto held = (*a)->histories().at(0).events;
         std::atomic<std::uint64_t> replayed{0};
         std::atomic<std::int64_t> done_ns{0};
         const auto t3 = clk::now();
-        auto r = evmesh::replay(**b, "bench.>", evmesh::replay_options{.answer_wait = 100ms, .page = 10000},
+        evmesh::replay_options ro;
+        ro.answer_wait = 100ms;
+        ro.page = 10000;
+        auto r = evmesh::replay(**b, "bench.>", ro,
                                 [&](const evmesh::event_view&) {
                                     if (replayed.fetch_add(1) + 1 == held) {
                                         done_ns = (clk::now() - t3).count();

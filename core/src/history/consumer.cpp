@@ -157,11 +157,14 @@ std::vector<consumer_message> consumer::take(std::size_t max, std::chrono::stead
     }
     std::string frame;
     std::int64_t t = 0;
-    while (out.size() < max && !redeliver_.empty()) {
-        auto it = redeliver_.begin();
+    for (auto it = redeliver_.begin(); out.size() < max && it != redeliver_.end();) {
+        if (cfg_.max_deliver != 0 && it->second >= cfg_.max_deliver) {
+            ++it;  // delivered enough: expire() dead-letters it
+            continue;
+        }
         const auto pos = it->first;
         const auto d = it->second + 1;
-        redeliver_.erase(it);
+        it = redeliver_.erase(it);
         if (!store_.read(pos, frame, t)) {
             ++lost_;
             continue;

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <deque>
+#include <filesystem>
+#include <map>
 #include <optional>
 
 #include <msgpack.hpp>
@@ -12,6 +15,7 @@
 
 #include <evmesh/codec.hpp>
 
+#include "history/consumer.hpp"
 #include "history/store.hpp"
 #include "util/log.hpp"
 
@@ -132,6 +136,116 @@ std::int64_t uuid7_time_ns(const event_id& id) {
     return static_cast<std::int64_t>(ms) * 1000000;
 }
 
+// A consumer request (PROTOCOL.md 13.1).
+struct consumer_request {
+    std::string op;  // fetch | ack | nak | wip
+    std::string history, consumer, reply;
+    std::size_t batch = 100;
+    std::chrono::milliseconds wait{0};
+    std::vector<std::uint64_t> positions;
+    consumer_config cfg;  // used when the consumer is created
+};
+
+bool valid_name(std::string_view n) {
+    if (n.empty() || n.size() > 64) {
+        return false;
+    }
+    return std::all_of(n.begin(), n.end(), [](char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+    });
+}
+
+std::optional<consumer_request> parse_request(std::string_view payload, std::string& why) {
+    consumer_request r;
+    try {
+        auto oh = msgpack::unpack(payload.data(), payload.size());
+        const auto& o = oh.get();
+        if (o.type != msgpack::type::MAP) {
+            why = "payload is not a msgpack map";
+            return std::nullopt;
+        }
+        for (const auto& kv : o.via.map) {
+            if (kv.key.type != msgpack::type::STR) {
+                continue;
+            }
+            const std::string_view k(kv.key.via.str.ptr, kv.key.via.str.size);
+            const auto& v = kv.val;
+            auto str = [&] { return v.type == msgpack::type::STR ? std::string(v.via.str.ptr, v.via.str.size) : std::string(); };
+            if (k == "op") {
+                r.op = str();
+            } else if (k == "history") {
+                r.history = str();
+            } else if (k == "consumer") {
+                r.consumer = str();
+            } else if (k == "reply") {
+                r.reply = str();
+            } else if (k == "batch") {
+                r.batch = static_cast<std::size_t>(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 1, replay_max_page));
+            } else if (k == "wait_ms") {
+                r.wait = std::chrono::milliseconds(std::min<std::uint64_t>(v.as<std::uint64_t>(), 60000));
+            } else if (k == "positions") {
+                if (v.type != msgpack::type::ARRAY || v.via.array.size > 100000) {
+                    why = "positions must be an array of at most 100000 uint";
+                    return std::nullopt;
+                }
+                for (const auto& e : v.via.array) {
+                    r.positions.push_back(e.as<std::uint64_t>());
+                }
+            } else if (k == "filter") {
+                r.cfg.filter_text = str();
+            } else if (k == "ack_wait_ms") {
+                r.cfg.ack_wait = std::chrono::milliseconds(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 100, 86400000));
+            } else if (k == "max_deliver") {
+                r.cfg.max_deliver = static_cast<std::uint32_t>(std::min<std::uint64_t>(v.as<std::uint64_t>(), 1000000));
+            } else if (k == "dead_letter") {
+                r.cfg.dead_letter = str();
+            } else if (k == "start") {
+                const auto st = str();
+                if (st != "all" && st != "new") {
+                    why = "start must be all or new";
+                    return std::nullopt;
+                }
+                r.cfg.from_new = st == "new";
+            }
+        }
+    } catch (const std::exception& e) {
+        why = std::string("undecodable: ") + e.what();
+        return std::nullopt;
+    }
+    if (r.op != "fetch" && r.op != "ack" && r.op != "nak" && r.op != "wip") {
+        why = "op must be fetch, ack, nak or wip";
+        return std::nullopt;
+    }
+    if (!valid_name(r.consumer)) {
+        why = "consumer must be 1 to 64 of [A-Za-z0-9_-]";
+        return std::nullopt;
+    }
+    if (r.history.empty()) {
+        why = "history is required";
+        return std::nullopt;
+    }
+    if (r.op == "fetch" && (!r.reply.starts_with(consumer_reply_prefix) || r.reply.size() > 200 ||
+                            !topic_pattern::parse(r.reply))) {
+        why = "reply must be a topic under _evmesh.pull.";
+        return std::nullopt;
+    }
+    auto f = topic_pattern::parse(r.cfg.filter_text);
+    if (!f) {
+        why = "bad filter";
+        return std::nullopt;
+    }
+    r.cfg.filter = std::move(*f);
+    if (!r.cfg.dead_letter.empty()) {
+        if (!topic_pattern::parse(r.cfg.dead_letter) || r.cfg.dead_letter.find_first_of("*>") != std::string::npos ||
+            r.cfg.dead_letter.starts_with("_evmesh")) {
+            why = "dead_letter must be a topic";
+            return std::nullopt;
+        }
+    }
+    r.cfg.name = r.consumer;
+    return r;
+}
+
 }  // namespace
 
 struct history_service::impl {
@@ -141,13 +255,25 @@ struct history_service::impl {
         std::vector<topic_pattern> patterns;
         std::vector<subscription> subs;
         std::uint64_t queries = 0, served = 0;
+        std::map<std::string, std::unique_ptr<consumer>, std::less<>> consumers;
         history_stats snap;
+    };
+    // A fetch that found nothing: answered when messages come or its wait ends.
+    struct waiting_fetch {
+        one* h;
+        consumer* c;
+        std::string reply;
+        std::size_t batch;
+        std::chrono::steady_clock::time_point deadline;
     };
 
     node& n;
     decode_limits limits;
     std::vector<std::unique_ptr<one>> hs;
     std::optional<subscription> queries;
+    std::optional<subscription> requests;  // consumer requests (PROTOCOL.md 13)
+    std::deque<waiting_fetch> waiting;
+    std::uint64_t request_errors = 0;
     std::optional<publisher> answers;
     std::uint64_t query_errors = 0;
     int stop_fd = -1;
@@ -160,6 +286,9 @@ struct history_service::impl {
     int max_hwm = 1;
 
     void run();
+    void on_request(std::string_view topic, std::string_view payload);
+    bool deliver(one& h, consumer& c, const std::string& reply, std::size_t batch, bool always_end);
+    void pump();
     bool drain(std::size_t max);
     void take_snapshots();
     void answer(std::string_view topic, std::string_view payload);
@@ -237,8 +366,36 @@ std::unique_ptr<history_service> history_service::start(node& n, const std::vect
         error = "history: cannot subscribe to queries or create the answering publisher";
         return nullptr;
     }
+    auto rs = n.subscribe(std::string(consumer_request_prefix) + ">");
+    if (!rs) {
+        error = "history: cannot subscribe to consumer requests";
+        return nullptr;
+    }
+    p.requests.emplace(std::move(*rs));
     p.queries.emplace(std::move(*qs));
     p.answers.emplace(std::move(*pub));
+    // the durable consumers kept in each history's directory
+    for (auto& h : p.hs) {
+        std::error_code ec;
+        for (const auto& e : std::filesystem::directory_iterator(h->opt.dir, ec)) {
+            const auto fname = e.path().filename().string();
+            if (!fname.starts_with("consumer-") || !fname.ends_with(".state")) {
+                continue;
+            }
+            consumer_config cfg;
+            cfg.name = fname.substr(9, fname.size() - 9 - 6);
+            if (!valid_name(cfg.name)) {
+                continue;
+            }
+            std::string err;
+            auto c = consumer::open(*h->store, h->opt.dir, cfg, err);
+            if (!c) {
+                error = "history '" + h->opt.name + "': " + err;
+                return nullptr;
+            }
+            h->consumers.emplace(cfg.name, std::move(c));
+        }
+    }
     p.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     p.take_snapshots();
     p.thread = std::thread([&p] { p.run(); });
@@ -272,8 +429,12 @@ void history_service::stop() {
         if (h->store) {
             h->store->flush();
         }
+        for (auto& [name, c] : h->consumers) {
+            c->save(true);
+        }
     }
     p->queries.reset();
+    p->requests.reset();
     p->answers.reset();
 }
 
@@ -315,8 +476,13 @@ void history_service::impl::take_snapshots() {
         }
         s.queries = h->queries;
         s.served = h->served;
-        s.query_errors = query_errors;
+        s.query_errors = query_errors + request_errors;
         s.error = st.error;
+        s.consumers.clear();
+        const auto now = std::chrono::steady_clock::now();
+        for (const auto& [name, c] : h->consumers) {
+            s.consumers.push_back(c->stats(now));
+        }
     }
 }
 
@@ -355,6 +521,7 @@ void history_service::impl::run() {
         }
     }
     items.push_back({subscription_access::socket(*queries), 0, ZMQ_POLLIN, 0});
+    items.push_back({subscription_access::socket(*requests), 0, ZMQ_POLLIN, 0});
     items.push_back({nullptr, stop_fd, ZMQ_POLLIN, 0});
     auto last_maint = std::chrono::steady_clock::now();
     std::string last_error;
@@ -362,7 +529,13 @@ void history_service::impl::run() {
     auto first_unflushed = std::chrono::steady_clock::now();
     while (!stopping) {
         // a short wait while records wait in the buffer: they are written within ~5 ms
-        const int rc = zmq_poll(items.data(), static_cast<int>(items.size()), unflushed ? 5 : 500);
+        bool consumers_busy = !waiting.empty();
+        for (const auto& h : hs) {
+            for (const auto& [name, c] : h->consumers) {
+                consumers_busy = consumers_busy || c->has_pending();
+            }
+        }
+        const int rc = zmq_poll(items.data(), static_cast<int>(items.size()), unflushed ? 5 : consumers_busy ? 10 : 500);
         if (rc < 0 && zmq_errno() != EINTR) {
             break;
         }
@@ -387,6 +560,14 @@ void history_service::impl::run() {
             }
             answer(q->topic, q->payload);
         }
+        for (int i = 0; i < 256; ++i) {
+            auto q = requests->receive_view(std::chrono::milliseconds(0));
+            if (!q) {
+                break;
+            }
+            on_request(q->topic, q->payload);
+        }
+        pump();
         const auto now = std::chrono::steady_clock::now();
         if (now - last_maint >= std::chrono::milliseconds(200)) {
             last_maint = now;
@@ -431,6 +612,166 @@ void history_service::impl::answer(std::string_view topic, std::string_view payl
         }
         ++h->queries;
         serve(*h, *q);
+    }
+}
+
+void history_service::impl::on_request(std::string_view topic, std::string_view payload) {
+    const auto target = topic.substr(consumer_request_prefix.size());
+    if (target != "all" && target != n.id()) {
+        return;
+    }
+    std::string why;
+    auto r = parse_request(payload, why);
+    if (!r) {
+        ++request_errors;
+        log()->warn("evmesh: history: consumer request refused: {}", why);
+        return;
+    }
+    one* h = nullptr;
+    for (auto& x : hs) {
+        h = x->opt.name == r->history ? x.get() : h;
+    }
+    if (h == nullptr) {
+        return;  // another node's history
+    }
+    auto it = h->consumers.find(r->consumer);
+    if (it == h->consumers.end()) {
+        if (r->op != "fetch") {
+            return;
+        }
+        // a dead letter that the history stores and the filter matches would come back as work
+        const auto& dl = r->cfg.dead_letter;
+        if (!dl.empty() && r->cfg.filter->matches(dl) &&
+            std::any_of(h->patterns.begin(), h->patterns.end(), [&](const auto& pt) { return pt.matches(dl); })) {
+            ++request_errors;
+            log()->warn("evmesh: history '{}': consumer '{}' refused: its dead_letter topic {} is stored by the "
+                        "history and matches its filter", h->opt.name, r->consumer, dl);
+            return;
+        }
+        std::string err;
+        auto c = consumer::open(*h->store, h->opt.dir, r->cfg, err);
+        if (!c) {
+            ++request_errors;
+            log()->warn("evmesh: history '{}': consumer '{}': {}", h->opt.name, r->consumer, err);
+            return;
+        }
+        log()->info("evmesh: history '{}': consumer '{}' created (filter {}, ack wait {} ms, max deliver {})",
+                    h->opt.name, r->consumer, r->cfg.filter_text, r->cfg.ack_wait.count(), r->cfg.max_deliver);
+        it = h->consumers.emplace(r->consumer, std::move(c)).first;
+    }
+    auto& c = *it->second;
+    const auto now = std::chrono::steady_clock::now();
+    if (r->op == "fetch") {
+        drain(static_cast<std::size_t>(max_hwm));  // what reached the node is there to fetch
+        if (!deliver(*h, c, r->reply, r->batch, r->wait.count() == 0) && r->wait.count() > 0) {
+            waiting.push_back({h, &c, r->reply, r->batch, now + r->wait});
+        }
+        return;
+    }
+    for (const auto pos : r->positions) {
+        if (r->op == "ack") {
+            c.ack(pos);
+        } else if (r->op == "nak") {
+            c.nak(pos);
+        } else {
+            c.in_progress(pos, now);
+        }
+    }
+}
+
+// Sends up to `batch` messages and the end event. When there is nothing: false, and the end event
+// (count 0) only if `always_end`.
+bool history_service::impl::deliver(one& h, consumer& c, const std::string& reply, std::size_t batch,
+                                    bool always_end) {
+    const auto now = std::chrono::steady_clock::now();
+    auto msgs = c.take(batch, now, reply);
+    const std::string origin = n.id() + "/" + h.opt.name;
+    for (auto& m : msgs) {
+        event ev;
+        ev.topic = reply;
+        ev.content_type = std::string(replay_frame_type);
+        ev.headers = {{"evmesh-history", origin},
+                      {"evmesh-consumer", c.config().name},
+                      {"evmesh-pos", std::to_string(m.pos)},
+                      {"evmesh-deliveries", std::to_string(m.deliveries)}};
+        ev.payload = std::move(m.frame);
+        (void)answers->publish(ev);  // not received: the ack wait brings it back
+    }
+    const bool any = !msgs.empty();
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    const auto st = c.stats(now);
+    pk.pack_map(7);
+    pk.pack("node");
+    pk.pack(n.id());
+    pk.pack("history");
+    pk.pack(h.opt.name);
+    pk.pack("consumer");
+    pk.pack(c.config().name);
+    pk.pack("count");
+    pk.pack(static_cast<std::uint64_t>(msgs.size()));
+    pk.pack("pending");
+    pk.pack(st.pending);
+    pk.pack("lag");
+    pk.pack(st.lag);
+    pk.pack("ack_floor");
+    pk.pack(st.ack_floor);
+    if (!any && !always_end) {
+        return false;
+    }
+    event end;
+    end.topic = reply;
+    end.content_type = std::string(fetch_end_type);
+    end.payload.assign(buf.data(), buf.size());
+    (void)answers->publish(end);
+    return any;
+}
+
+// Ack deadlines, dead letters, waiting fetches, saving state.
+void history_service::impl::pump() {
+    const auto now = std::chrono::steady_clock::now();
+    for (auto& h : hs) {
+        for (auto& [name, c] : h->consumers) {
+            c->expire(now, [&](std::uint64_t pos, const std::string& frame, std::uint32_t deliveries) {
+                const auto& dl = c->config().dead_letter;
+                log()->warn("evmesh: history '{}': consumer '{}': position {} dead-lettered after {} deliveries{}",
+                            h->opt.name, name, pos, deliveries, dl.empty() ? " (no dead_letter topic: dropped)" : "");
+                if (dl.empty()) {
+                    return;
+                }
+                event ev;
+                ev.topic = dl;
+                ev.content_type = std::string(replay_frame_type);
+                ev.headers = {{"evmesh-history", n.id() + "/" + h->opt.name},
+                              {"evmesh-consumer", name},
+                              {"evmesh-pos", std::to_string(pos)},
+                              {"evmesh-deliveries", std::to_string(deliveries)}};
+                ev.payload = frame;
+                (void)answers->publish(ev);
+            });
+        }
+    }
+    for (std::size_t i = 0; i < waiting.size();) {
+        auto& w = waiting[i];
+        bool done = false;
+        if (w.c->ready()) {
+            done = deliver(*w.h, *w.c, w.reply, w.batch, false);
+        }
+        if (!done && now >= w.deadline) {
+            // nothing came: an empty answer, so the fetcher need not wait for its own timeout
+            (void)deliver(*w.h, *w.c, w.reply, w.batch, true);
+            done = true;
+        }
+        if (done) {
+            waiting.erase(waiting.begin() + static_cast<std::ptrdiff_t>(i));
+        } else {
+            ++i;
+        }
+    }
+    for (auto& h : hs) {
+        for (auto& [name, c] : h->consumers) {
+            c->save(false);
+        }
     }
 }
 

@@ -240,8 +240,10 @@ void node_impl::forward_client() {
             drain_frames(client_in_, *sub_.get());
             why = to_string(errc::bad_framing);
             what = "more than two frames";
-        } else if (in_.view().starts_with("_evmesh.") && !in_.view().starts_with("_evmesh.history.query.")) {
-            // reserved, except replay queries, which clients send too (PROTOCOL.md 12)
+        } else if (in_.view().starts_with("_evmesh.") && !in_.view().starts_with("_evmesh.history.query.") &&
+                   !in_.view().starts_with("_evmesh.consumer.")) {
+            // reserved, except replay queries and consumer requests, which clients send too
+            // (PROTOCOL.md 12, 13)
             ++c.reserved_rejected;
             why = "reserved_topic";
             what = "_evmesh. is the mesh's own namespace";

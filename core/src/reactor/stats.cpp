@@ -340,7 +340,7 @@ std::string node_impl::encode_stats(double elapsed) {
     }
     pk.pack_array(static_cast<std::uint32_t>(hs.size()));
     for (const auto& h : hs) {
-        pk.pack_map(14);
+        pk.pack_map(15);
         kv(pk, "name", h.name);
         key(pk, "patterns");
         pk.pack(h.patterns);
@@ -356,6 +356,26 @@ std::string node_impl::encode_stats(double elapsed) {
         kv(pk, "dropped", h.dropped);
         kv(pk, "served", h.served);
         kv(pk, "error", h.error);
+        key(pk, "consumers");
+        pk.pack_array(static_cast<std::uint32_t>(std::min<std::size_t>(h.consumers.size(), 64)));
+        for (std::size_t i = 0; i < h.consumers.size() && i < 64; ++i) {
+            const auto& cs = h.consumers[i];
+            pk.pack_map(14);
+            kv(pk, "name", cs.name);
+            kv(pk, "filter", cs.filter);
+            kv(pk, "ack_floor", cs.ack_floor);
+            kv(pk, "next", cs.next);
+            kv(pk, "lag", cs.lag);
+            kv(pk, "pending", cs.pending);
+            kv(pk, "redeliver_queue", cs.redeliver_queue);
+            kv(pk, "members", cs.members);
+            kv(pk, "delivered", cs.delivered);
+            kv(pk, "redelivered", cs.redelivered);
+            kv(pk, "acked", cs.acked);
+            kv(pk, "naked", cs.naked);
+            kv(pk, "dead_lettered", cs.dead_lettered);
+            kv(pk, "lost", cs.lost);
+        }
     }
 
     key(pk, "channels");

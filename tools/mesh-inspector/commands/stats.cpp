@@ -113,6 +113,14 @@ int run_stats(const mesh_options& o, const std::string& node_name) {
                         h.value("name", "").c_str(), pats.c_str(), u("events"), u("bytes"), u("max_bytes"), u("segments"),
                         u("appended"), u("expired"), u("dropped"), u("served"), err.empty() ? "" : "; ERROR ",
                         err.c_str());
+            for (const auto& cons : h.value("consumers", json::array())) {
+                auto cu = [&](const char* k) { return static_cast<unsigned long long>(cons.value(k, 0ULL)); };
+                std::printf("        consumer %-16s %s members %llu, lag %llu, pending %llu, ack floor %llu; delivered %llu, "
+                            "redelivered %llu, acked %llu, dead-lettered %llu\n",
+                            cons.value("name", "").c_str(), cons.value("filter", "").c_str(), cu("members"), cu("lag"),
+                            cu("pending"), cu("ack_floor"), cu("delivered"), cu("redelivered"), cu("acked"),
+                            cu("dead_lettered"));
+            }
         }
         const auto chans = s.value("channels", json::array());
         if (chans.empty()) {
