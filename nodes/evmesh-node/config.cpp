@@ -500,6 +500,16 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
                 r.str("durable", s.durable);
                 r.duration("ack_wait", s.ack_wait);
                 r.str("queue", s.queue);
+                r.strings("topics", s.topics);
+                if (const auto* props = r.table("properties")) {
+                    for (const auto& [k, v] : *props) {
+                        if (!v.is_string()) {
+                            r.fail_at(v, "properties." + std::string(k.str()), "must be a string");
+                            break;
+                        }
+                        s.properties.emplace_back(std::string(k.str()), *v.value<std::string>());
+                    }
+                }
                 r.check_unknown();
                 if (!error.empty()) {
                     break;

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <evmesh/channels.hpp>
@@ -47,8 +48,9 @@ struct api_config {
 // (docs/BRIDGES.md "Into the mesh"). Checked by validate(); started by node_app.
 struct source_config {
     std::string name;                 // [A-Za-z0-9_.-]{1,64}
-    std::string type;                 // mqtt, redis, nats, amqp
-    std::string url;                  // mqtt://[user[:password]@]host[:port], redis://[[user]:password@]host[:port][/db]
+    std::string type;                 // mqtt, redis, nats, amqp, kafka
+    std::string url;                  // mqtt://[user[:password]@]host[:port], redis://[[user]:password@]host[:port][/db],
+                                      // kafka://host[:port][,host[:port]...]
     std::string username, password;   // over the URL's
     std::string topic;                // mesh topic template: {topic} {topic.N} {type} and literal text; "" = default
     std::string dead_letter;          // mesh topic for undecodable messages; "" = count and skip
@@ -71,6 +73,9 @@ struct source_config {
     std::chrono::milliseconds ack_wait{30000};  // JetStream: redelivery of what was not acked (new consumers)
     // amqp (batch: the prefetch count)
     std::string queue;
+    // kafka (group: the consumer group's group.id; client_id: client.id)
+    std::vector<std::string> topics;  // Kafka topics (a name starting with '^' is a regex)
+    std::vector<std::pair<std::string, std::string>> properties;  // librdkafka consumer configuration
 
     friend bool operator==(const source_config&, const source_config&) = default;
 };

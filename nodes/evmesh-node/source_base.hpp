@@ -155,11 +155,19 @@ private:
     bool was_connected_ = false;
 };
 
-// The factories of the broker sources (source_mqtt.cpp, source_redis.cpp).
+// The factories of the broker sources (source_mqtt.cpp, source_redis.cpp, source_nats.cpp,
+// source_amqp.cpp, source_kafka.cpp).
 std::unique_ptr<inbound_source> make_mqtt_source(node& n, const source_config& cfg);
 std::unique_ptr<inbound_source> make_redis_source(node& n, const source_config& cfg);
 std::unique_ptr<inbound_source> make_nats_source(node& n, const source_config& cfg);
 std::unique_ptr<inbound_source> make_amqp_source(node& n, const source_config& cfg);
+std::unique_ptr<inbound_source> make_kafka_source(node& n, const source_config& cfg);
+
+// kafka://host[:port][,host[:port]...] (port 9092) as librdkafka's bootstrap.servers, or nullopt.
+std::optional<std::string> kafka_bootstrap(const std::string& url);
+// Whether librdkafka takes the consumer configuration of a kafka source (its `properties`); one
+// line naming the property otherwise (source_kafka.cpp).
+bool check_kafka_properties(const source_config& cfg, std::string& error);
 
 // The default consumer identity: stable across restarts, so the broker keeps the session (MQTT)
 // or the pending entries (Redis) for the restarted node.

@@ -1,5 +1,6 @@
 // Inbound sources: validation, decoding, the topic template, publishing until accepted, metrics.
-// The broker-specific parts are source_mqtt.cpp and source_redis.cpp.
+// The broker-specific parts are source_mqtt.cpp, source_redis.cpp, source_nats.cpp,
+// source_amqp.cpp and source_kafka.cpp.
 #include "source_base.hpp"
 
 #include <set>
@@ -62,6 +63,36 @@ std::optional<broker_url> parse_broker_url(const std::string& url, std::initiali
     }
     u.host = rest;
     return u;
+}
+
+std::optional<std::string> kafka_bootstrap(const std::string& url) {
+    const std::string scheme = "kafka://";
+    if (url.rfind(scheme, 0) != 0) {
+        return std::nullopt;
+    }
+    std::string list = url.substr(scheme.size());
+    if (!list.empty() && list.back() == '/') {
+        list.pop_back();
+    }
+    std::string out;
+    std::size_t start = 0;
+    while (true) {
+        const auto comma = list.find(',', start);
+        const std::string one = list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        auto u = parse_broker_url(scheme + one, {"kafka"}, 9092);
+        if (!u || !u->path.empty() || one.find('@') != std::string::npos || one.find('/') != std::string::npos) {
+            return std::nullopt;
+        }
+        if (!out.empty()) {
+            out += ',';
+        }
+        out += (u->host.find(':') != std::string::npos ? "[" + u->host + "]" : u->host) + ":" + std::to_string(u->port);
+        if (comma == std::string::npos) {
+            break;
+        }
+        start = comma + 1;
+    }
+    return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -207,6 +238,9 @@ bool validate_sources(const std::vector<source_config>& sources, std::string& er
         if (s.ack_delay > std::chrono::milliseconds(60000)) {
             return fail("ack_delay must be at most 60s");
         }
+        if (s.type != "kafka" && (!s.topics.empty() || !s.properties.empty())) {
+            return fail("topics and properties are kafka keys");
+        }
         if (s.type == "mqtt") {
             auto u = parse_broker_url(s.url, {"mqtt", "tcp"}, 1883);
             if (!u || !u->path.empty()) {
@@ -270,9 +304,51 @@ bool validate_sources(const std::vector<source_config>& sources, std::string& er
                 return fail("batch (the prefetch count) must be at most 65535");
             }
         } else if (s.type == "kafka") {
-            return fail("type 'kafka' is not implemented yet (supported: mqtt, redis, nats, amqp)");
+            if (!kafka_bootstrap(s.url)) {
+                return fail("url must be kafka://host[:port][,host[:port]...] (got '" + printable_ascii(s.url) + "')");
+            }
+            if (s.topics.empty()) {
+                return fail("topics is required (Kafka topic names; a name starting with '^' is a regex)");
+            }
+            for (const auto& t : s.topics) {
+                const bool regex = !t.empty() && t.front() == '^';
+                if (t.empty() || t.size() > 249 ||
+                    (!regex && (t == "." || t == ".." ||
+                                t.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
+                                    std::string::npos))) {
+                    return fail("topics: '" + printable_ascii(t) +
+                                "' is not a Kafka topic name ([a-zA-Z0-9._-], at most 249) nor a regex starting with '^'");
+                }
+            }
+            if (s.group.empty()) {
+                return fail("group is required (the consumer group's group.id; its committed offsets are where a restarted node goes on)");
+            }
+            if (!s.subscribe.empty() || !s.stream.empty() || !s.consumer.empty() || !s.subject.empty() ||
+                !s.durable.empty() || !s.queue.empty() || s.jetstream) {
+                return fail("subscribe, stream, consumer, subject, durable, jetstream and queue are not kafka keys; kafka reads 'topics'");
+            }
+            if (!s.username.empty() || !s.password.empty() || s.url.find('@') != std::string::npos) {
+                return fail("kafka takes no username/password; set SASL in properties (sasl.username, sasl.password, security.protocol)");
+            }
+            if (s.client_id.size() > 64) {
+                return fail("client_id must be at most 64 characters");
+            }
+            for (const auto& [k, v] : s.properties) {
+                if (k == "bootstrap.servers" || k == "metadata.broker.list" || k == "group.id" || k == "client.id") {
+                    return fail("properties." + k + " is set by the source (url, group, client_id)");
+                }
+                if (k == "enable.auto.commit" || k == "enable.auto.offset.store") {
+                    return fail("properties." + k +
+                                " is set by the source (false: an offset is committed only after the node accepted the event)");
+                }
+            }
+#ifdef EVMESH_HAVE_SOURCE_CLIENTS
+            if (std::string why; !check_kafka_properties(s, why)) {
+                return fail(why);
+            }
+#endif
         } else {
-            return fail("type must be mqtt, redis, nats or amqp (got '" + printable_ascii(s.type) + "')");
+            return fail("type must be mqtt, redis, nats, amqp or kafka (got '" + printable_ascii(s.type) + "')");
         }
     }
     return true;
@@ -491,6 +567,8 @@ bool source_set::start(node& n, const std::vector<source_config>& sources, std::
             s = make_nats_source(n, cfg);
         } else if (cfg.type == "amqp") {
             s = make_amqp_source(n, cfg);
+        } else if (cfg.type == "kafka") {
+            s = make_kafka_source(n, cfg);
         }
 #endif
         if (!s) {

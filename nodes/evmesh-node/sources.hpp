@@ -1,9 +1,10 @@
 // Inbound bridges ("Into the mesh", docs/BRIDGES.md): [[source]] tables of evmesh-node that
-// consume from a broker (MQTT, Redis streams) and publish what they read into the mesh.
+// consume from a broker (MQTT, Redis streams, NATS, AMQP, Kafka) and publish what they read into
+// the mesh.
 //
-// At-least-once: a message is acknowledged to its broker (MQTT PUBACK, Redis XACK) only after the
-// node's publisher accepted the event; a message that cannot be published is not acknowledged, so
-// the broker delivers it again. The event id is the CloudEvents id when the message is a
+// At-least-once: a message is acknowledged to its broker (MQTT PUBACK, Redis XACK, a Kafka offset
+// commit) only after the node's publisher accepted the event; a message that cannot be published
+// is not acknowledged, so the broker delivers it again. The event id is the CloudEvents id when the message is a
 // CloudEvent, else derived from the broker position, so a redelivery has the same id.
 #pragma once
 

@@ -9,7 +9,8 @@ at the end, so nothing survives a failed test. `kill()` is a crash (SIGKILL, dat
   Redis        redis-server (appendonly, appendfsync always: an XADD reply is on disk)
   Nats         nats-server, optionally -js (JetStream file store)
   Rabbit       rabbitmq-server with its own node name, ports, mnesia and log dirs, and its own epmd
-  KafkaMock    tests/support/kafka_mock: librdkafka's mock cluster (no Kafka broker is packaged)
+  KafkaMock    tests/support/kafka_mock: librdkafka's mock cluster (no Kafka broker is packaged); it
+               also writes records, reads a group's committed offsets, takes its broker down and up
 """
 import json
 import os
@@ -220,16 +221,20 @@ class KafkaMock(Broker):
     """librdkafka's mock cluster (tests/support/kafka_mock.cpp); prints its bootstrap servers."""
     name = "kafka"
 
-    def __init__(self, tmp, topics=()):
+    def __init__(self, tmp, topics=(), control=False):
         super().__init__(tmp)
         self.topics = list(topics)
+        self.control = control
         self.bootstrap = None
         self.port = None
 
     def start(self):
         argv = [KAFKA_MOCK, "serve"] + [a for t in self.topics for a in ("--topic", t)]
+        if self.control:
+            argv += ["--control", "1"]
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                                         stdin=subprocess.PIPE if self.control else subprocess.DEVNULL)
         line = read_line(self.proc, 15).decode()
         if not line.startswith("BOOTSTRAP "):
             self.stop()
@@ -247,6 +252,16 @@ class KafkaMock(Broker):
             pass
         self.proc.wait(timeout=10)
         self.proc.stdout.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+
+    def broker_set(self, state):
+        """"down": the broker closes its connections and refuses new ones; "up": back (needs control=True)."""
+        self.proc.stdin.write(f"{state}\n".encode())
+        self.proc.stdin.flush()
+        line = read_line(self.proc, 10).decode().strip()
+        if line != f"OK {state}":
+            raise AssertionError(f"kafka mock: {line!r}")
 
     def consume(self, topic, count, timeout=30.0):
         """Every message of `topic` (all partitions, from the start) as dicts: key, value, headers."""
@@ -256,6 +271,27 @@ class KafkaMock(Broker):
         if p.returncode != 0:
             raise AssertionError(f"kafka consume failed: {p.stderr}")
         return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+    def produce(self, topic, records, timeout=60.0):
+        """Writes records (dicts: value, optional key, headers, partition) with an idempotent producer;
+        returns (partition, offset) of each, in order."""
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        p = subprocess.run([KAFKA_MOCK, "produce-lines", "--bootstrap", self.bootstrap, "--topic", topic],
+                           input=lines, capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise AssertionError(f"kafka produce failed: {p.stderr}")
+        out = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+        return [(o["partition"], o["offset"]) for o in out]
+
+    def committed(self, topic, group):
+        """The group's committed offset and the end offset of each partition of `topic`:
+        ({partition: offset}, {partition: end})."""
+        p = subprocess.run([KAFKA_MOCK, "committed", "--bootstrap", self.bootstrap, "--topic", topic, "--group", group],
+                           capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise AssertionError(f"kafka committed failed: {p.stderr}")
+        j = json.loads(p.stdout)
+        return ({int(k): v for k, v in j["committed"].items()}, {int(k): v for k, v in j["end"].items()})
 
 
 class NatsClient:

@@ -1,11 +1,13 @@
 #!/usr/bin/python3
 """Inbound bridges (docs/BRIDGES.md "Into the mesh"): [[source]] tables of evmesh-node that consume
-from a real broker started by the test on free loopback ports (mosquitto, redis-server) and publish
+from a real broker started by the test on free loopback ports (mosquitto, redis-server, nats-server,
+rabbitmq-server; for Kafka librdkafka's mock cluster, tests/support/kafka_mock.cpp) and publish
 into the mesh. What arrived is counted by id at a ZeroMQ subscriber of the node: round trips, ids
 (CloudEvents ids kept, otherwise derived from the broker position), an evmesh-node killed with
 SIGKILL mid-stream and restarted (nothing the broker handed over is lost; duplicates allowed and
 counted), undecodable messages counted or dead-lettered, a broker down at start. Every process is
 started by the test and killed by its PID (brokers by process group) at the end."""
+import collections
 import hashlib
 import json
 import os
@@ -20,7 +22,7 @@ import uuid
 import msgpack
 import zmq
 
-from broker_helpers import Mosquitto, Nats, NatsClient, Rabbit, Redis, stop_all
+from broker_helpers import KafkaMock, Mosquitto, Nats, NatsClient, Rabbit, Redis, stop_all
 from evmesh_testlib import NODE, Node, NodeTestCase, free_port, main, read_line, wait_for
 
 
@@ -59,6 +61,10 @@ def amqp_id(message_id=None, routing_key=None, body=None):
 
 def redis_id(stream, entry_id):
     return ce_event_id("evmesh:redis", f"redis/{stream}/{entry_id}")
+
+
+def kafka_id(topic, partition, offset):
+    return ce_event_id("evmesh:kafka", f"kafka/{topic}/{partition}/{offset}")
 
 
 class Subscriber:
@@ -112,7 +118,11 @@ def source_config(tmp, sources, name="sources.toml"):
     for s in sources:
         lines.append("[[source]]")
         for k, v in s.items():
-            lines.append(f"{k} = {json.dumps(v)}")
+            if isinstance(v, dict):  # an inline table of strings
+                v = "{ " + ", ".join(f"{json.dumps(a)} = {json.dumps(b)}" for a, b in v.items()) + " }"
+                lines.append(f"{k} = {v}")
+            else:
+                lines.append(f"{k} = {json.dumps(v)}")
         lines.append("")
     path = os.path.join(tmp, name)
     with open(path, "w") as f:
@@ -521,6 +531,182 @@ class AmqpSourceTest(SourceTestCase):
         print(f"amqp: {n + 2} messages, node killed after {at_kill}, {len(ids) - len(set(ids))} duplicates")
 
 
+# A node killed with SIGKILL stays a member of its group until its session times out, and the
+# restarted node's join waits for that: a short session keeps the restart test short.
+KAFKA_PROPERTIES = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
+
+
+def kafka_all_committed(broker, topic, group):
+    """Whether the group's committed offset of every partition of `topic` is its end (an empty
+    partition has nothing committed)."""
+    committed, end = broker.committed(topic, group)
+    return all(committed.get(p) == e or (e == 0 and committed.get(p, -1) < 0) for p, e in end.items())
+
+
+def kafka_source(broker, **kw):
+    s = {"name": "k", "type": "kafka", "url": f"kafka://{broker.bootstrap}", "topics": ["evm.in"], "group": "evmesh",
+         "wait_for_subscribers": True, "properties": KAFKA_PROPERTIES}
+    s.update(kw)
+    return s
+
+
+class KafkaSourceTest(SourceTestCase):
+    def test_round_trip_ids_cloudevents_undecodable(self):
+        k = self.broker(KafkaMock(self.btmp, topics=["evm.in", "evm.raw"]))
+        # records written before the group exists: a new group starts at the beginning
+        recs = [{"value": json.dumps({"n": i}), "key": f"k{i % 7}"} for i in range(200)]
+        ce = {"specversion": "1.0", "id": "kce-1", "source": "it/kafka", "type": "orders.kafka.structured",
+              "datacontenttype": "application/json", "data": {"x": 1}}
+        recs.append({"value": json.dumps(ce)})
+        # the CloudEvents Kafka binding, binary mode (as the kafka bridge writes it)
+        recs.append({"value": "raw", "headers": {"ce_specversion": "1.0", "ce_id": "kbin-1", "ce_source": "it/kbin",
+                                                 "ce_type": "orders.kafka.binary", "content-type": "text/plain"}})
+        # undecodable: a CloudEvent without its type
+        recs.append({"value": json.dumps({"specversion": "1.0", "id": "x"})})
+        pos = k.produce("evm.in", recs)
+        want = {kafka_id("evm.in", p, o): "evm.in" for p, o in pos[:200]}
+        want[ce_event_id("it/kafka", "kce-1")] = "orders.kafka.structured"
+        want[ce_event_id("it/kbin", "kbin-1")] = "orders.kafka.binary"
+        bad = pos[-1]
+        node = self.node([kafka_source(k, dead_letter="dead.kafka"),
+                          kafka_source(k, name="k2", topics=["evm.raw"], group="evmesh-raw")])
+        sub = self.subscriber(node, ["evm.", "orders.", "dead."])
+        for name in ("k", "k2"):
+            self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source=name) == 1, timeout=60,
+                                     step=0.1), node.log()[-3000:])
+        # records written while the node runs; one undecodable, counted (no dead_letter for k2)
+        raw = k.produce("evm.raw", [{"value": f"raw {i}"} for i in range(10)] +
+                        [{"value": json.dumps({"specversion": "1.0", "id": "y"})}])
+        for p, o in raw[:10]:
+            want[kafka_id("evm.raw", p, o)] = "evm.raw"
+        self.assertTrue(wait_for(lambda: set(want) <= set(sub.ids()), timeout=60, step=0.1),
+                        f"{len(set(want) - set(sub.ids()))} missing\n{node.log()[-3000:]}")
+        for eid, topic in want.items():
+            self.assertEqual(sub.by_id(eid)[0], topic)
+        _, ev = sub.by_id(ce_event_id("it/kafka", "kce-1"))
+        self.assertEqual((ev[2], ev[6].get("ceid")), ("it/kafka", "kce-1"))
+        self.assertEqual(json.loads(ev[7]), {"x": 1})
+        _, ev = sub.by_id(ce_event_id("it/kbin", "kbin-1"))
+        self.assertEqual((ev[2], ev[5], ev[7]), ("it/kbin", "text/plain", b"raw"))
+        self.assertTrue(wait_for(lambda: len(sub.ids("dead.kafka")) == 1, timeout=30, step=0.1))
+        _, dl = sub.by_id(sub.ids("dead.kafka")[0])
+        self.assertEqual(dl[6]["position"], f"kafka/evm.in/{bad[0]}/{bad[1]}")
+        self.assertEqual(dl[6]["broker_topic"], "evm.in")
+        self.assertIn("structured CloudEvent", dl[6]["reason"])
+        self.assertTrue(wait_for(lambda: self.events_metric(node, "k2", "undecodable") == 1, timeout=30, step=0.1))
+        self.assertEqual(len(sub.ids()), len(want) + 1, "duplicates without a restart")
+        self.assertEqual(self.events_metric(node, "k", "published"), 202)
+        self.assertEqual(self.events_metric(node, "k", "dead_lettered"), 1)
+        self.assertEqual(self.events_metric(node, "k2", "published"), 10)
+        self.assertIn("undecodable message", node.log())
+        # everything committed (the undecodable records too): the groups' offsets are at the ends
+        for topic, group in (("evm.in", "evmesh"), ("evm.raw", "evmesh-raw")):
+            self.assertTrue(wait_for(lambda: kafka_all_committed(k, topic, group), timeout=30, step=0.5),
+                            (topic, k.committed(topic, group)))
+        # a graceful stop commits what the node accepted (ack_delay not waited for) and leaves the group
+        more = k.produce("evm.in", [{"value": f"late {i}"} for i in range(20)])
+        for p, o in more:
+            want[kafka_id("evm.in", p, o)] = "evm.in"
+        self.assertTrue(wait_for(lambda: set(want) <= set(sub.ids()), timeout=60, step=0.01), node.log()[-3000:])
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(node.proc.wait(30), 0, node.log()[-2000:])
+        self.assertLess(time.monotonic() - t0, 12)
+        self.assertTrue(kafka_all_committed(k, "evm.in", "evmesh"), k.committed("evm.in", "evmesh"))
+
+    def test_kill9_mid_stream_nothing_lost(self):
+        k = self.broker(KafkaMock(self.btmp, topics=["evm.in"]))
+        cfg = kafka_source(k)
+        node = self.node([cfg])
+        sub = self.subscriber(node, ["evm."])
+        self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="k") == 1, timeout=60,
+                                 step=0.1), node.log()[-3000:])
+        batches, size = 30, 100
+        n = batches * size
+        positions = []
+        done = threading.Event()
+
+        def produce():
+            for b in range(batches):
+                positions.extend(k.produce("evm.in", [{"value": f"event {b * size + i}"} for i in range(size)]))
+                time.sleep(0.05)  # a stream, not one burst
+            done.set()
+
+        t = threading.Thread(target=produce)
+        t.start()
+        try:
+            self.assertTrue(wait_for(lambda: len(sub.ids()) >= n * 0.3, timeout=60, step=0.005), node.log()[-3000:])
+            self.kill9(node)
+            committed, _ = k.committed("evm.in", "evmesh")
+            time.sleep(1)  # what the node handed over before the kill has reached the subscriber
+            before_restart = set(sub.ids())
+            node = self.node([cfg])
+        finally:
+            t.join(120)
+        self.assertTrue(done.is_set())
+        want = {kafka_id("evm.in", p, o): (p, o) for p, o in positions}
+        self.assertEqual(len(want), n)
+        # committed means accepted by the node: every record below a committed offset had arrived
+        below = [eid for eid, (p, o) in want.items() if o < committed.get(p, -1)]
+        self.assertFalse(set(below) - before_restart, f"committed at the kill: {committed}")
+        self.assertTrue(wait_for(lambda: set(want) <= set(sub.ids()), timeout=120, step=0.1),
+                        f"{len(set(want) - set(sub.ids()))} of {n} missing\n{node.log()[-3000:]}")
+        # the restarted node went on from the committed offsets: nothing below them came again
+        ids = sub.ids()
+        again = {eid for eid, c in collections.Counter(ids).items() if c > 1}
+        self.assertFalse(again & set(below), "a committed record was delivered again")
+        self.assertTrue(wait_for(lambda: kafka_all_committed(k, "evm.in", "evmesh"), timeout=30, step=0.5),
+                        k.committed("evm.in", "evmesh"))
+        print(f"kafka: {n} records, node killed after {len(before_restart)} ({sum(max(v, 0) for v in committed.values())}"
+              f" committed), {len(ids) - len(set(ids))} duplicates")
+
+    def test_broker_outage_reconnects(self):
+        k = self.broker(KafkaMock(self.btmp, topics=["evm.in"], control=True))
+        # the commits of the first records fall into the outage (librdkafka defers them until the
+        # group coordinator is back; one that fails is made again by the source)
+        node = self.node([kafka_source(k, ack_delay="2s")])
+        sub = self.subscriber(node, ["evm."])
+        self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="k") == 1, timeout=60,
+                                 step=0.1), node.log()[-3000:])
+        want = {kafka_id("evm.in", p, o) for p, o in k.produce("evm.in", [{"value": f"a {i}"} for i in range(50)])}
+        self.assertTrue(wait_for(lambda: want <= set(sub.ids()), timeout=60, step=0.1), node.log()[-3000:])
+        k.broker_set("down")
+        self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="k") == 0, timeout=60,
+                                 step=0.1), node.log()[-3000:])
+        self.assertIn("not connected: all brokers are down", node.log())
+        time.sleep(2)
+        k.broker_set("up")
+        self.assertTrue(wait_for(lambda: node.metric("evmesh_source_connected", source="k") == 1, timeout=60,
+                                 step=0.1), node.log()[-3000:])
+        self.assertEqual(node.metric("evmesh_source_connects_total", source="k"), 2)
+        # committed after the outage, without newer records
+        self.assertTrue(wait_for(lambda: kafka_all_committed(k, "evm.in", "evmesh"), timeout=30, step=0.5),
+                        k.committed("evm.in", "evmesh"))
+        want |= {kafka_id("evm.in", p, o) for p, o in k.produce("evm.in", [{"value": f"b {i}"} for i in range(50)])}
+        self.assertTrue(wait_for(lambda: want <= set(sub.ids()), timeout=60, step=0.1), node.log()[-3000:])
+        self.assertTrue(wait_for(lambda: kafka_all_committed(k, "evm.in", "evmesh"), timeout=30, step=0.5),
+                        k.committed("evm.in", "evmesh"))
+        ids = sub.ids()
+        print(f"kafka outage: {len(want)} records, {len(ids) - len(set(ids))} duplicates, "
+              f"commit retried: {'committed again' in node.log()}")
+
+    def test_broker_down_at_start(self):
+        """No broker on the port (the mock cluster cannot be started later on a given port): the
+        source says so once, is not connected, and the node runs on."""
+        cfg = {"name": "k", "type": "kafka", "url": f"kafka://127.0.0.1:{free_port()}", "topics": ["evm.in"],
+               "group": "evmesh"}
+        node = self.node([cfg])
+        self.assertTrue(wait_for(lambda: "not connected" in node.log(), timeout=30, step=0.1), node.log()[-2000:])
+        self.assertEqual(node.metric("evmesh_source_connected", source="k"), 0)
+        self.assertEqual(node.log().count("not connected"), 1, node.log()[-2000:])
+        self.assertIsNone(node.proc.poll())
+        # a stop is not held up by the consumer that never reached a broker
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(node.proc.wait(30), 0, node.log()[-2000:])
+        self.assertLess(time.monotonic() - t0, 12)
+
+
 class MisconfiguredSourceTest(SourceTestCase):
     def test_one_line_and_exit_2(self):
         cases = [
@@ -540,7 +726,24 @@ class MisconfiguredSourceTest(SourceTestCase):
             ({"name": "a", "type": "nats", "url": "nats://h", "subject": "x", "durable": "d"},
              "source 'a': durable and stream need jetstream = true"),
             ({"name": "a", "type": "amqp", "url": "amqp://h"}, "source 'a': queue is required"),
-            ({"name": "a", "type": "kafka", "url": "kafka://h"}, "source 'a': type 'kafka' is not implemented yet"),
+            ({"name": "a", "type": "kafka", "url": "kafka://h", "group": "g"}, "source 'a': topics is required"),
+            ({"name": "a", "type": "kafka", "url": "kafka://h", "topics": ["t"]}, "source 'a': group is required"),
+            ({"name": "a", "type": "kafka", "url": "http://h", "topics": ["t"], "group": "g"},
+             "source 'a': url must be kafka://"),
+            ({"name": "a", "type": "kafka", "url": "kafka://h:1,h:x", "topics": ["t"], "group": "g"},
+             "source 'a': url must be kafka://"),
+            ({"name": "a", "type": "kafka", "url": "kafka://h", "topics": ["a b"], "group": "g"},
+             "source 'a': topics: 'a b' is not a Kafka topic name"),
+            ({"name": "a", "type": "kafka", "url": "kafka://h", "topics": ["t"], "group": "g",
+              "properties": {"enable.auto.commit": "true"}},
+             "source 'a': properties.enable.auto.commit is set by the source"),
+            ({"name": "a", "type": "kafka", "url": "kafka://h", "topics": ["t"], "group": "g",
+              "properties": {"fetch.wait.max.ms": "soon"}},
+             "source 'a': properties.fetch.wait.max.ms is refused by librdkafka"),
+            ({"name": "a", "type": "kafka", "url": "kafka://h", "topics": ["t"], "group": "g", "subscribe": "x"},
+             "source 'a': subscribe, stream, consumer, subject, durable, jetstream and queue are not kafka keys"),
+            ({"name": "a", "type": "mqtt", "url": "mqtt://h", "subscribe": "a/#", "topics": ["t"]},
+             "source 'a': topics and properties are kafka keys"),
         ]
         for cfg, want in cases:
             path = source_config(self.tmp, [cfg], "bad.toml")
