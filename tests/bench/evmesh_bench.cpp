@@ -857,9 +857,37 @@ void join_time(int tries) {
 
 }  // namespace
 
+// The durable history section: off vs on in the same run, and replay speed. Returns lost events.
+static int history_section() {
+    int failures = 0;
+    std::printf("\nDurable history: two nodes, a history of bench.> on node A (disk: %s) off vs on (same run);\n"
+                "stored = all events written by the history; replay = all of them replayed on node B\n",
+                "/tmp");
+    std::printf("%-7s %12s %12s %8s %12s %12s\n", "payload", "off ev/s", "on ev/s", "ratio", "stored ev/s",
+                "replay ev/s");
+    for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
+        auto off = best_of([&] { return evmesh_two_nodes(size); });
+        std::vector<history_row> runs;
+        for (int r = 0; r < g_reps; ++r) {
+            runs.push_back(evmesh_history_run(size));
+        }
+        std::sort(runs.begin(), runs.end(), [](const auto& x, const auto& y) { return x.eps < y.eps; });
+        const auto& on = runs[runs.size() / 2];
+        int lost = 0;
+        for (const auto& r : runs) {
+            lost += r.lost;
+        }
+        failures += off.lost + lost;
+        std::printf("%-7zu %12.0f %12.0f %7.2fx %12.0f %12.0f%s\n", size, off.eps, on.eps, on.eps / off.eps,
+                    on.stored_eps, on.replay_eps, lost != 0 ? "  LOST EVENTS" : "");
+    }
+    return failures;
+}
+
 int main(int argc, char** argv) {
     spdlog::set_level(spdlog::level::warn);
     bool quick = false;
+    bool history_only = false;  // only the durable history section (off vs on, replay)
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "--count" && i + 1 < argc) {
@@ -872,19 +900,24 @@ int main(int argc, char** argv) {
             quick = true;
             g_count = 20000;
             g_reps = 1;
+        } else if (a == "--history-only") {
+            history_only = true;
         } else {
-            std::fprintf(stderr, "usage: evmesh_bench [--count N] [--reps R] [--hwm H] [--quick]\n");
+            std::fprintf(stderr, "usage: evmesh_bench [--count N] [--reps R] [--hwm H] [--quick] [--history-only]\n");
             return 2;
         }
     }
     std::printf("evmesh_bench: %d events per run, median of %d runs, hwm %d, libzmq %d.%d.%d, %u cores\n",
                 g_count, g_reps, g_hwm, ZMQ_VERSION_MAJOR, ZMQ_VERSION_MINOR, ZMQ_VERSION_PATCH,
                 std::thread::hardware_concurrency());
+    int failures = 0;
+    if (history_only) {
+        return history_section() == 0 ? 0 : 1;
+    }
     std::printf("\nThroughput, one node (raw = XPUB -> zmq_proxy -> SUB; evmesh = publish -> node -> subscriber,\n"
                 "full envelope encoded and decoded at the ends; both lossless)\n");
     std::printf("%-8s %-7s %14s %14s %10s %10s %8s\n", "path", "payload", "raw ev/s", "evmesh ev/s",
                 "raw MB/s", "ev MB/s", "ratio");
-    int failures = 0;
     for (std::string transport : {"inproc", "tcp"}) {
         for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
             auto raw = best_of([&] { return raw_run(transport, 1, size); });
@@ -960,27 +993,7 @@ int main(int argc, char** argv) {
         std::printf("  p50 ratio evmesh/NATS %.2fx\n", el.p50 / nl.p50);
 #endif
     }
-    std::printf("\nDurable history: two nodes, a history of bench.> on node A (disk: %s) off vs on (same run);\n"
-                "stored = all events written by the history; replay = all of them replayed on node B\n",
-                "/tmp");
-    std::printf("%-7s %12s %12s %8s %12s %12s\n", "payload", "off ev/s", "on ev/s", "ratio", "stored ev/s",
-                "replay ev/s");
-    for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
-        auto off = best_of([&] { return evmesh_two_nodes(size); });
-        std::vector<history_row> runs;
-        for (int r = 0; r < g_reps; ++r) {
-            runs.push_back(evmesh_history_run(size));
-        }
-        std::sort(runs.begin(), runs.end(), [](const auto& x, const auto& y) { return x.eps < y.eps; });
-        const auto& on = runs[runs.size() / 2];
-        int lost = 0;
-        for (const auto& r : runs) {
-            lost += r.lost;
-        }
-        failures += off.lost + lost;
-        std::printf("%-7zu %12.0f %12.0f %7.2fx %12.0f %12.0f%s\n", size, off.eps, on.eps, on.eps / off.eps,
-                    on.stored_eps, on.replay_eps, lost != 0 ? "  LOST EVENTS" : "");
-    }
+    failures += history_section();
     std::printf("\nSecurity: two nodes, mesh link with CURVE off vs on (same run)\n");
     std::printf("%-7s %14s %14s %8s\n", "payload", "plain ev/s", "CURVE ev/s", "ratio");
     for (std::size_t size : {std::size_t{64}, std::size_t{1024}}) {
