@@ -334,16 +334,22 @@ void secure(evmesh::node_options& o, int which) {
     o.security.allowed_keys = {pub[0].data(), pub[1].data()};
 }
 
+// A node of a two-node benchmark mesh: lossless (block) with the benchmark's queue sizes.
+evmesh::node_options lossless_node(const char* name, const std::string& mesh) {
+    evmesh::node_options o;
+    o.name = name;
+    o.mesh = mesh;
+    o.hwm = g_hwm;
+    o.slow_subscriber = evmesh::overflow_policy::block;
+    o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+    return o;
+}
+
 // evmesh, two nodes: embedded publisher on A, embedded subscriber on B, mesh link over tcp.
 result_row evmesh_two_nodes(std::size_t size, bool curve = false, bool repair = false) {
     const std::string mesh = "bench2-" + std::to_string(getpid()) + (curve ? "c-" : "p-") + std::to_string(clk::now().time_since_epoch().count() % 100000);
     auto opts = [&](const char* name) {
-        evmesh::node_options o;
-        o.name = name;
-        o.mesh = mesh;
-        o.hwm = g_hwm;
-        o.slow_subscriber = evmesh::overflow_policy::block;
-        o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+        auto o = lossless_node(name, mesh);
         if (curve) {
             secure(o, name[0] == 'A' ? 0 : 1);
         }
@@ -392,12 +398,7 @@ history_row evmesh_history_run(std::size_t size) {
     const std::string dir = mkdtemp(tmpl);
     const std::string mesh = "benchh-" + std::to_string(getpid()) + "-" + std::to_string(clk::now().time_since_epoch().count() % 100000);
     auto opts = [&](const char* name, bool with_history) {
-        evmesh::node_options o;
-        o.name = name;
-        o.mesh = mesh;
-        o.hwm = g_hwm;
-        o.slow_subscriber = evmesh::overflow_policy::block;
-        o.discovery.port = static_cast<std::uint16_t>(30000 + getpid() % 20000);
+        auto o = lossless_node(name, mesh);
         if (with_history) {
             evmesh::history_options h;
             h.name = "bench";

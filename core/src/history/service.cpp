@@ -41,49 +41,62 @@ struct query {
     std::size_t limit = replay_default_page;
 };
 
-std::optional<query> parse_query(std::string_view payload, std::string& why) {
-    query q;
+// Calls fn(key, value) for each string key of the msgpack map `payload`. False, with `why`, when
+// the payload is not a map, does not decode, has a value of the wrong type (msgpack's type errors
+// end here), or fn refused a value (returned false after setting `why`).
+template <class Fn>
+bool each_key(std::string_view payload, std::string& why, Fn&& fn) {
     try {
         auto oh = msgpack::unpack(payload.data(), payload.size());
         const auto& o = oh.get();
         if (o.type != msgpack::type::MAP) {
             why = "payload is not a msgpack map";
-            return std::nullopt;
+            return false;
         }
         for (const auto& kv : o.via.map) {
-            if (kv.key.type != msgpack::type::STR) {
-                continue;
-            }
-            const std::string_view k(kv.key.via.str.ptr, kv.key.via.str.size);
-            const auto& v = kv.val;
-            auto str = [&] { return v.type == msgpack::type::STR ? std::string(v.via.str.ptr, v.via.str.size) : std::string(); };
-            if (k == "reply") {
-                q.reply = str();
-            } else if (k == "pattern") {
-                auto p = topic_pattern::parse(str());
-                if (!p) {
-                    why = "bad pattern";
-                    return std::nullopt;
-                }
-                q.pattern = std::move(*p);
-            } else if (k == "from") {
-                q.from = str();
-            } else if (k == "time") {
-                q.time_ns = v.as<std::int64_t>();
-            } else if (k == "id") {
-                q.id = str();
-            } else if (k == "n") {
-                q.n = v.as<std::uint64_t>();
-            } else if (k == "position") {
-                q.position = v.as<std::uint64_t>();
-            } else if (k == "history") {
-                q.history = str();
-            } else if (k == "limit") {
-                q.limit = static_cast<std::size_t>(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 1, replay_max_page));
+            if (kv.key.type == msgpack::type::STR &&
+                !fn(std::string_view(kv.key.via.str.ptr, kv.key.via.str.size), kv.val)) {
+                return false;
             }
         }
     } catch (const std::exception& e) {
         why = std::string("undecodable: ") + e.what();
+        return false;
+    }
+    return true;
+}
+
+std::optional<query> parse_query(std::string_view payload, std::string& why) {
+    query q;
+    const bool ok = each_key(payload, why, [&](std::string_view k, const msgpack::object& v) {
+        auto str = [&] { return v.type == msgpack::type::STR ? std::string(v.via.str.ptr, v.via.str.size) : std::string(); };
+        if (k == "reply") {
+            q.reply = str();
+        } else if (k == "pattern") {
+            auto p = topic_pattern::parse(str());
+            if (!p) {
+                why = "bad pattern";
+                return false;
+            }
+            q.pattern = std::move(*p);
+        } else if (k == "from") {
+            q.from = str();
+        } else if (k == "time") {
+            q.time_ns = v.as<std::int64_t>();
+        } else if (k == "id") {
+            q.id = str();
+        } else if (k == "n") {
+            q.n = v.as<std::uint64_t>();
+        } else if (k == "position") {
+            q.position = v.as<std::uint64_t>();
+        } else if (k == "history") {
+            q.history = str();
+        } else if (k == "limit") {
+            q.limit = static_cast<std::size_t>(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 1, replay_max_page));
+        }
+        return true;
+    });
+    if (!ok) {
         return std::nullopt;
     }
     if (!q.reply.starts_with(replay_reply_prefix) || q.reply.size() > 200) {
@@ -157,59 +170,47 @@ bool valid_name(std::string_view n) {
 
 std::optional<consumer_request> parse_request(std::string_view payload, std::string& why) {
     consumer_request r;
-    try {
-        auto oh = msgpack::unpack(payload.data(), payload.size());
-        const auto& o = oh.get();
-        if (o.type != msgpack::type::MAP) {
-            why = "payload is not a msgpack map";
-            return std::nullopt;
-        }
-        for (const auto& kv : o.via.map) {
-            if (kv.key.type != msgpack::type::STR) {
-                continue;
+    const bool ok = each_key(payload, why, [&](std::string_view k, const msgpack::object& v) {
+        auto str = [&] { return v.type == msgpack::type::STR ? std::string(v.via.str.ptr, v.via.str.size) : std::string(); };
+        if (k == "op") {
+            r.op = str();
+        } else if (k == "history") {
+            r.history = str();
+        } else if (k == "consumer") {
+            r.consumer = str();
+        } else if (k == "reply") {
+            r.reply = str();
+        } else if (k == "batch") {
+            r.batch = static_cast<std::size_t>(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 1, replay_max_page));
+        } else if (k == "wait_ms") {
+            r.wait = std::chrono::milliseconds(std::min<std::uint64_t>(v.as<std::uint64_t>(), 60000));
+        } else if (k == "positions") {
+            if (v.type != msgpack::type::ARRAY || v.via.array.size > 100000) {
+                why = "positions must be an array of at most 100000 uint";
+                return false;
             }
-            const std::string_view k(kv.key.via.str.ptr, kv.key.via.str.size);
-            const auto& v = kv.val;
-            auto str = [&] { return v.type == msgpack::type::STR ? std::string(v.via.str.ptr, v.via.str.size) : std::string(); };
-            if (k == "op") {
-                r.op = str();
-            } else if (k == "history") {
-                r.history = str();
-            } else if (k == "consumer") {
-                r.consumer = str();
-            } else if (k == "reply") {
-                r.reply = str();
-            } else if (k == "batch") {
-                r.batch = static_cast<std::size_t>(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 1, replay_max_page));
-            } else if (k == "wait_ms") {
-                r.wait = std::chrono::milliseconds(std::min<std::uint64_t>(v.as<std::uint64_t>(), 60000));
-            } else if (k == "positions") {
-                if (v.type != msgpack::type::ARRAY || v.via.array.size > 100000) {
-                    why = "positions must be an array of at most 100000 uint";
-                    return std::nullopt;
-                }
-                for (const auto& e : v.via.array) {
-                    r.positions.push_back(e.as<std::uint64_t>());
-                }
-            } else if (k == "filter") {
-                r.cfg.filter_text = str();
-            } else if (k == "ack_wait_ms") {
-                r.cfg.ack_wait = std::chrono::milliseconds(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 100, 86400000));
-            } else if (k == "max_deliver") {
-                r.cfg.max_deliver = static_cast<std::uint32_t>(std::min<std::uint64_t>(v.as<std::uint64_t>(), 1000000));
-            } else if (k == "dead_letter") {
-                r.cfg.dead_letter = str();
-            } else if (k == "start") {
-                const auto st = str();
-                if (st != "all" && st != "new") {
-                    why = "start must be all or new";
-                    return std::nullopt;
-                }
-                r.cfg.from_new = st == "new";
+            for (const auto& e : v.via.array) {
+                r.positions.push_back(e.as<std::uint64_t>());
             }
+        } else if (k == "filter") {
+            r.cfg.filter_text = str();
+        } else if (k == "ack_wait_ms") {
+            r.cfg.ack_wait = std::chrono::milliseconds(std::clamp<std::uint64_t>(v.as<std::uint64_t>(), 100, 86400000));
+        } else if (k == "max_deliver") {
+            r.cfg.max_deliver = static_cast<std::uint32_t>(std::min<std::uint64_t>(v.as<std::uint64_t>(), 1000000));
+        } else if (k == "dead_letter") {
+            r.cfg.dead_letter = str();
+        } else if (k == "start") {
+            const auto st = str();
+            if (st != "all" && st != "new") {
+                why = "start must be all or new";
+                return false;
+            }
+            r.cfg.from_new = st == "new";
         }
-    } catch (const std::exception& e) {
-        why = std::string("undecodable: ") + e.what();
+        return true;
+    });
+    if (!ok) {
         return std::nullopt;
     }
     if (r.op != "fetch" && r.op != "ack" && r.op != "nak" && r.op != "wip") {
