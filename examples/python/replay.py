@@ -172,8 +172,14 @@ class Replay:
         self.query("all", {})
         # 1. the first pages: every history that answers within --answer-wait seconds (on a link
         # busy with live events, answers queue behind them: give it more time there)
-        wait_until = time.monotonic() + self.args.answer_wait
-        while time.monotonic() < wait_until:
+        t0 = time.monotonic()
+        while True:
+            # from the beginning, a live stream past seq 1 has older events that a history may
+            # hold: while none has answered, wait up to 10 answer waits (a loaded mesh)
+            expecting = (self.args.from_ == "all" and not self.histories
+                         and any(f > 1 for f in self.first_live.values()))
+            if time.monotonic() - t0 >= self.args.answer_wait * (10 if expecting else 1):
+                break
             self.receive(50, False)
         self.settle(time.monotonic() + 60)
         # 2. once more from where each history ended: what reached it while we paged

@@ -3,6 +3,7 @@
 // since the start. docs/HISTORY.md explains why this has neither a gap nor a duplicate.
 #include <evmesh/replay.hpp>
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <map>
@@ -323,7 +324,12 @@ void replay_impl::run() {
                 ask_next(s);
             }
         }
-        if (ph == phase::replaying && now - t0 >= opt.answer_wait && all_answered()) {
+        // From the beginning, a live stream that starts past seq 1 has older events that some
+        // history may hold: while none has answered, wait up to 10 answer waits (a loaded mesh)
+        const bool expecting = opt.from.what == replay_from::kind::beginning && sources.empty() &&
+                               std::any_of(first_live.begin(), first_live.end(), [](const auto& f) { return f.second > 1; });
+        const auto wait = expecting ? opt.answer_wait * 10 : opt.answer_wait;
+        if (ph == phase::replaying && now - t0 >= wait && all_answered()) {
             // one more round from where each history stands: what reached it while the first
             // pages were served, and what was in flight to it when the live subscription began
             ph = phase::catching_up;

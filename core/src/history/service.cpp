@@ -398,14 +398,14 @@ std::unique_ptr<history_service> history_service::start(node& n, const std::vect
         }
     }
     p.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    p.take_snapshots();
-    p.thread = std::thread([&p] { p.run(); });
-    for (const auto& h : p.hs) {
+    for (const auto& h : p.hs) {  // before the thread starts: from then on it alone touches the stores
         const auto st = h->store->stats();
         log()->info("evmesh: history '{}' ({}) in {}: {} events, {} bytes in {} segments{}", h->opt.name,
                     fmt::join(h->opt.patterns, ", "), h->opt.dir, st.events, st.bytes, st.segments,
                     st.truncated_bytes > 0 ? fmt::format(" ({} damaged bytes cut)", st.truncated_bytes) : "");
     }
+    p.take_snapshots();
+    p.thread = std::thread([&p] { p.run(); });
     return svc;
 }
 
