@@ -17,9 +17,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from evmesh_testlib import EXAMPLES, PYTHON, NodeTestCase, main, wait_for  # noqa: E402
+from evmesh_testlib import BUILD, EXAMPLES, PYTHON, NodeTestCase, main, wait_for  # noqa: E402
 
 PULL = os.path.join(EXAMPLES, "python", "pull.py")
+CPP_MEMBER = os.path.join(BUILD, "examples", "pull_member")
 
 
 class QueueTest(NodeTestCase):
@@ -104,6 +105,28 @@ class QueueTest(NodeTestCase):
         self.assertEqual(len(got), 1, out)
         self.assertEqual(nodes_metric(node, "evmesh_consumer_dead_lettered_total", "picky"), 1)
         self.assertEqual(nodes_metric(node, "evmesh_consumer_redelivered_total", "picky"), 2)
+
+    def test_a_cpp_and_a_python_member_share_a_consumer(self):
+        node = self.history_node("mix0", os.path.join(self.tmp, "h"))
+        self.publish(node, "work.mixed", 30000)
+        self.assertTrue(wait_for(lambda: node.metric("evmesh_history_events") ==
+                                 node.metric("evmesh_events_in_total", input="client") > 0, 10))
+        stored = int(node.metric("evmesh_history_events"))
+        py = self.member(node, "--idle", 3, "--wait", 200, "--batch", 10, consumer="mixed")
+        # the C++ member joins once the Python one is taking messages
+        self.assertTrue(wait_for(lambda: os.path.getsize(py.out_path) > 0, 10))
+        path = os.path.join(self.tmp, "cpp-member.out")
+        with open(path, "wb") as out:
+            cpp = self.spawn([CPP_MEMBER, node.pub, node.sub, "work", "mixed", "0", "3"], stdout=out,
+                             stderr=subprocess.DEVNULL)
+        cpp.wait(timeout=60)
+        with open(path, "rb") as f:
+            from_cpp = self.lines(f.read())
+        from_py = self.finish(py, 60)
+        positions = [e["pos"] for e in from_cpp + from_py]
+        self.assertEqual(sorted(positions), list(range(stored)))
+        self.assertGreater(len(from_cpp), 0)
+        self.assertGreater(len(from_py), 0)
 
     def test_the_position_survives_a_restart(self):
         hdir = os.path.join(self.tmp, "h")
