@@ -732,7 +732,10 @@ bool history_service::impl::deliver(one& h, consumer& c, const std::string& repl
 void history_service::impl::pump() {
     const auto now = std::chrono::steady_clock::now();
     for (auto& h : hs) {
-        for (auto& [name, c] : h->consumers) {
+        for (auto& entry : h->consumers) {
+            // plain references: a lambda may not capture structured bindings (clang, C++20)
+            const std::string& name = entry.first;
+            auto& c = entry.second;
             c->expire(now, [&](std::uint64_t pos, const std::string& frame, std::uint32_t deliveries) {
                 const auto& dl = c->config().dead_letter;
                 log()->warn("evmesh: history '{}': consumer '{}': position {} dead-lettered after {} deliveries{}",
