@@ -345,6 +345,27 @@ evmesh::node_options lossless_node(const char* name, const std::string& mesh) {
     return o;
 }
 
+// g_count events of `size` bytes from a producer thread on `pub`, counted on `sub` until all came
+// (or none for 5 s); [t0, t1] spans the first send to the last receipt. Returns the count received.
+int flood(evmesh::publisher& pub, evmesh::subscription& sub, std::size_t size, clk::time_point& t0,
+          clk::time_point& t1) {
+    const std::string payload(size, 'x');
+    const int count = g_count;
+    int got = 0;
+    t0 = clk::now();
+    std::thread producer([&] {
+        for (int i = 0; i < count; ++i) {
+            (void)pub.publish("bench.data", payload);
+        }
+    });
+    while (got < count && sub.receive_view(5s)) {
+        ++got;
+    }
+    t1 = clk::now();
+    producer.join();
+    return got;
+}
+
 // evmesh, two nodes: embedded publisher on A, embedded subscriber on B, mesh link over tcp.
 result_row evmesh_two_nodes(std::size_t size, bool curve = false, bool repair = false) {
     const std::string mesh = "bench2-" + std::to_string(getpid()) + (curve ? "c-" : "p-") + std::to_string(clk::now().time_since_epoch().count() % 100000);
@@ -367,21 +388,9 @@ result_row evmesh_two_nodes(std::size_t size, bool curve = false, bool repair = 
     auto pub = (*a)->make_publisher({.name = "p", .policy = evmesh::overflow_policy::block, .hwm = g_hwm});
     warm([&] { (void)pub->publish("bench.warm", "w"); },
          [&](int t) { return sub->receive_view(std::chrono::milliseconds(t)).has_value(); });
-    const std::string payload(size, 'x');
-    const int count = g_count;
-    int got = 0;
-    const auto t0 = clk::now();
-    std::thread producer([&] {
-        for (int i = 0; i < count; ++i) {
-            (void)pub->publish("bench.data", payload);
-        }
-    });
-    while (got < count && sub->receive_view(5s)) {
-        ++got;
-    }
-    const auto t1 = clk::now();
-    producer.join();
-    return {got / std::chrono::duration<double>(t1 - t0).count(), count - got};
+    clk::time_point t0, t1;
+    const int got = flood(*pub, *sub, size, t0, t1);
+    return {got / std::chrono::duration<double>(t1 - t0).count(), g_count - got};
 }
 
 // Durable history (docs/HISTORY.md): the two-node run with a history of `bench.>` on node A, in a
@@ -421,20 +430,9 @@ history_row evmesh_history_run(std::size_t size) {
         warm([&] { (void)pub->publish("bench.warm", "w"); },
              [&](int t) { return sub->receive_view(std::chrono::milliseconds(t)).has_value(); });
         const auto base = (*a)->histories().at(0).appended;
-        const std::string payload(size, 'x');
         const int count = g_count;
-        int got = 0;
-        const auto t0 = clk::now();
-        std::thread producer([&] {
-            for (int i = 0; i < count; ++i) {
-                (void)pub->publish("bench.data", payload);
-            }
-        });
-        while (got < count && sub->receive_view(5s)) {
-            ++got;
-        }
-        const auto t1 = clk::now();
-        producer.join();
+        clk::time_point t0, t1;
+        const int got = flood(*pub, *sub, size, t0, t1);
         // stored: the writer's snapshot is refreshed every 200 ms, so this is a lower bound
         while ((*a)->histories().at(0).appended - base < static_cast<std::uint64_t>(count) && clk::now() - t0 < 120s) {
             std::this_thread::sleep_for(1ms);
