@@ -588,6 +588,12 @@ bool load_table(toml::table& root, const std::string& path, app_config& cfg, std
         r.boolean("streams", a.streams);
         r.boolean("dashboard", a.dashboard);
         r.integer("stream_resume_events", a.stream_resume_events, 0, 10'000'000);
+        r.boolean("stream_resume_history", a.stream_resume_history);
+        r.duration("stream_resume_wait", a.stream_resume_wait);
+        if ((a.stream_resume_wait < std::chrono::milliseconds(10) || a.stream_resume_wait > std::chrono::minutes(1)) &&
+            error.empty()) {
+            error = "key 'api.stream_resume_wait' must be between 10ms and 1m";
+        }
         r.integer("stream_queue_bytes", a.stream_queue_bytes, 4096, 1LL << 30);
         r.str("stream_slow", a.stream_slow);
         if (a.stream_slow != "skip" && a.stream_slow != "disconnect" && error.empty()) {

@@ -38,6 +38,8 @@ struct api_config {
     bool streams = true;
     bool dashboard = true;  // GET / (docs/DASHBOARD.md); needs streams
     std::size_t stream_resume_events = 10000;
+    bool stream_resume_history = true;                    // older ids: replay from the histories
+    std::chrono::milliseconds stream_resume_wait{1000};   // for the histories' first answers
     std::size_t stream_queue_bytes = 1 << 20;
     std::string stream_slow = "skip";  // skip (gap notice) or disconnect
     std::size_t stream_max_connections = 20000;

@@ -727,6 +727,8 @@ int node_app::start() {
         if (cfg_.api.streams) {
             stream_options so;
             so.resume_events = cfg_.api.stream_resume_events;
+            so.resume_history = cfg_.api.stream_resume_history;
+            so.resume_answer_wait = cfg_.api.stream_resume_wait;
             so.queue_bytes = cfg_.api.stream_queue_bytes;
             so.disconnect_slow = cfg_.api.stream_slow == "disconnect";
             so.max_connections = cfg_.api.stream_max_connections;

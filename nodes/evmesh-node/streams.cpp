@@ -19,6 +19,7 @@
 #include <spdlog/spdlog.h>
 
 #include <evmesh/codec.hpp>
+#include <evmesh/replay.hpp>
 
 #include "ce_render.hpp"  // the same CloudEvents JSON as webhooks and the registry
 
@@ -115,7 +116,8 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
 
     struct entry {
         std::uint64_t idx;
-        std::string id, topic;
+        std::string id, topic, source;
+        std::uint64_t seq = 0;
         std::shared_ptr<const std::string> json_text, binary, sse;  // rendered once, shared by every client
     };
 
@@ -130,7 +132,32 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
         std::uint64_t sent = 0, skipped = 0, pending_gap = 0, gaps = 0;
         std::int64_t connected_ms = 0;
         std::uint64_t last_idx = 0;  // the last event delivered: once per event, however many patterns match
+        // Resumed from the durable histories: its replays (one per pattern, each switching to live
+        // by itself) and, for every stream it received, the last seq: an event that two of its
+        // replays (or a replay and the hub) both carry is delivered once.
+        std::vector<std::pair<std::string, std::shared_ptr<replay_subscription>>> replays;
+        std::unordered_map<std::string, std::uint64_t> stream_seq;
+        bool dedup = false;
     };
+
+    // For a client that is resumed from history: false when this event's stream already went past it.
+    static bool fresh(client& c, const entry& e) {
+        if (!c.dedup || e.seq == 0) {
+            return true;
+        }
+        std::string k = e.source;
+        k.push_back('\0');
+        k += e.topic;
+        auto [it, added] = c.stream_seq.try_emplace(std::move(k), e.seq);
+        if (added) {
+            return true;
+        }
+        if (e.seq <= it->second) {
+            return false;
+        }
+        it->second = e.seq;
+        return true;
+    }
 
     // Clients by pattern (under m): an event is matched against each distinct pattern once, not
     // against every client's (10,000 clients on a few patterns: a few matches per event).
@@ -167,6 +194,7 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
 
     // counters (under m)
     std::uint64_t c_sent = 0, c_skipped = 0, c_gaps = 0, c_slow_disconnects = 0, c_resumed = 0, c_resume_gaps = 0,
+                  c_history_resumes = 0, c_history_events = 0, c_resume_time_gaps = 0,
                   c_refused = 0, c_opened = 0;
 
     // node subscriptions: covering pattern -> (refcount, subscription)
@@ -270,15 +298,12 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
         ++c_sent;
     }
 
-    void on_event(const event_view& v) {
-        const bool stats = v.topic.substr(0, 14) == "_evmesh.stats.";
-        if (!stats && v.topic.substr(0, 8) == "_evmesh.") {
-            return;  // pings, pongs, repair: the mesh's business
-        }
-        const event ev = v.to_event();
+    static entry render(const event& ev, bool stats) {
         entry e;
         e.id = to_string(ev.id);
         e.topic = ev.topic;
+        e.source = ev.source;
+        e.seq = ev.seq;
         e.json_text = std::make_shared<const std::string>(stats ? render_stats_json(ev) : render_cloudevent_json(ev));
         e.sse = std::make_shared<const std::string>("id: " + e.id + "\ndata: " + *e.json_text + "\n\n");
         std::string body;
@@ -287,6 +312,15 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
         bin.push_back('\0');
         bin += body;
         e.binary = std::make_shared<const std::string>(std::move(bin));
+        return e;
+    }
+
+    void on_event(const event_view& v) {
+        const bool stats = v.topic.substr(0, 14) == "_evmesh.stats.";
+        if (!stats && v.topic.substr(0, 8) == "_evmesh.") {
+            return;  // pings, pongs, repair: the mesh's business
+        }
+        entry e = render(v.to_event(), stats);
         std::vector<std::uint64_t> drop;
         {
             std::lock_guard lk(m);
@@ -312,7 +346,9 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
                 for (client* c : g.members) {
                     if (c->last_idx != e.idx) {
                         c->last_idx = e.idx;
-                        deliver(*c, e, drop);
+                        if (fresh(*c, e)) {
+                            deliver(*c, e, drop);
+                        }
                     }
                 }
             }
@@ -374,15 +410,29 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
 
     // Adds patterns to a registered client, replaying from the resume buffer after `last_id`
     // (empty: live only), all under m so nothing arrives between the replay and live delivery.
+    // An id the buffer does not hold resumes from the durable histories instead (resume_history).
     void attach(const std::shared_ptr<client>& c, std::vector<topic_pattern> add, const std::string& last_id) {
         std::vector<std::uint64_t> drop;
+        std::vector<topic_pattern> from_history;
         {
             std::lock_guard lk(m);
+            const bool in_ring = !last_id.empty() && ring_index.count(last_id) != 0;
+            if (!last_id.empty() && !in_ring && o.resume_history) {
+                // live events for these patterns come through the client's replays, after the
+                // replayed ones: not through the hub's index
+                ++c_history_resumes;
+                c->dedup = true;
+                for (auto& p : add) {
+                    c->patterns.push_back(p);
+                    from_history.push_back(std::move(p));
+                }
+                add.clear();
+            }
             for (auto& p : add) {
                 index_add(c.get(), p);
                 c->patterns.push_back(std::move(p));
             }
-            if (!last_id.empty()) {
+            if (!last_id.empty() && from_history.empty()) {
                 auto it = ring_index.find(last_id);
                 if (it == ring_index.end()) {
                     ++c_resume_gaps;
@@ -405,6 +455,119 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
             }
         }
         close_clients(drop, 1008, "slow client: its queue is full");
+        if (!from_history.empty()) {
+            resume_from_history(c, from_history, last_id);
+        }
+    }
+
+    // One replay per pattern, after `last_id`; each delivers its replayed events, then switches
+    // to live by itself (no gap, no duplicate per stream: evmesh/replay.hpp).
+    void resume_from_history(const std::shared_ptr<client>& c, const std::vector<topic_pattern>& pats,
+                             const std::string& last_id) {
+        const auto cid = c->id;
+        std::vector<std::pair<std::string, std::shared_ptr<replay_subscription>>> started;
+        for (const auto& p : pats) {
+            replay_options ro;
+            ro.from = replay_from::after(last_id);
+            ro.answer_wait = o.resume_answer_wait;
+            ro.hwm = 10000;
+            ro.max_buffered = 100000;
+            const std::string text = p.text();
+            ro.on_live = [this, cid, text, last_id](const replay_counters& rc) {
+                on_resume_live(cid, text, last_id, rc);
+            };
+            auto r = replay(n, text, std::move(ro), [this, cid](const event_view& v) { on_resumed(cid, v); });
+            if (!r) {
+                spdlog::warn("stream {}: cannot resume '{}' from history: {}", cid, text, r.error().message());
+                std::lock_guard lk(m);
+                ++c_resume_gaps;
+                ++c->gaps;
+                (void)c->conn->send(control(*c, {{"control", "gap"},
+                                                 {"reason", "resume_unavailable"},
+                                                 {"last_event_id", last_id},
+                                                 {"topic", text},
+                                                 {"message", "cannot replay from history: " + r.error().message()}}),
+                                    false);
+                continue;
+            }
+            started.emplace_back(text, std::make_shared<replay_subscription>(std::move(*r)));
+        }
+        std::unique_lock lk(m);
+        if (stopped || clients.count(cid) == 0) {
+            lk.unlock();
+            started.clear();  // closed meanwhile: stop the replays (outside m: they may be waiting for it)
+            return;
+        }
+        for (auto& r : started) {
+            c->replays.push_back(std::move(r));
+        }
+    }
+
+    // A replayed (or, after the switch, live) event for a resumed client. Replayed events wait
+    // for room in the client's queue (up to 5 s) instead of being skipped: a replay is as fast
+    // as the history, not as the client.
+    void on_resumed(std::uint64_t cid, const event_view& v) {
+        entry e = render(v.to_event(), false);
+        for (int waited = 0; waited < 5000; ++waited) {
+            {
+                std::lock_guard lk(m);
+                auto it = clients.find(cid);
+                if (stopped || it == clients.end()) {
+                    return;
+                }
+                if (it->second->conn->queued_bytes() + frame(*it->second, e)->size() <= o.queue_bytes) {
+                    break;
+                }
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        std::vector<std::uint64_t> drop;
+        {
+            std::lock_guard lk(m);
+            auto it = clients.find(cid);
+            if (stopped || it == clients.end()) {
+                return;
+            }
+            auto& c = *it->second;
+            if (!fresh(c, e)) {
+                return;
+            }
+            ++c_history_events;
+            deliver(c, e, drop);
+        }
+        close_clients(drop, 1008, "slow client: its queue is full");
+    }
+
+    // The switch to live of one resumed pattern: says so when no history had the events.
+    void on_resume_live(std::uint64_t cid, const std::string& pattern, const std::string& last_id,
+                        const replay_counters& rc) {
+        std::lock_guard lk(m);
+        auto it = clients.find(cid);
+        if (stopped || it == clients.end()) {
+            return;
+        }
+        auto& c = *it->second;
+        if (rc.histories == 0) {
+            ++c_resume_gaps;
+            ++c.gaps;
+            (void)c.conn->send(control(c, {{"control", "gap"},
+                                           {"reason", "resume_unavailable"},
+                                           {"last_event_id", last_id},
+                                           {"topic", pattern},
+                                           {"message", "neither the node's resume buffer nor any history on the "
+                                                       "mesh holds these events; events after the id may be missing"}}),
+                               false);
+        } else if (rc.id_not_found == rc.histories) {
+            ++c_resume_time_gaps;
+            ++c.gaps;
+            (void)c.conn->send(control(c, {{"control", "gap"},
+                                           {"reason", "resume_from_time"},
+                                           {"last_event_id", last_id},
+                                           {"topic", pattern},
+                                           {"message", "no history holds this id: replayed from its time on (a UUIDv7), "
+                                                       "else live only; events after the id may be missing"}}),
+                               false);
+        }
     }
 
     std::shared_ptr<client> add_client(const std::shared_ptr<live_conn>& conn, const principal& who) {
@@ -420,14 +583,20 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
     }
 
     void remove_client(std::uint64_t id, std::vector<std::string>& patterns_out) {
-        std::lock_guard lk(m);
-        if (auto it = clients.find(id); it != clients.end()) {
-            for (const auto& p : it->second->patterns) {
-                patterns_out.push_back(p.text());
-                index_remove(it->second.get(), p.text());
+        std::vector<std::pair<std::string, std::shared_ptr<replay_subscription>>> replays;
+        {
+            std::lock_guard lk(m);
+            if (auto it = clients.find(id); it != clients.end()) {
+                for (const auto& p : it->second->patterns) {
+                    patterns_out.push_back(p.text());
+                    index_remove(it->second.get(), p.text());
+                }
+                replays.swap(it->second->replays);
+                clients.erase(it);
             }
-            clients.erase(it);
         }
+        // stopped here, outside m: a replay's callback may be waiting for m
+        replays.clear();
     }
 
     std::size_t count() const {
@@ -481,6 +650,18 @@ void stream_hub::stop() {
         p.stopped = true;
         all = p.clients;
     }
+    // the replays of resumed clients first (they deliver through the hub), outside m
+    std::vector<std::pair<std::string, std::shared_ptr<replay_subscription>>> replays;
+    {
+        std::lock_guard lk(p.m);
+        for (auto& [id, c] : all) {
+            for (auto& r : c->replays) {
+                replays.push_back(std::move(r));
+            }
+            c->replays.clear();
+        }
+    }
+    replays.clear();
     for (auto& [id, c] : all) {
         c->conn->close(1001, "the node is stopping");
     }
@@ -627,8 +808,18 @@ void stream_hub::ws(const http_request& req, http_response& res, const principal
             return;
         }
         if (kind == "unsubscribe") {
+            std::vector<std::pair<std::string, std::shared_ptr<replay_subscription>>> closing;
             {
                 std::lock_guard lk(p->m);
+                auto& rs = c.replays;
+                for (auto it = rs.begin(); it != rs.end();) {
+                    if (std::find(topics.begin(), topics.end(), it->first) != topics.end()) {
+                        closing.push_back(std::move(*it));
+                        it = rs.erase(it);
+                    } else {
+                        ++it;
+                    }
+                }
                 auto& ps = c.patterns;
                 ps.erase(std::remove_if(ps.begin(), ps.end(),
                                         [&](const topic_pattern& x) {
@@ -639,6 +830,7 @@ void stream_hub::ws(const http_request& req, http_response& res, const principal
                     p->index_remove(&c, t);
                 }
             }
+            closing.clear();  // outside m
             reply({{"control", "unsubscribed"}, {"topics", topics}});
             return;
         }
@@ -699,9 +891,14 @@ std::string stream_hub::metrics(const std::string& node_name) const {
        << "# TYPE evmesh_stream_gaps_total counter\n"
        << "evmesh_stream_gaps_total{" << l << ",reason=\"slow_client\"} " << p.c_gaps << "\n"
        << "evmesh_stream_gaps_total{" << l << ",reason=\"resume_unavailable\"} " << p.c_resume_gaps << "\n"
-       << "# HELP evmesh_stream_resumes_total Streams resumed from the buffer after Last-Event-ID.\n"
+       << "evmesh_stream_gaps_total{" << l << ",reason=\"resume_from_time\"} " << p.c_resume_time_gaps << "\n"
+       << "# HELP evmesh_stream_resumes_total Streams resumed after Last-Event-ID: from the buffer or the histories.\n"
        << "# TYPE evmesh_stream_resumes_total counter\n"
-       << "evmesh_stream_resumes_total{" << l << "} " << p.c_resumed << "\n"
+       << "evmesh_stream_resumes_total{" << l << ",from=\"buffer\"} " << p.c_resumed << "\n"
+       << "evmesh_stream_resumes_total{" << l << ",from=\"history\"} " << p.c_history_resumes << "\n"
+       << "# HELP evmesh_stream_history_events_total Events sent to resumed streams through their replays.\n"
+       << "# TYPE evmesh_stream_history_events_total counter\n"
+       << "evmesh_stream_history_events_total{" << l << "} " << p.c_history_events << "\n"
        << "# HELP evmesh_stream_slow_disconnects_total Streams closed because their queue was full.\n"
        << "# TYPE evmesh_stream_slow_disconnects_total counter\n"
        << "evmesh_stream_slow_disconnects_total{" << l << "} " << p.c_slow_disconnects << "\n"

@@ -3,7 +3,8 @@
 // (one per first topic segment) fan out to every connection; each connection has a bounded queue,
 // and a slow one is skipped with a gap notice (or disconnected) without slowing the node or the
 // other clients. A bounded in-memory buffer of recent events serves resumption (Last-Event-ID);
-// what it no longer holds is reported as a gap, never skipped silently.
+// what it no longer holds is replayed from the mesh's durable histories, and what they do not hold
+// either is reported as a gap, never skipped silently.
 #pragma once
 
 #include <chrono>
@@ -24,6 +25,10 @@ struct stream_options {
     std::chrono::milliseconds heartbeat{15000}; // SSE comment lines while idle
     std::size_t max_connections = 20000;
     std::size_t max_topics = 64;                // patterns per connection
+    // A Last-Event-ID the buffer no longer holds resumes from the mesh's durable histories
+    // (docs/HISTORY.md): a replay after that id, then live, with neither a gap nor a duplicate.
+    bool resume_history = true;
+    std::chrono::milliseconds resume_answer_wait{1000};  // for the histories' first answers
 };
 
 // `pattern` lies within `scope` (every topic `pattern` matches, `scope` matches too).

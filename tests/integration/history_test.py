@@ -172,7 +172,9 @@ dir = "{hdir}"
             out, _ = sub.communicate()
         self.assertEqual(len(out.splitlines()), received, "delivery goes on while the history cannot write")
         self.assertTrue(wait_for(lambda: a.metric("evmesh_history_dropped_total") > 0, 10))
-        self.assertEqual(a.metric("evmesh_history_write_failing"), 1)
+        self.assertGreater(a.metric("evmesh_history_write_errors_total"), 0)
+        # the gauge says whether the last write failed: a last small batch may fit in what a cut
+        # write left free, so it is 1 or 0 here; it is 1 while writes keep failing (the unit test)
         self.assertTrue(wait_for(lambda: "No space left on device" in a.log(), 5), a.log()[-2000:])
         kept = a.metric("evmesh_history_events")
         self.assertGreater(kept, 0)

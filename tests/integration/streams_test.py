@@ -160,7 +160,8 @@ class SseTest(StreamsBase):
         pub.publish("orders.created", b'{"late": true}')
         self.assertTrue(wait_for(lambda: len(lost.messages()) == 1 and len(r.messages()) == n + 1, 10))
         m = b.metrics()
-        self.assertEqual(b.metric("evmesh_stream_resumes_total"), 1)
+        self.assertEqual(b.metric("evmesh_stream_resumes_total", **{"from": "buffer"}), 1)
+        self.assertEqual(b.metric("evmesh_stream_resumes_total", **{"from": "history"}), 1)  # found nothing
         self.assertEqual(b.metric("evmesh_stream_gaps_total", reason="resume_unavailable"), 1)
         self.assertEqual(b.metric("evmesh_stream_connections", kind="sse"), 3)
         self.assertGreater(len(m), 0)
@@ -203,6 +204,62 @@ class SseTest(StreamsBase):
                         (slow.notices("gap"), len(slow.messages())))
         final = {c["id"]: c for c in json.loads(n0.http("/v1/streams"))["data"]}
         self.assertEqual(final[slow_row["id"]]["skipped"], missed())
+        pub.close()
+
+    def test_resume_beyond_the_buffer_replays_from_history_while_publishing(self):
+        # the publisher's node keeps a durable history; the stream node keeps 100 events in its
+        # buffer only, so a resume after event 1,000 of 6,000 must come from the history
+        hdir = os.path.join(self.tmp, "hist")
+        cfg = os.path.join(self.tmp, "a.toml")
+        with open(cfg, "w") as f:
+            f.write(f'[[history]]\nname = "h"\npatterns = ["orders.>"]\ndir = {json.dumps(hdir)}\n')
+        a = self.start_node("a", "--config", cfg, "--slow-subscriber", "block", "--repair", "orders.>")
+        b = self.stream_node("b", "stream_resume_events = 100\nstream_resume_wait = \"2s\"\n")
+        self.wait_mesh(a, b)
+        first = self.sse(b, "topics=orders.>")
+        pub = Publisher(self.ctx, a.pub, "orders.")
+        # three streams (one per topic), each numbered: the switch to live is exact per stream
+        # (source, topic, seq); the ids are UUIDv4, which the history looks for in all it keeps
+        seqs = {}
+
+        def send(i):
+            topic = f"orders.t{i % 3}"
+            seqs[topic] = seqs.get(topic, 0) + 1
+            return str(uuid.UUID(bytes=pub.publish(topic, json.dumps({"i": i}).encode(), seq=seqs[topic])))
+        sent = [send(i) for i in range(3000)]
+        self.assertTrue(wait_for(lambda: len(first.messages()) >= 3000, 30), len(first.messages()))
+        self.assertTrue(wait_for(lambda: a.metric("evmesh_history_events") >= 3000, 10))
+
+        # more events while the resumed stream replays and switches to live
+        def more():
+            for i in range(3000, 6000):
+                sent.append(send(i))
+                if i % 20 == 19:
+                    time.sleep(0.01)
+        t = threading.Thread(target=more)
+        t.start()
+        time.sleep(0.05)
+        resumed = self.sse(b, "topics=orders.>", headers={"Last-Event-ID": sent[999]})
+        t.join()
+        self.assertTrue(wait_for(lambda: len(resumed.messages()) >= 5000, 60), len(resumed.messages()))
+        time.sleep(0.3)
+        got = [e[1] for e in resumed.messages()]
+        # every event after the id exactly once, in publish order (one source, replay then live)
+        idx = {x: i for i, x in enumerate(sent)}
+        pos = [idx.get(x, -1) for x in got]
+        self.assertEqual(len(got), 5000, (len(set(got)), pos[:20], [p for k, p in enumerate(pos) if k and p != pos[k - 1] + 1][:40]))
+        self.assertEqual(len(set(got)), 5000)
+        self.assertEqual(got, sent[1000:])
+        self.assertEqual(resumed.notices("gap"), [])
+        self.assertEqual(b.metric("evmesh_stream_resumes_total", **{"from": "history"}), 1)
+        self.assertGreaterEqual(b.metric("evmesh_stream_history_events_total"), 5000)
+        # an SSE client that reconnects gets the same: the browser's EventSource does just this
+        again = self.sse(b, "topics=orders.t1", headers={"Last-Event-ID": sent[4000]})
+        want = [sent[i] for i in range(4001, 6000) if i % 3 == 1]
+        self.assertTrue(wait_for(lambda: len(again.messages()) >= len(want), 30))
+        pub.publish("orders.t1", b'{"late": true}', seq=seqs["orders.t1"] + 1)
+        self.assertTrue(wait_for(lambda: len(again.messages()) == len(want) + 1, 10), len(again.messages()))
+        self.assertEqual([e[1] for e in again.messages()][:-1], want)
         pub.close()
 
     def test_bad_requests(self):

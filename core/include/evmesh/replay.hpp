@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -39,6 +40,18 @@ struct replay_from {
     static replay_from last_per_topic() { return {kind::last_per_topic, 0, {}, 0}; }
 };
 
+/// What a replay did (monotonic, safe from any thread).
+struct replay_counters {
+    std::uint64_t replayed = 0;    ///< delivered from histories
+    std::uint64_t live = 0;        ///< delivered live
+    std::uint64_t duplicates = 0;  ///< received twice (two histories, or history and live): dropped
+    std::uint64_t gaps = 0;        ///< events no history had between the replay and live (reported)
+    std::uint64_t histories = 0;   ///< (node, history) pairs that answered
+    std::uint64_t pages = 0;       ///< pages received
+    std::uint64_t id_not_found = 0;  ///< histories that do not hold the after_id event (they served from its time)
+    bool is_live = false;          ///< the switch to live has happened
+};
+
 struct replay_options {
     replay_from from;
     /// How long to wait for histories to answer a query (the first page of each). A history
@@ -49,17 +62,9 @@ struct replay_options {
     std::uint32_t page = 1000;          ///< events per page asked of a history
     std::size_t max_buffered = 1000000; ///< live events held while replaying (then: error)
     int hwm = 100000;                   ///< the live and reply subscriptions' queues
-};
-
-/// What a replay did (monotonic, safe from any thread).
-struct replay_counters {
-    std::uint64_t replayed = 0;    ///< delivered from histories
-    std::uint64_t live = 0;        ///< delivered live
-    std::uint64_t duplicates = 0;  ///< received twice (two histories, or history and live): dropped
-    std::uint64_t gaps = 0;        ///< events no history had between the replay and live (reported)
-    std::uint64_t histories = 0;   ///< (node, history) pairs that answered
-    std::uint64_t pages = 0;       ///< pages received
-    bool is_live = false;          ///< the switch to live has happened
+    /// Called once on the replay's thread at the switch to live: after the last replayed event,
+    /// before the first live one (e.g. to tell a client that no history answered).
+    std::function<void(const replay_counters&)> on_live;
 };
 
 /// A running replay. Destroying it stops delivery and joins its thread.

@@ -215,6 +215,7 @@ struct replay_impl {
             return;
         }
         source s;
+        bool not_found = false;
         try {
             auto oh = msgpack::unpack(r.payload.data(), r.payload.size());
             const auto& o = oh.get();
@@ -234,6 +235,9 @@ struct replay_impl {
                     s.next = kv.val.as<std::uint64_t>();
                 } else if (k == "more") {
                     s.more = kv.val.as<bool>();
+                } else if (k == "note" && kv.val.type == msgpack::type::STR) {
+                    const std::string_view note(kv.val.via.str.ptr, kv.val.via.str.size);
+                    not_found = note.starts_with("id not found");
                 }
             }
         } catch (const std::exception&) {
@@ -243,6 +247,9 @@ struct replay_impl {
         auto [it, added] = sources.try_emplace(k, s);
         if (added) {
             count(&replay_counters::histories);
+            if (not_found) {
+                count(&replay_counters::id_not_found);
+            }
         } else {
             it->second.next = std::max(it->second.next, s.next);
             it->second.more = s.more;
@@ -354,6 +361,18 @@ void replay_impl::run() {
                 if (it != seen.end() && !it->second.empty() && it->second.max() + 1 < f) {
                     std::lock_guard lk(mu);
                     c.gaps += f - it->second.max() - 1;
+                }
+            }
+            if (opt.on_live) {
+                replay_counters now_c;
+                {
+                    std::lock_guard lk(mu);
+                    now_c = c;
+                }
+                try {
+                    opt.on_live(now_c);
+                } catch (...) {
+                    // as the event callback
                 }
             }
             for (const auto& frame : buffer) {

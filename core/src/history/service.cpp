@@ -1,6 +1,7 @@
 #include "history/service.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <array>
 #include <cerrno>
 #include <deque>
@@ -147,6 +148,16 @@ std::int64_t uuid7_time_ns(const event_id& id) {
         ms = (ms << 8) | id[static_cast<std::size_t>(i)];
     }
     return static_cast<std::int64_t>(ms) * 1000000;
+}
+
+// Whether an event body may carry `id`: false only when it has the usual layout (array, version
+// 1, bin 16 id) and a different id there, so that a search by id decodes just the candidates.
+bool frame_may_have_id(std::string_view body, const event_id& id) {
+    if (body.size() < 20 || (static_cast<unsigned char>(body[0]) & 0xf0) != 0x90 || body[1] != 1 ||
+        static_cast<unsigned char>(body[2]) != 0xc4 || body[3] != 16) {
+        return true;
+    }
+    return std::memcmp(body.data() + 4, id.data(), 16) == 0;
 }
 
 // A consumer request (PROTOCOL.md 13.1).
@@ -494,19 +505,24 @@ bool history_service::impl::drain(std::size_t max) {
         for (std::size_t k = 0; k < h->subs.size(); ++k) {
             auto& s = h->subs[k];
             for (std::size_t i = 0; i < max; ++i) {
-                auto v = s.receive_view(std::chrono::milliseconds(0));
-                if (!v) {
+                std::string_view topic;
+                std::int64_t time_ns = 0;
+                const int r = subscription_access::take_raw(s, topic, time_ns);
+                if (r == 0) {
                     break;
                 }
                 got = true;
+                if (r < 0) {
+                    continue;
+                }
                 // an event that an earlier pattern of the same history also matches arrived
                 // there as well: store it once
                 bool dup = false;
                 for (std::size_t j = 0; j < k && !dup; ++j) {
-                    dup = h->patterns[j].matches(v->topic);
+                    dup = h->patterns[j].matches(topic);
                 }
                 if (!dup) {
-                    h->store->append(v->time_ns, subscription_access::frame(s));
+                    h->store->append(time_ns, subscription_access::frame(s));
                 }
             }
         }
@@ -863,28 +879,41 @@ void history_service::impl::serve(one& h, const query& q) {
             send_end(h, q, st.next_pos(), false, 0, "bad id");
             return;
         }
-        // the id's own time (UUIDv7) bounds where it can be: look a minute before it
+        // A UUIDv7 (what evmesh writers generate) carries its time, which bounds where the event
+        // can be: look from a minute before it to a minute after. Any other id (a client's
+        // UUIDv4, say) may be anywhere: look through the whole history.
+        const bool v7 = ((*id)[6] >> 4) == 7;
         const auto t = uuid7_time_ns(*id);
-        start = st.seek_time(t - 60'000'000'000LL);
+        start = v7 ? st.seek_time(t - 60'000'000'000LL) : st.first_pos();
         bool found = false;
         std::uint64_t at = start;
         st.scan(start, SIZE_MAX, [&](const stored_record& r) {
+            if (v7 && r.time_ns > t + 60'000'000'000LL) {
+                return false;  // past the id's minute: not here
+            }
             std::string_view topic = frame_topic(r.frame);
-            auto v = decode_event(topic, r.frame.substr(std::min(r.frame.size(), topic.size() + 1)), limits);
+            const auto body = r.frame.substr(std::min(r.frame.size(), topic.size() + 1));
+            if (!frame_may_have_id(body, *id)) {
+                return true;
+            }
+            auto v = decode_event(topic, body, limits);
             if (v && v->id == *id) {
                 found = true;
                 at = r.pos + 1;
                 return false;
             }
-            return r.time_ns <= t + 60'000'000'000LL;  // past the id's minute: not here
+            return true;
         });
         if (found) {
             start = at;
-        } else {
+        } else if (v7) {
             // not (or no longer) kept: from the id's time on, and say so
             start = st.seek_time(t);
             min_time = t;
             note = "id not found: from its time";
+        } else {
+            start = st.next_pos();  // no time to start from: only what comes next
+            note = "id not found: not a UUIDv7, so no time to start from";
         }
     } else if (q.from == "last") {
         // the last n matching records: walk back segment by segment

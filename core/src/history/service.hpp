@@ -19,10 +19,14 @@ namespace evmesh::detail {
 class history_store;
 
 // What the history needs of a subscription beyond the public API: its socket (to poll many at
-// once) and the raw frame of the last event received (stored as is, never re-encoded).
+// once), and the raw frame of each event received (stored as is, never decoded or re-encoded).
 struct subscription_access {
     static void* socket(subscription& s);
     static std::string_view frame(subscription& s);
+    // Takes one queued message without decoding more than the envelope's head (source, time,
+    // seq: gaps are still counted): 1 = an event whose frame() is now current, 0 = nothing
+    // queued, -1 = a message that was not a matching event (counted by the subscription).
+    static int take_raw(subscription& s, std::string_view& topic, std::int64_t& time_ns);
 };
 
 inline constexpr std::string_view history_query_prefix = "_evmesh.history.query.";

@@ -276,8 +276,8 @@ bool history_store::append(std::int64_t time_ns, std::string_view frame) {
     put32(h + 4, record_crc(h + 8, frame));
     wbuf_.append(h, rec_header);
     wbuf_.append(frame);
-    pending_.emplace_back(static_cast<std::uint32_t>(off), time_ns);
-    pending_topics_.emplace_back(frame_topic(frame));
+    pending_.push_back(pending_record{static_cast<std::uint32_t>(off),
+                                      static_cast<std::uint32_t>(frame_topic(frame).size()), time_ns});
     if (wbuf_.size() >= (256U << 10)) {
         return flush();
     }
@@ -313,11 +313,24 @@ bool history_store::flush() {
         note_error(std::string("write to ") + s.path + " failed: " + std::strerror(err));
         wbuf_.clear();
         pending_.clear();
-        pending_topics_.clear();
         return false;
     }
-    for (std::size_t i = 0; i < pending_.size(); ++i) {
-        const auto [off, t] = pending_[i];
+    // the newest record per topic: one map update per run of records on the same topic
+    // (a flush holds up to 256 KiB of records, mostly from few topics)
+    std::string_view run_topic;
+    std::uint64_t run_pos = 0;
+    const auto note_topic = [&] {
+        if (run_topic.empty()) {
+            return;
+        }
+        if (auto it = last_by_topic_.find(run_topic); it != last_by_topic_.end()) {
+            it->second = run_pos;
+        } else if (last_by_topic_.size() < 1000000) {
+            last_by_topic_.emplace(std::string(run_topic), run_pos);
+        }
+    };
+    for (const auto& r : pending_) {
+        const auto t = r.time_ns;
         if (s.offsets.empty()) {
             s.min_time = s.max_time = t;
         } else {
@@ -325,13 +338,15 @@ bool history_store::flush() {
             s.max_time = std::max(s.max_time, t);
         }
         const auto pos = s.base + s.offsets.size();
-        if (auto it = last_by_topic_.find(pending_topics_[i]); it != last_by_topic_.end()) {
-            it->second = pos;
-        } else if (last_by_topic_.size() < 1000000) {
-            last_by_topic_.emplace(std::move(pending_topics_[i]), pos);
+        const std::string_view topic(wbuf_.data() + (r.off - s.size) + rec_header, r.topic_len);
+        if (topic != run_topic) {
+            note_topic();
+            run_topic = topic;
         }
-        s.offsets.push_back(off);
+        run_pos = pos;
+        s.offsets.push_back(r.off);
     }
+    note_topic();
     s.size += wbuf_.size();
     bytes_ += wbuf_.size();
     events_ += pending_.size();
@@ -339,7 +354,6 @@ bool history_store::flush() {
     next_pos_ = s.base + s.offsets.size();
     wbuf_.clear();
     pending_.clear();
-    pending_topics_.clear();
     st_.error.clear();
     dirty_ = true;
     return true;

@@ -117,8 +117,12 @@ private:
     std::uint64_t bytes_ = 0;    // all segments' sizes
     std::uint64_t events_ = 0;
     std::string wbuf_;                          // records not yet written
-    std::vector<std::pair<std::uint32_t, std::int64_t>> pending_;  // their offsets, times
-    std::vector<std::string> pending_topics_;   // and topics
+    struct pending_record {
+        std::uint32_t off;        // in the segment
+        std::uint32_t topic_len;  // the frame's topic (read back from wbuf_ at flush)
+        std::int64_t time_ns;
+    };
+    std::vector<pending_record> pending_;       // the records in wbuf_
     std::unordered_map<std::string, std::uint64_t, string_hash, std::equal_to<>> last_by_topic_;
     std::string rbuf_;
     std::chrono::steady_clock::time_point last_sync_{};

@@ -202,25 +202,27 @@ struct sub_state {
     std::uint64_t* last_slot = nullptr;  // the previous event's stream, to skip the hash
     std::string last_key;
 
-    void track_sequence(const event_view& v) {
-        if (v.seq == 0) {
+    void track_sequence(const event_view& v) { track_sequence(v.source, v.topic, v.seq); }
+
+    void track_sequence(std::string_view source, std::string_view topic, std::uint64_t seq) {
+        if (seq == 0) {
             return;
         }
         std::uint64_t* slot = nullptr;
-        if (last_slot != nullptr && last_key.size() == v.source.size() + 1 + v.topic.size()
-            && std::string_view(last_key).substr(0, v.source.size()) == v.source
-            && std::string_view(last_key).substr(v.source.size() + 1) == v.topic) {
+        if (last_slot != nullptr && last_key.size() == source.size() + 1 + topic.size()
+            && std::string_view(last_key).substr(0, source.size()) == source
+            && std::string_view(last_key).substr(source.size() + 1) == topic) {
             slot = last_slot;
         } else {
-            key.assign(v.source);
+            key.assign(source);
             key.push_back('\0');
-            key.append(v.topic);
+            key.append(topic);
             auto it = last_seq.find(std::string_view(key));
             if (it == last_seq.end()) {
                 if (last_seq.size() >= 100000) {
                     last_seq.clear();  // bound memory; streams restart tracking
                 }
-                last_seq.emplace(key, v.seq);
+                last_seq.emplace(key, seq);
                 last_slot = nullptr;
                 return;
             }
@@ -228,13 +230,13 @@ struct sub_state {
             last_slot = slot;
             last_key = key;
         }
-        if (v.seq > *slot + 1) {
-            gaps.add(v.seq - *slot - 1);
-            stats->gap_on(v.topic, v.seq - *slot - 1);
-        } else if (v.seq <= *slot) {
+        if (seq > *slot + 1) {
+            gaps.add(seq - *slot - 1);
+            stats->gap_on(topic, seq - *slot - 1);
+        } else if (seq <= *slot) {
             out_of_order.add();
         }
-        *slot = v.seq;
+        *slot = seq;
     }
 
     // Receives one message already waiting (or waits up to timeout_ms). Returns a view when it
@@ -285,6 +287,41 @@ struct sub_state {
         track_sequence(*v);
         received.add();
         return *v;
+    }
+
+    // take() for a consumer that keeps the frame as it is (the history): reads the envelope's
+    // source, time and seq only (no full decode; the node validated the event at its ingress).
+    // 1 = an event (topic, time_ns set; the frame stays in `frame`), 0 = nothing queued,
+    // -1 = a message that was not a matching event (counted).
+    int take_raw(std::string_view& topic, std::int64_t& time_ns) {
+        if (zmq_msg_recv(&frame, sock, ZMQ_DONTWAIT) < 0) {
+            return 0;
+        }
+        if (zmq_msg_more(&frame)) {
+            while (zmq_msg_more(&frame) && zmq_msg_recv(&frame, sock, ZMQ_DONTWAIT) >= 0) {
+            }
+            decode_errors.add();
+            return -1;
+        }
+        tsan_acquire(zmq_msg_data(&frame));  // see zmsg.hpp
+        std::string_view b, source;
+        std::uint64_t seq = 0;
+        if (!codec::split_mesh_frame({static_cast<const char*>(zmq_msg_data(&frame)), zmq_msg_size(&frame)},
+                                     topic, b)) {
+            decode_errors.add();
+            return -1;
+        }
+        if (!pattern.prefix_only() && !pattern.matches(topic)) {
+            filtered.add();
+            return -1;
+        }
+        if (!codec::peek_stream(b, source, time_ns, seq)) {
+            decode_errors.add();
+            return -1;
+        }
+        track_sequence(source, topic, seq);
+        received.add();
+        return 1;
     }
 
     void deliver(const event_view& v) {
@@ -355,6 +392,13 @@ struct subscription_impl {
 
 void* subscription_access::socket(subscription& s) {
     return s.impl_ ? s.impl_->st->sock : nullptr;
+}
+
+int subscription_access::take_raw(subscription& s, std::string_view& topic, std::int64_t& time_ns) {
+    if (!s.impl_ || s.impl_->st->sock == nullptr) {
+        return 0;
+    }
+    return s.impl_->st->take_raw(topic, time_ns);
 }
 
 std::string_view subscription_access::frame(subscription& s) {
