@@ -215,6 +215,11 @@ std::string render_metrics(const node& n, double uptime_seconds) {
     sample(out, "evmesh_repair_events_total{" + id + ",outcome=\"lost\"}", static_cast<double>(c.repair_lost));
     sample(out, "evmesh_repair_events_total{" + id + ",outcome=\"duplicate\"}", static_cast<double>(c.repair_duplicates));
     sample(out, "evmesh_repair_events_total{" + id + ",outcome=\"served\"}", static_cast<double>(c.repair_served));
+    sample(out, "evmesh_repair_events_total{" + id + ",outcome=\"served_from_history\"}",
+           static_cast<double>(c.repair_from_history));
+    metric(out, "evmesh_repair_history_requests_total", "counter",
+           "NAKs for events that aged out of the retransmit window, handed to this node's durable history.");
+    sample(out, "evmesh_repair_history_requests_total{" + id + "}", static_cast<double>(c.repair_history_requests));
     metric(out, "evmesh_repair_naks_total", "counter", "Repair requests (NAKs) sent.");
     sample(out, "evmesh_repair_naks_total{" + id + "}", static_cast<double>(c.repair_naks));
     metric(out, "evmesh_repair_held_events", "gauge", "Events held behind a gap, waiting for repair.");
@@ -251,6 +256,10 @@ std::string render_metrics(const node& n, double uptime_seconds) {
              [](const auto& h) { return h.error.empty() ? 0 : 1; });
         each("evmesh_history_replay_queries_total", "counter", "Replay queries answered.", [](const auto& h) { return h.queries; });
         each("evmesh_history_replayed_events_total", "counter", "Events sent to replays.", [](const auto& h) { return h.served; });
+        each("evmesh_history_repairs_total", "counter", "NAKs beyond the retransmit window answered from this history.",
+             [](const auto& h) { return h.repairs; });
+        each("evmesh_history_repaired_events_total", "counter", "Events retransmitted from this history (repair).",
+             [](const auto& h) { return h.repaired; });
         auto cons = [&](const char* name, const char* type, const char* help, auto get) {
             metric(out, name, type, help);
             for (const auto& h : hs) {

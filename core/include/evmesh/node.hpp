@@ -97,6 +97,10 @@ struct node_counters {
     std::uint64_t repair_served = 0, repair_held = 0, repair_skipped = 0;
     /// The retransmit window (gauges): events, bytes, streams.
     std::uint64_t window_events = 0, window_bytes = 0, window_streams = 0;
+    /// Repair beyond the window: NAKs for events that aged out of it, handed to this node's
+    /// durable history (which records the topic), and the events it retransmitted from disk
+    /// (also counted in repair_served).
+    std::uint64_t repair_history_requests = 0, repair_from_history = 0;
 };
 
 /// A durable pull consumer of a history (docs/HISTORY.md, PROTOCOL.md section 13).
@@ -133,6 +137,7 @@ struct history_stats {
     std::uint64_t truncated_bytes = 0; ///< torn or corrupt bytes cut when the node started
     std::uint64_t queries = 0, served = 0;  ///< replay queries answered, events sent to replays
     std::uint64_t query_errors = 0;    ///< malformed queries (ignored)
+    std::uint64_t repairs = 0, repaired = 0;  ///< NAKs beyond the retransmit window answered from disk, events sent
     std::string error;                 ///< the last write error while it lasts (e.g. disk full)
     std::vector<consumer_stats> consumers;  ///< its durable pull consumers
 };

@@ -7,6 +7,8 @@
 #include <deque>
 #include <filesystem>
 #include <map>
+#include <mutex>
+#include <unordered_map>
 #include <optional>
 
 #include <msgpack.hpp>
@@ -16,9 +18,11 @@
 
 #include <evmesh/codec.hpp>
 
+#include "codec/envelope.hpp"
 #include "history/consumer.hpp"
 #include "history/store.hpp"
 #include "util/log.hpp"
+#include "util/string_hash.hpp"
 
 namespace evmesh::detail {
 
@@ -269,7 +273,67 @@ struct history_service::impl {
         std::uint64_t queries = 0, served = 0;
         std::map<std::string, std::unique_ptr<consumer>, std::less<>> consumers;
         history_stats snap;
+
+        // Where each stream's events are (repair beyond the window): a mark every 64 seqs of
+        // a stream, (seq, position), so a NAK's range is found by a short scan. Memory: 16
+        // bytes per 64 events; at most max_index_streams streams (beyond: a scan from the start).
+        struct seq_mark {
+            std::uint64_t seq, pos;
+        };
+        std::unordered_map<std::string, std::vector<seq_mark>, string_hash, std::equal_to<>> seq_index;
+        std::vector<seq_mark>* last_marks = nullptr;  // the previous event's stream (skips the hash)
+        std::string last_key, key;
+        std::uint64_t repairs = 0, repaired = 0;
+
+        void index(std::string_view source, std::string_view topic, std::uint64_t seq, std::uint64_t pos) {
+            if (seq == 0) {
+                return;
+            }
+            const auto k = stream_key(key, source, topic);
+            std::vector<seq_mark>* m = last_marks;
+            if (m == nullptr || k != last_key) {
+                auto it = seq_index.find(k);
+                if (it == seq_index.end()) {
+                    if (seq_index.size() >= max_index_streams) {
+                        return;
+                    }
+                    it = seq_index.emplace(std::string(k), std::vector<seq_mark>{}).first;
+                }
+                m = &it->second;  // node-based map: stable
+                last_marks = m;
+                last_key.assign(k);
+            }
+            if (!m->empty() && seq < m->back().seq) {
+                m->clear();  // the publisher numbers the stream afresh: only the new numbering counts
+            }
+            if (m->empty() || seq >= m->back().seq + 64) {
+                m->push_back(seq_mark{seq, pos});
+            }
+        }
+
+        // Drops marks of positions retention removed (keeping one at or before the first kept).
+        void prune_index() {
+            const auto first = store->first_pos();
+            for (auto& [k, m] : seq_index) {
+                std::size_t drop = 0;
+                while (drop + 1 < m.size() && m[drop + 1].pos <= first) {
+                    ++drop;
+                }
+                m.erase(m.begin(), m.begin() + static_cast<std::ptrdiff_t>(drop));
+            }
+        }
     };
+    static constexpr std::size_t max_index_streams = 65536;
+    static constexpr std::size_t max_repair_frames = 20000;     // per answer; the requester asks again
+    static constexpr std::size_t max_repair_scan = 2000000;     // records visited per answer
+
+    // NAKs handed over by the I/O thread (repair beyond the window)
+    std::mutex repair_mu;
+    std::deque<repair_request> repair_jobs;  // guarded by repair_mu
+    int repair_fd = -1;
+    history_service::repair_sink sink;
+    void serve_repairs();
+    void serve_repair(one& h, const repair_request& r);
     // A fetch that found nothing: answered when messages come or its wait ends.
     struct waiting_fetch {
         one* h;
@@ -409,6 +473,7 @@ std::unique_ptr<history_service> history_service::start(node& n, const std::vect
         }
     }
     p.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    p.repair_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     for (const auto& h : p.hs) {  // before the thread starts: from then on it alone touches the stores
         const auto st = h->store->stats();
         log()->info("evmesh: history '{}' ({}) in {}: {} events, {} bytes in {} segments{}", h->opt.name,
@@ -435,6 +500,12 @@ void history_service::stop() {
     if (p->stop_fd >= 0) {
         ::close(p->stop_fd);
         p->stop_fd = -1;
+    }
+    if (p->repair_fd >= 0) {
+        std::lock_guard lk(p->repair_mu);
+        ::close(p->repair_fd);
+        p->repair_fd = -1;
+        p->repair_jobs.clear();
     }
     for (auto& h : p->hs) {
         h->subs.clear();
@@ -489,6 +560,8 @@ void history_service::impl::take_snapshots() {
         s.queries = h->queries;
         s.served = h->served;
         s.query_errors = query_errors + request_errors;
+        s.repairs = h->repairs;
+        s.repaired = h->repaired;
         s.error = st.error;
         s.consumers.clear();
         const auto now = std::chrono::steady_clock::now();
@@ -505,9 +578,10 @@ bool history_service::impl::drain(std::size_t max) {
         for (std::size_t k = 0; k < h->subs.size(); ++k) {
             auto& s = h->subs[k];
             for (std::size_t i = 0; i < max; ++i) {
-                std::string_view topic;
+                std::string_view topic, source;
                 std::int64_t time_ns = 0;
-                const int r = subscription_access::take_raw(s, topic, time_ns);
+                std::uint64_t seq = 0;
+                const int r = subscription_access::take_raw(s, topic, time_ns, source, seq);
                 if (r == 0) {
                     break;
                 }
@@ -522,6 +596,7 @@ bool history_service::impl::drain(std::size_t max) {
                     dup = h->patterns[j].matches(topic);
                 }
                 if (!dup) {
+                    h->index(source, topic, seq, h->store->append_pos());
                     h->store->append(time_ns, subscription_access::frame(s));
                 }
             }
@@ -540,7 +615,9 @@ void history_service::impl::run() {
     items.push_back({subscription_access::socket(*queries), 0, ZMQ_POLLIN, 0});
     items.push_back({subscription_access::socket(*requests), 0, ZMQ_POLLIN, 0});
     items.push_back({nullptr, stop_fd, ZMQ_POLLIN, 0});
+    items.push_back({nullptr, repair_fd, ZMQ_POLLIN, 0});
     auto last_maint = std::chrono::steady_clock::now();
+    auto last_prune = last_maint;
     std::string last_error;
     bool unflushed = false;
     auto first_unflushed = std::chrono::steady_clock::now();
@@ -584,6 +661,7 @@ void history_service::impl::run() {
             }
             on_request(q->topic, q->payload);
         }
+        serve_repairs();
         pump();
         const auto now = std::chrono::steady_clock::now();
         if (now - last_maint >= std::chrono::milliseconds(200)) {
@@ -598,11 +676,129 @@ void history_service::impl::run() {
             }
             take_snapshots();
         }
+        if (now - last_prune >= std::chrono::seconds(5)) {
+            last_prune = now;
+            for (auto& h : hs) {
+                h->prune_index();
+            }
+        }
     }
     for (auto& h : hs) {
         h->store->flush();
     }
     take_snapshots();
+}
+
+void history_service::set_repair_sink(repair_sink s) {
+    if (p) {
+        std::lock_guard lk(p->repair_mu);
+        p->sink = std::move(s);
+    }
+}
+
+void history_service::repair(repair_request r) {
+    if (!p) {
+        return;
+    }
+    {
+        std::lock_guard lk(p->repair_mu);
+        if (p->repair_fd < 0) {
+            return;
+        }
+        // the requester asks again every nak_interval while no answer came: one job per range
+        for (const auto& j : p->repair_jobs) {
+            if (j.requester == r.requester && j.source == r.source && j.topic == r.topic && j.from == r.from) {
+                return;
+            }
+        }
+        if (p->repair_jobs.size() >= 4096) {
+            return;  // bounded; the requester asks again
+        }
+        p->repair_jobs.push_back(std::move(r));
+        const std::uint64_t one = 1;
+        (void)!write(p->repair_fd, &one, sizeof(one));
+    }
+}
+
+void history_service::impl::serve_repairs() {
+    std::uint64_t v = 0;
+    (void)!read(repair_fd, &v, sizeof(v));
+    for (int i = 0; i < 64; ++i) {
+        repair_request r;
+        {
+            std::lock_guard lk(repair_mu);
+            if (repair_jobs.empty()) {
+                return;
+            }
+            r = std::move(repair_jobs.front());
+            repair_jobs.pop_front();
+        }
+        drain(static_cast<std::size_t>(max_hwm));  // what reached the node is stored first
+        for (auto& h : hs) {
+            if (std::any_of(h->patterns.begin(), h->patterns.end(), [&](const topic_pattern& tp) { return tp.matches(r.topic); })) {
+                serve_repair(*h, r);
+                break;  // one history answers
+            }
+        }
+    }
+    const std::uint64_t more = 1;  // more to do: come back on the next turn
+    (void)!write(repair_fd, &more, sizeof(more));
+}
+
+// Answers a NAK from disk: the stored frames of [from, to] of the stream (at or after `since`),
+// in seq order, then the fill. What the history does not hold is not sent, and the fill says so:
+// the requester reports it lost (or skips it as older than its subscription, with `since`).
+void history_service::impl::serve_repair(one& h, const repair_request& r) {
+    ++h.repairs;
+    std::uint64_t start = h.store->first_pos();
+    std::string kbuf;
+    if (auto it = h.seq_index.find(stream_key(kbuf, r.source, r.topic)); it != h.seq_index.end() && !it->second.empty()) {
+        const auto& m = it->second;
+        auto ub = std::upper_bound(m.begin(), m.end(), r.from,
+                                   [](std::uint64_t s, const one::seq_mark& x) { return s < x.seq; });
+        start = std::max(start, ub == m.begin() ? m.front().pos : std::prev(ub)->pos);
+    }
+    const std::string prefix = "_evmesh.rtx." + r.requester + std::string(1, '\0');
+    std::vector<std::string> frames;
+    std::uint64_t first_sent = 0, last_sent = 0;
+    h.store->scan(start, max_repair_scan, [&](const stored_record& rec) {
+        const auto topic = frame_topic(rec.frame);
+        if (topic != r.topic) {
+            return true;
+        }
+        std::string_view source;
+        std::int64_t t = 0;
+        std::uint64_t seq = 0;
+        if (!codec::peek_stream(rec.frame.substr(topic.size() + 1), source, t, seq) || source != r.source ||
+            seq < r.from) {
+            return true;
+        }
+        if (seq > r.to) {
+            return false;
+        }
+        if (r.since_ns != 0 && t < r.since_ns) {
+            return true;
+        }
+        std::string f;
+        f.reserve(prefix.size() + rec.frame.size());
+        f.append(prefix).append(rec.frame);
+        frames.push_back(std::move(f));
+        if (first_sent == 0) {
+            first_sent = seq;
+        }
+        last_sent = seq;
+        return frames.size() < max_repair_frames;
+    });
+    h.repaired += frames.size();
+    if (frames.size() < max_repair_frames) {
+        last_sent = r.to;  // all of [from, to] it holds was sent (the rest is not here)
+    }
+    if (first_sent == 0) {
+        first_sent = r.to + 1;
+    }
+    if (sink) {
+        sink(r, std::move(frames), last_sent, first_sent, 0);
+    }
 }
 
 void history_service::impl::answer(std::string_view topic, std::string_view payload) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -13,6 +14,8 @@
 #include <vector>
 
 #include <evmesh/node.hpp>
+
+#include "history/tail.hpp"  // repair_request
 
 namespace evmesh::detail {
 
@@ -26,7 +29,8 @@ struct subscription_access {
     // Takes one queued message without decoding more than the envelope's head (source, time,
     // seq: gaps are still counted): 1 = an event whose frame() is now current, 0 = nothing
     // queued, -1 = a message that was not a matching event (counted by the subscription).
-    static int take_raw(subscription& s, std::string_view& topic, std::int64_t& time_ns);
+    static int take_raw(subscription& s, std::string_view& topic, std::int64_t& time_ns,
+                        std::string_view& source, std::uint64_t& seq);
 };
 
 inline constexpr std::string_view history_query_prefix = "_evmesh.history.query.";
@@ -43,6 +47,14 @@ struct history_service {
     ~history_service();
     void stop();
     std::vector<history_stats> stats() const;
+
+    // Repair beyond the window (node_impl::set_history_repair): queues a NAK for events that
+    // aged out of the I/O thread's window (any thread; never blocks). The answer goes to the
+    // sink, set once before the first request: the retransmitted frames and the fill.
+    using repair_sink = std::function<void(repair_request, std::vector<std::string> frames, std::uint64_t last_sent,
+                                           std::uint64_t first_sent, std::uint64_t lost_to)>;
+    void set_repair_sink(repair_sink sink);
+    void repair(repair_request r);
 
     struct impl;
     std::unique_ptr<impl> p;

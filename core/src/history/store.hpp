@@ -89,6 +89,8 @@ public:
 
     std::uint64_t first_pos() const;
     std::uint64_t next_pos() const { return next_pos_; }
+    /// The position the next append() takes (when the writes before it succeed).
+    std::uint64_t append_pos() const { return next_pos_ + pending_.size(); }
     store_stats stats() const;
     const store_options& options() const { return opt_; }
 

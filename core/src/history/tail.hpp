@@ -23,6 +23,14 @@
 
 namespace evmesh::detail {
 
+// A NAK for a range of a stream that aged out of the window, handed from the I/O thread to the
+// history service, which answers it from disk when it holds the events (node_impl::post_repair).
+struct repair_request {
+    std::string requester, source, topic;  // requester: the asking node's id
+    std::uint64_t from = 0, to = 0;
+    std::int64_t since_ns = 0;             // only events at or after this time (0: all)
+};
+
 struct tail_options {
     std::size_t max_bytes = 64U << 20;
     std::chrono::milliseconds max_age{30000};

@@ -293,7 +293,7 @@ struct sub_state {
     // source, time and seq only (no full decode; the node validated the event at its ingress).
     // 1 = an event (topic, time_ns set; the frame stays in `frame`), 0 = nothing queued,
     // -1 = a message that was not a matching event (counted).
-    int take_raw(std::string_view& topic, std::int64_t& time_ns) {
+    int take_raw(std::string_view& topic, std::int64_t& time_ns, std::string_view& source, std::uint64_t& seq) {
         if (zmq_msg_recv(&frame, sock, ZMQ_DONTWAIT) < 0) {
             return 0;
         }
@@ -304,8 +304,7 @@ struct sub_state {
             return -1;
         }
         tsan_acquire(zmq_msg_data(&frame));  // see zmsg.hpp
-        std::string_view b, source;
-        std::uint64_t seq = 0;
+        std::string_view b;
         if (!codec::split_mesh_frame({static_cast<const char*>(zmq_msg_data(&frame)), zmq_msg_size(&frame)},
                                      topic, b)) {
             decode_errors.add();
@@ -394,11 +393,12 @@ void* subscription_access::socket(subscription& s) {
     return s.impl_ ? s.impl_->st->sock : nullptr;
 }
 
-int subscription_access::take_raw(subscription& s, std::string_view& topic, std::int64_t& time_ns) {
+int subscription_access::take_raw(subscription& s, std::string_view& topic, std::int64_t& time_ns,
+                                  std::string_view& source, std::uint64_t& seq) {
     if (!s.impl_ || s.impl_->st->sock == nullptr) {
         return 0;
     }
-    return s.impl_->st->take_raw(topic, time_ns);
+    return s.impl_->st->take_raw(topic, time_ns, source, seq);
 }
 
 std::string_view subscription_access::frame(subscription& s) {
@@ -576,6 +576,23 @@ result<std::unique_ptr<node>> node::create(node_options options) {
             return fail(errc::bad_option);
         }
         n->impl_->set_history_stats([svc = n->history_.get()] { return svc->stats(); });
+        // NAKs for what aged out of the retransmit window are answered from disk when a history
+        // records the topic: the window is the in-memory tail of the history (HISTORY.md)
+        std::vector<topic_pattern> pats;
+        for (const auto& h : histories) {
+            for (const auto& text : h.patterns) {
+                if (auto tp = topic_pattern::parse(text)) {
+                    pats.push_back(std::move(*tp));
+                }
+            }
+        }
+        auto* io = n->impl_.get();
+        auto* svc = n->history_.get();
+        svc->set_repair_sink([io](detail::repair_request r, std::vector<std::string> frames, std::uint64_t last_sent,
+                                  std::uint64_t first_sent, std::uint64_t lost_to) {
+            io->post_repair(std::move(r), std::move(frames), last_sent, first_sent, lost_to);
+        });
+        io->set_history_repair(std::move(pats), [svc](detail::repair_request r) { svc->repair(std::move(r)); });
     }
     return n;
 }
@@ -725,6 +742,7 @@ result<subscription> node::subscribe(std::string_view pattern,
 
 void node::stop() {
     impl_->set_history_stats({});
+    impl_->set_history_repair({}, {});
     if (history_) {
         history_->stop();  // its subscriptions and publisher go before the node
     }

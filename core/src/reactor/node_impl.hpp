@@ -161,6 +161,18 @@ struct node_impl {
         std::lock_guard lk(channel_stats_mu_);
         history_stats_ = std::move(source);
     }
+    // Repair beyond the window (docs/HISTORY.md, "One mechanism"): a NAK for events that aged
+    // out of the in-memory window goes to the history service when one of the node's histories
+    // records the topic; it answers from disk through post_repair(). Set and cleared by node
+    // (any thread); used on the I/O thread.
+    using history_nak = repair_request;
+    void set_history_repair(std::vector<topic_pattern> patterns, std::function<void(history_nak)> fn);
+    // From the history thread: `frames` are complete rtx frames (`_evmesh.rtx.<requester> 00
+    // <stored mesh frame>`), queued for the mesh in order, then the fill that answers `job`
+    // (PROTOCOL.md 8.6). Non-blocking: runs on the I/O thread's next turn.
+    void post_repair(history_nak job, std::vector<std::string> frames, std::uint64_t last_sent,
+                     std::uint64_t first_sent, std::uint64_t lost_to);
+
     void set_channel_stats(std::function<std::string()> source) {
         std::lock_guard lk(channel_stats_mu_);
         channel_stats_ = std::move(source);
@@ -294,6 +306,10 @@ private:
     std::mutex channel_stats_mu_;
     std::function<std::string()> channel_stats_;  // `channels` of the stats event (node::set_channel_stats)
     std::function<std::vector<history_stats>()> history_stats_;  // `history` of the stats event
+    std::vector<topic_pattern> history_repair_patterns_;        // guarded by channel_stats_mu_
+    std::function<void(history_nak)> history_repair_;           // guarded by channel_stats_mu_
+    void send_fill(std::string_view requester, std::string_view source, std::string_view topic,
+                   std::uint64_t from, std::uint64_t last_sent, std::uint64_t first_sent, std::uint64_t lost_to);
     bool secure_ = false;
     std::string curve_public_, curve_secret_;  // 32 bytes each
     std::string mesh_key_;                     // beacon MAC key

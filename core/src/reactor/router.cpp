@@ -602,6 +602,16 @@ void node_impl::serve_nak(std::string_view body) {
     std::uint64_t lost_to = 0;
     if (from < first_retained && st->evicted_upto >= from && (since == 0 || st->evicted_time_ns >= since)) {
         lost_to = std::min(to, first_retained - 1);  // aged out of the window
+        // ... unless a history of this node records the topic: it answers for the part that aged
+        // out, from disk; the requester asks for the rest (still in the window) next
+        std::lock_guard lk(channel_stats_mu_);
+        if (history_repair_ && std::any_of(history_repair_patterns_.begin(), history_repair_patterns_.end(),
+                                           [&](const topic_pattern& p) { return p.matches(topic); })) {
+            ++c.repair_history_requests;
+            history_repair_(history_nak{std::string(requester), std::string(source), std::string(topic), from,
+                                        lost_to, since});
+            return;
+        }
     }
     std::uint64_t first_sent = to + 1, last_sent = to;
     std::size_t sent = 0;
@@ -627,6 +637,12 @@ void node_impl::serve_nak(std::string_view body) {
         ++sent;
         ++c.repair_served;
     }
+    send_fill(requester, source, topic, from, last_sent, first_sent > last_sent ? last_sent + 1 : first_sent, lost_to);
+}
+
+void node_impl::send_fill(std::string_view requester, std::string_view source, std::string_view topic,
+                          std::uint64_t from, std::uint64_t last_sent, std::uint64_t first_sent,
+                          std::uint64_t lost_to) {
     std::string fill;
     string_writer w{fill};
     packer pk(w);
@@ -637,9 +653,33 @@ void node_impl::serve_nak(std::string_view body) {
     pack_str(pk, topic);
     pk.pack_uint64(from);
     pk.pack_uint64(last_sent);
-    pk.pack_uint64(first_sent > last_sent ? last_sent + 1 : first_sent);
+    pk.pack_uint64(first_sent);
     pk.pack_uint64(lost_to);
-    send_control(reply, fill);
+    send_control("_evmesh.rtx." + std::string(requester), fill);
+}
+
+void node_impl::set_history_repair(std::vector<topic_pattern> patterns, std::function<void(history_nak)> fn) {
+    std::lock_guard lk(channel_stats_mu_);
+    history_repair_patterns_ = std::move(patterns);
+    history_repair_ = std::move(fn);
+}
+
+void node_impl::post_repair(history_nak job, std::vector<std::string> frames, std::uint64_t last_sent,
+                            std::uint64_t first_sent, std::uint64_t lost_to) {
+    std::lock_guard lock(mu_);
+    if (!running) {
+        return;
+    }
+    commands_.emplace_back([this, job = std::move(job), frames = std::move(frames), last_sent, first_sent, lost_to] {
+        for (const auto& f : frames) {
+            queue_control(f);
+        }
+        c.repair_served += frames.size();
+        c.repair_from_history += frames.size();
+        send_fill(job.requester, job.source, job.topic, job.from, last_sent, first_sent, lost_to);
+    });
+    const std::uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof(one));
 }
 
 void node_impl::repair_tick() {

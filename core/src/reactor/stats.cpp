@@ -231,7 +231,8 @@ std::string node_impl::encode_stats(double elapsed) {
         {"repair_naks", c.repair_naks},           {"repair_recovered", c.repair_recovered},
         {"repair_lost", c.repair_lost},           {"repair_duplicates", c.repair_duplicates},
         {"repair_served", c.repair_served},       {"repair_held", c.repair_held},
-        {"window_events", c.window_events},       {"window_bytes", c.window_bytes}};
+        {"window_events", c.window_events},       {"window_bytes", c.window_bytes},
+        {"repair_history_requests", c.repair_history_requests}, {"repair_from_history", c.repair_from_history}};
     pk.pack_map(static_cast<std::uint32_t>(std::size(counters)));
     for (const auto& [k, v] : counters) {
         kv(pk, k, v);
