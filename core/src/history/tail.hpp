@@ -1,8 +1,8 @@
 // The in-memory tail of a node's history: the events its own publishers sent, per stream
 // (source, topic) in seq order, bounded by bytes and age. The repair protocol serves
-// retransmissions from it (docs/ARCHITECTURE.md, "Lossless links"); the durable history of a
-// later release appends the same records to disk segments and keeps this as its hot end, so there
-// is one mechanism, not two.
+// retransmissions from it (docs/ARCHITECTURE.md, "Lossless links"); a durable history of the
+// node ([[history]]) stores the same records on disk, and a NAK for what aged out of this window
+// is answered from there (repair_request, history_service::repair), so there is one mechanism.
 //
 // The bytes live in one ring (a segment in memory): appending is a memcpy at the head, ageing
 // out moves the tail, and nothing the publishers' messages own is retained (holding on to
