@@ -503,24 +503,12 @@ struct stream_hub::impl : std::enable_shared_from_this<stream_hub::impl> {
         }
     }
 
-    // A replayed (or, after the switch, live) event for a resumed client. Replayed events wait
-    // for room in the client's queue (up to 5 s) instead of being skipped: a replay is as fast
-    // as the history, not as the client.
+    // A replayed (or, after the switch, live) event for a resumed client: under the same queue
+    // bound and slow-client policy as live events. Never waiting for the client here is
+    // deliberate: the replay's thread also drains its live subscription, and under the node's
+    // `block` policy a stalled subscriber would slow the whole node for one slow client.
     void on_resumed(std::uint64_t cid, const event_view& v) {
-        entry e = render(v.to_event(), false);
-        for (int waited = 0; waited < 5000; ++waited) {
-            {
-                std::lock_guard lk(m);
-                auto it = clients.find(cid);
-                if (stopped || it == clients.end()) {
-                    return;
-                }
-                if (it->second->conn->queued_bytes() + frame(*it->second, e)->size() <= o.queue_bytes) {
-                    break;
-                }
-            }
-            std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        }
+        const entry e = render(v.to_event(), false);
         std::vector<std::uint64_t> drop;
         {
             std::lock_guard lk(m);

@@ -214,7 +214,10 @@ class SseTest(StreamsBase):
         with open(cfg, "w") as f:
             f.write(f'[[history]]\nname = "h"\npatterns = ["orders.>"]\ndir = {json.dumps(hdir)}\n')
         a = self.start_node("a", "--config", cfg, "--slow-subscriber", "block", "--repair", "orders.>")
-        b = self.stream_node("b", "stream_resume_events = 100\nstream_resume_wait = \"2s\"\n")
+        # a queue that holds the replay burst (5,000 events of ~250 B): the replay does not wait
+        # for a slow reader (STREAMS.md)
+        b = self.stream_node("b", "stream_resume_events = 100\nstream_resume_wait = \"2s\"\n"
+                                  "stream_queue_bytes = 16777216\n")
         self.wait_mesh(a, b)
         first = self.sse(b, "topics=orders.>")
         pub = Publisher(self.ctx, a.pub, "orders.")
