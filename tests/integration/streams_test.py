@@ -357,6 +357,59 @@ class WebSocketTest(StreamsBase):
         self.assertEqual(n0.http("/healthz"), "ok\n")
         pub.close()
 
+    def test_resume_from_history_with_overlapping_patterns_then_unsubscribe(self):
+        # one node with a history and a 10-event buffer; the client resumes after event 100 of 500
+        # with two patterns that overlap (orders.a is within orders.>): every event once
+        hdir = os.path.join(self.tmp, "hist")
+        n0 = self.stream_node("n0", "stream_resume_events = 10\nstream_queue_bytes = 16777216\n"
+                                    f'[[history]]\nname = "h"\npatterns = ["orders.>"]\ndir = {json.dumps(hdir)}\n',
+                              "--no-mesh")
+        url = f"ws://{n0.ready['http']}/v1/ws"
+        pub = Publisher(self.ctx, n0.pub, "")
+        seqs = {}
+
+        def send(topic, body):
+            seqs[topic] = seqs.get(topic, 0) + 1
+            return str(uuid.UUID(bytes=pub.publish(topic, body, seq=seqs[topic])))
+        sent = [(send(t, json.dumps({"i": i}).encode()), t)
+                for i, t in enumerate(["orders.a", "orders.b"] * 250)]
+        self.assertTrue(wait_for(lambda: n0.metric("evmesh_history_events") >= 500, 10))
+
+        async def scenario():
+            async with websockets.connect(url, max_size=None) as ws:
+                self.assertEqual(json.loads(await ws.recv())["control"], "welcome")
+                await ws.send(json.dumps({"control": "subscribe", "topics": ["orders.a", "orders.>"],
+                                          "last_event_id": sent[99][0]}))
+                self.assertEqual(json.loads(await ws.recv())["control"], "subscribed")
+                got = []
+                while len(got) < 400:
+                    m = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                    self.assertNotIn("control", m, m)  # no gap notice
+                    got.append(m)
+                self.assertEqual(sorted(g["id"] for g in got), sorted(e for e, _ in sent[100:]))
+                for topic in ("orders.a", "orders.b"):  # in order per stream
+                    want = [e for e, t in sent[100:] if t == topic]
+                    self.assertEqual([g["id"] for g in got if g["type"] == topic], want)
+                # live after the replay, still once though both patterns match orders.a
+                await asyncio.sleep(1.5)  # both replays have switched to live (resume_wait 1 s)
+                late_a = send("orders.a", b'{"late": "a"}')
+                m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                self.assertEqual(m["id"], late_a)
+                # unsubscribing orders.> ends its replay: orders.b no longer comes, orders.a does
+                await ws.send(json.dumps({"control": "unsubscribe", "topics": ["orders.>"]}))
+                self.assertEqual(json.loads(await ws.recv())["control"], "unsubscribed")
+                send("orders.b", b'{"late": "b"}')
+                late_a2 = send("orders.a", b'{"late": "a2"}')
+                m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                self.assertEqual(m["id"], late_a2)
+                await ws.send(json.dumps({"control": "ping"}))
+                self.assertEqual(json.loads(await ws.recv())["control"], "pong")  # nothing else came
+
+        self.run_ws(scenario())
+        self.assertEqual(n0.metric("evmesh_stream_resumes_total", **{"from": "history"}), 1)
+        self.assertEqual(n0.metric("evmesh_stream_gaps_total"), 0)
+        pub.close()
+
     def test_protocol_edges_fragments_pings_utf8_close_and_half_open(self):
         n0 = self.stream_node("n0", 'stream_heartbeat = "300ms"\n', "--no-mesh")
         host, port = n0.ready["http"].rsplit(":", 1)
