@@ -72,10 +72,11 @@ int run_stats(const mesh_options& o, const std::string& node_name) {
         std::printf("  links up %llu, down %llu; peers refused %llu, replaced %llu; stalls %llu\n",
                     cnt("links_up"), cnt("links_down"), cnt("peers_refused"), cnt("peers_replaced"), cnt("stalls"));
         if (cnt("repair_naks") + cnt("repair_served") + cnt("window_events") != 0) {
-            std::printf("  repair NAKs %llu, recovered %llu, lost %llu, duplicates %llu, held %llu, served %llu; "
-                        "window %llu events, %llu bytes\n",
+            std::printf("  repair NAKs %llu, recovered %llu, lost %llu, duplicates %llu, held %llu, served %llu "
+                        "(%llu from history); window %llu events, %llu bytes\n",
                         cnt("repair_naks"), cnt("repair_recovered"), cnt("repair_lost"), cnt("repair_duplicates"),
-                        cnt("repair_held"), cnt("repair_served"), cnt("window_events"), cnt("window_bytes"));
+                        cnt("repair_held"), cnt("repair_served"), cnt("repair_from_history"), cnt("window_events"),
+                        cnt("window_bytes"));
         }
         const auto rej = s.value("rejected", json::object());
         const auto by_reason = rej.value("by_reason", json::object());
