@@ -34,10 +34,14 @@ constexpr auto member_window = std::chrono::seconds(30);
 //   out <pos> <deliveries>      (one line per outstanding position)
 std::unique_ptr<consumer> consumer::open(history_store& store, const std::string& dir, consumer_config cfg,
                                          std::string& error) {
-    std::unique_ptr<consumer> c(new consumer(store, dir + "/consumer-" + cfg.name + ".state", std::move(cfg)));
+    // the path first: an argument that moves `cfg` may be evaluated before one that reads it
+    // (all consumers once shared "consumer-.state" that way)
+    std::string path = dir + "/consumer-" + cfg.name + ".state";
+    std::unique_ptr<consumer> c(new consumer(store, std::move(path), std::move(cfg)));
     if (!c->load(error)) {
         return nullptr;
     }
+
     c->save(true);
     return c;
 }

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <evmesh/node.hpp>
+#include <evmesh/pull.hpp>
 #include <evmesh/replay.hpp>
 
 #include "history/store.hpp"
@@ -395,6 +396,132 @@ TEST(History, ReplayStartsFromATimeAnIdTheLastNOrTheLastValuePerTopic) {
     EXPECT_EQ(last, (std::set<std::string>{"297", "298", "299"}));
     p = run(replay_from::beginning(), "hist.t2");
     EXPECT_EQ(p.size(), 100U);
+}
+
+// The embedded pull API (evmesh/pull.hpp): a queue group of three members on two nodes shares a
+// durable consumer of node a's history; one member takes a batch and dies without acknowledging
+// it: every event is processed, and the only duplicates are that batch, delivered again after
+// the ack wait with deliveries == 2.
+TEST(History, PullConsumersShareAConsumerAcrossTheMeshAndADeadMembersBatchComesBack) {
+    temp_dir d;
+    const auto mesh = test::unique_mesh("hist-pull");
+    const auto port = test::unique_port();
+    auto a = node::create(history_node(mesh, "a", port, d.path));
+    auto b = node::create(history_node(mesh, "b", port, ""));
+    ASSERT_TRUE(a && b);
+    std::vector<std::unique_ptr<node>> nodes;
+    nodes.push_back(std::move(*a));
+    nodes.push_back(std::move(*b));
+    ASSERT_TRUE(wait_until([&] { return test::full_mesh(nodes); }, 10s));
+    EXPECT_FALSE(pull_consumer::create(*nodes[1], {.history = "main", .consumer = "bad name"}));
+    EXPECT_FALSE(pull_consumer::create(*nodes[1], {.history = "", .consumer = "w"}));
+    auto pub = nodes[0]->make_publisher({.name = "app"});
+    ASSERT_TRUE(pub);
+    constexpr int n = 3000;
+    for (int i = 0; i < n; ++i) {
+        ASSERT_TRUE(pub->publish("hist.job", std::to_string(i)));
+    }
+    ASSERT_TRUE(wait_until([&] { return nodes[0]->histories().at(0).events == static_cast<std::uint64_t>(n); }, 10s));
+    const pull_options po{.history = "main", .consumer = "work", .ack_wait = 2000ms};
+
+    // the member that dies: takes a batch, never acknowledges it
+    std::set<std::string> lost_batch;
+    {
+        auto dead = pull_consumer::create(*nodes[1], po);
+        ASSERT_TRUE(dead);
+        auto got = dead->fetch(50, 2s);
+        ASSERT_TRUE(got);
+        EXPECT_TRUE(got->answered);
+        ASSERT_EQ(got->messages.size(), 50U);
+        for (const auto& m : got->messages) {
+            EXPECT_EQ(m.deliveries, 1U);
+            EXPECT_EQ(m.node, nodes[0]->id());
+            lost_batch.insert(m.ev.payload);
+        }
+    }
+    std::mutex mu;
+    std::map<std::string, int> processed;  // payload -> times
+    std::map<std::string, std::uint32_t> max_deliveries;
+    std::atomic<int> unique{0};
+    auto member = [&](node& nd) {
+        auto c = pull_consumer::create(nd, po);
+        ASSERT_TRUE(c);
+        const auto until = std::chrono::steady_clock::now() + 30s;
+        while (unique < n && std::chrono::steady_clock::now() < until) {
+            auto got = c->fetch(100, 300ms);
+            ASSERT_TRUE(got);
+            {
+                std::lock_guard lk(mu);
+                for (const auto& m : got->messages) {
+                    if (processed[m.ev.payload]++ == 0) {
+                        ++unique;
+                    }
+                    auto& md = max_deliveries[m.ev.payload];
+                    md = std::max(md, m.deliveries);
+                }
+            }
+            ASSERT_TRUE(c->ack(got->messages));
+        }
+    };
+    std::thread t1([&] { member(*nodes[1]); });
+    std::thread t2([&] { member(*nodes[1]); });
+    std::thread t3([&] { member(*nodes[0]); });
+    t1.join();
+    t2.join();
+    t3.join();
+    ASSERT_EQ(unique.load(), n) << "every event processed";
+    int dups = 0;
+    for (const auto& [payload, times] : processed) {
+        EXPECT_EQ(times, 1) << payload << " processed twice by live members";
+        dups += times - 1;
+        if (lost_batch.count(payload) != 0) {
+            EXPECT_EQ(max_deliveries[payload], 2U) << payload;  // the dead member's, delivered again
+        } else {
+            EXPECT_EQ(max_deliveries[payload], 1U) << payload;
+        }
+    }
+    EXPECT_EQ(dups, 0);
+    // nak: delivered again at once, to whoever fetches
+    ASSERT_TRUE(pub->publish("hist.job", "again"));
+    auto c = pull_consumer::create(*nodes[1], po);
+    ASSERT_TRUE(c);
+    auto one = c->fetch(1, 5s);
+    ASSERT_TRUE(one && one->messages.size() == 1U);
+    EXPECT_EQ(one->messages[0].ev.payload, "again");
+    ASSERT_TRUE(c->nak(one->messages[0]));
+    auto two = c->fetch(1, 5s);
+    ASSERT_TRUE(two && two->messages.size() == 1U);
+    EXPECT_EQ(two->messages[0].pos, one->messages[0].pos);
+    EXPECT_EQ(two->messages[0].deliveries, 2U);
+    ASSERT_TRUE(c->ack(two->messages[0]));
+    auto none = c->fetch(10, 200ms);
+    ASSERT_TRUE(none);
+    EXPECT_TRUE(none->answered);
+    EXPECT_TRUE(none->messages.empty());
+    EXPECT_EQ(none->lag, 0U);
+    // a consumer created with max_deliver 1 and a dead-letter topic: a nak sends it there
+    std::atomic<int> dead{0};
+    auto dl = nodes[1]->subscribe("dead.job", [&](const event_view&) { ++dead; });
+    ASSERT_TRUE(dl);
+    std::this_thread::sleep_for(300ms);  // the subscription reaches node a
+    auto strict = pull_consumer::create(
+        *nodes[1], {.history = "main", .consumer = "strict", .max_deliver = 1, .dead_letter = "dead.job", .start_new = true});
+    ASSERT_TRUE(strict);
+    EXPECT_TRUE(strict->fetch(1, 200ms));  // creates it at the head
+    ASSERT_TRUE(pub->publish("hist.job", "poison"));
+    auto p1 = strict->fetch(1, 5s);
+    ASSERT_TRUE(p1 && p1->messages.size() == 1U);
+    EXPECT_EQ(p1->messages[0].ev.payload, "poison");
+    ASSERT_TRUE(strict->nak(p1->messages[0]));
+    // its next delivery would be the second: it goes to the dead-letter topic instead
+    auto p2 = strict->fetch(1, 300ms);
+    ASSERT_TRUE(p2);
+    EXPECT_TRUE(p2->messages.empty());
+    EXPECT_TRUE(wait_until([&] { return dead.load() == 1; }, 5s));
+    // each consumer keeps its own state file (they once shared one: "consumer-.state")
+    EXPECT_TRUE(std::filesystem::exists(d.path + "/consumer-work.state"));
+    EXPECT_TRUE(std::filesystem::exists(d.path + "/consumer-strict.state"));
+    EXPECT_FALSE(std::filesystem::exists(d.path + "/consumer-.state"));
 }
 
 }  // namespace
