@@ -151,7 +151,10 @@ std::int64_t uuid7_time_ns(const event_id& id) {
     for (int i = 0; i < 6; ++i) {
         ms = (ms << 8) | id[static_cast<std::size_t>(i)];
     }
-    return static_cast<std::int64_t>(ms) * 1000000;
+    // 48 bits of ms reach past what ns in an int64 can hold (year 2262): a hostile or non-v7 id
+    // is clamped below that, with room for the +-1 minute search window
+    constexpr std::uint64_t max_ms = static_cast<std::uint64_t>(INT64_MAX / 1000000) - 120000;
+    return static_cast<std::int64_t>(std::min(ms, max_ms)) * 1000000;
 }
 
 // Whether an event body may carry `id`: false only when it has the usual layout (array, version
@@ -1079,7 +1082,7 @@ void history_service::impl::serve(one& h, const query& q) {
         // can be: look from a minute before it to a minute after. Any other id (a client's
         // UUIDv4, say) may be anywhere: look through the whole history.
         const bool v7 = ((*id)[6] >> 4) == 7;
-        const auto t = uuid7_time_ns(*id);
+        const auto t = v7 ? uuid7_time_ns(*id) : 0;
         start = v7 ? st.seek_time(t - 60'000'000'000LL) : st.first_pos();
         bool found = false;
         std::uint64_t at = start;
