@@ -162,8 +162,12 @@ dir = "{hdir}"
         sub = self.client("sub", a.sub, "orders.>", 10000, 60, python=True)
         time.sleep(1.5)  # the subscriber is connected and subscribed
         self.publish(a, "orders.eu", 10000, "z" * 200)  # ~2.7 MB: far more than the disk holds
-        # a ZeroMQ PUB client may itself drop at its HWM: count what the node received
-        received = a.metric("evmesh_events_in_total", input="client")
+        # a ZeroMQ PUB client may itself drop at its HWM: count what the node received, once the
+        # count has settled (a slow machine may still be reading the last events)
+        received, last = -1, a.metric("evmesh_events_in_total", input="client")
+        while received != last:
+            time.sleep(0.5)
+            received, last = last, a.metric("evmesh_events_in_total", input="client")
         self.assertGreater(received, 3000)  # > 800 KB: more than the 256 KiB disk
         try:
             out, _ = sub.communicate(timeout=15 if received < 10000 else 90)
