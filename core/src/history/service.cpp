@@ -287,6 +287,9 @@ struct history_service::impl {
         std::vector<seq_mark>* last_marks = nullptr;  // the previous event's stream (skips the hash)
         std::string last_key, key;
         std::uint64_t repairs = 0, repaired = 0;
+        std::uint64_t logged_write_errors = 0;  // write errors already in the log
+        std::string logged_failure;
+        std::chrono::steady_clock::time_point logged_at{};
 
         void index(std::string_view source, std::string_view topic, std::uint64_t seq, std::uint64_t pos) {
             if (seq == 0) {
@@ -621,7 +624,6 @@ void history_service::impl::run() {
     items.push_back({nullptr, repair_fd, ZMQ_POLLIN, 0});
     auto last_maint = std::chrono::steady_clock::now();
     auto last_prune = last_maint;
-    std::string last_error;
     bool unflushed = false;
     auto first_unflushed = std::chrono::steady_clock::now();
     while (!stopping) {
@@ -671,11 +673,18 @@ void history_service::impl::run() {
             last_maint = now;
             for (auto& h : hs) {
                 h->store->maintain(now_ns());
+                // every failed write is logged, even when a later one succeeded before this check
+                // (a full disk may take one small batch after a cut): a new cause at once, the
+                // same cause again at most every 10 s
                 const auto st = h->store->stats();
-                if (!st.error.empty() && st.error != last_error) {
-                    log()->error("evmesh: history '{}': {} ({} events dropped so far)", h->opt.name, st.error, st.dropped);
+                if (st.write_errors > h->logged_write_errors &&
+                    (st.last_failure != h->logged_failure || now - h->logged_at >= std::chrono::seconds(10))) {
+                    log()->error("evmesh: history '{}': {} ({} failed writes, {} events dropped so far)", h->opt.name,
+                                 st.last_failure, st.write_errors, st.dropped);
+                    h->logged_write_errors = st.write_errors;
+                    h->logged_failure = st.last_failure;
+                    h->logged_at = now;
                 }
-                last_error = st.error;
             }
             take_snapshots();
         }

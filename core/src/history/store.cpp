@@ -359,7 +359,10 @@ bool history_store::flush() {
     return true;
 }
 
-void history_store::note_error(const std::string& what) { st_.error = what; }
+void history_store::note_error(const std::string& what) {
+    st_.error = what;
+    st_.last_failure = what;
+}
 
 void history_store::drop_oldest() {
     auto& s = segs_.front();

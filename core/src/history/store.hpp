@@ -50,6 +50,7 @@ struct store_stats {
     std::uint64_t truncated_bytes = 0;   ///< torn or corrupt bytes cut at open
     std::uint64_t topics = 0;            ///< topics with a newest record known
     std::string error;                   ///< the last write error while it persists, else empty
+    std::string last_failure;            ///< the last write error ever (kept after writes succeed again)
 };
 
 struct stored_record {
