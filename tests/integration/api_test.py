@@ -206,7 +206,10 @@ class RegistryTest(ApiBase):
         self.assertEqual(req["headers"]["webhook-id"], test["event_id"])
         self.assertEqual(len(req["headers"]["webhook-signature"].split(" ")), 1)
         self.assertTrue(verify(new_key, req["headers"], req["body"]))
-        attempts = self.ok(200, "GET", f"/v1/apps/acme/endpoints/{ep['id']}/attempts")["data"]
+        # the node records an attempt after the receiver answered: wait for the log to catch up
+        attempts_url = f"/v1/apps/acme/endpoints/{ep['id']}/attempts"
+        self.assertTrue(wait_for(lambda: len(self.ok(200, "GET", attempts_url)["data"]) == 3, 10))
+        attempts = self.ok(200, "GET", attempts_url)["data"]
         self.assertEqual([a["outcome"] for a in attempts], ["delivered"] * 3)
         self.assertEqual(attempts[0]["event_id"], test["event_id"])  # newest first
         per_event = self.ok(200, "GET", f"/v1/apps/acme/events/{eid}/attempts")["data"]
